@@ -1,0 +1,231 @@
+"""The command line: thin commands over the library; errors become one line and an exit code.
+
+Exit codes (SPEC §3): 0 ok, 1 some files failed, 2 usage/config/ledger errors, 3 the remote
+cannot be used at all, 130 interrupted. Tracebacks only with -v.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from syncd import logs
+from syncd.config import Config, load_config
+from syncd.errors import ConfigError, SyncdError
+
+log = logging.getLogger("syncd")
+_state = {"verbose": 0}
+MAX_LISTED = 20
+
+
+class Ctx:
+    def __init__(self, config_path: str | None, verbose: int, quiet: bool) -> None:
+        self.config_path = config_path
+        self.verbose = verbose
+        self.quiet = quiet
+        self._cfg: Config | None = None
+
+    @property
+    def cfg(self) -> Config:
+        if self._cfg is None:
+            self._cfg = load_config(self.config_path)
+            level = self._cfg.log_level
+            if self.verbose:
+                level = "debug"
+            elif self.quiet:
+                level = "error"
+            logs.setup(level, self._cfg.log_format)
+        return self._cfg
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH", help="config file (else $SYNCD_CONFIG, ./syncd.toml, "
+              "/etc/syncd/syncd.toml)")
+@click.option("-v", "--verbose", count=True, help="debug logging and tracebacks")
+@click.option("-q", "--quiet", is_flag=True, help="only errors")
+@click.version_option(package_name="syncd")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, verbose: int, quiet: bool) -> None:
+    """syncd keeps upload directories safe in S3: it watches, records every change in a SQLite
+    ledger, mirrors to S3 and restores missing files at start."""
+    _state["verbose"] = verbose
+    ctx.obj = Ctx(config_path, verbose, quiet)
+
+
+# --- shared plumbing ---------------------------------------------------------------------------
+
+
+@contextmanager
+def locked_ledger(cfg: Config, role: str) -> Iterator:
+    from syncd.ledger import Ledger
+    from syncd.lock import LedgerLock
+
+    lock = LedgerLock(cfg.ledger)
+    lock.acquire(role)
+    try:
+        ledger = Ledger(cfg.ledger)
+        try:
+            yield ledger
+        finally:
+            ledger.close()
+    finally:
+        lock.release()
+
+
+def _progress(c: Ctx):
+    """A progress bar on a terminal; nothing but log lines otherwise."""
+    if c.quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=0, unit="file", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def _print_failures(failures: list[tuple[str, str]], total: int) -> None:
+    for what, why in failures[:MAX_LISTED]:
+        click.echo(f"failed: {what}: {why}", err=True)
+    if total > MAX_LISTED:
+        click.echo(f"... and {total - MAX_LISTED} more (see `syncd status`)", err=True)
+
+
+def _ts(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="show what would happen; change nothing")
+@click.option("--no-restore", is_flag=True, help="do not download files missing locally")
+@click.option("--no-upload", is_flag=True, help="do not upload new or changed files")
+@click.option("--verify", is_flag=True, help="also HEAD every synced object and re-upload bad ones")
+@pass_ctx
+def resync(c: Ctx, dry_run: bool, no_restore: bool, no_upload: bool, verify: bool) -> None:
+    """Check the remote, restore missing files, upload what changed; then exit."""
+    from syncd.engine import Engine
+    from syncd.remote import open_remote
+
+    cfg = c.cfg
+    with locked_ledger(cfg, "resync") as ledger:
+        remote = open_remote(cfg)
+        bar = _progress(c)
+        try:
+            def total(n: int) -> None:
+                if bar is not None:
+                    bar.total = n
+                    bar.refresh()
+
+            engine = Engine(cfg, ledger, remote, oneshot=True, on_progress=bar.update if bar else None)
+            summary = engine.reconcile(restore=not no_restore, upload=not no_upload, verify=verify,
+                                       dry_run=dry_run, on_total=total)
+        finally:
+            if bar is not None:
+                bar.close()
+            remote.close()
+    _print_failures(summary.failures, summary.failed)
+    click.echo(summary.line())
+    if summary.failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--to", "to_dir", metavar="DIR", help="write DIR/<watch prefix>/<path>; the ledger is untouched")
+@click.option("--overwrite", is_flag=True, help="replace files that exist locally")
+@click.option("--dry-run", is_flag=True, help="list what would be restored")
+@click.argument("globs", nargs=-1)
+@pass_ctx
+def restore(c: Ctx, to_dir: str | None, overwrite: bool, dry_run: bool, globs: tuple[str, ...]) -> None:
+    """Download from the remote; by default only files missing locally.
+
+    Unlike the automatic restore at start, this also brings back files whose deletion the
+    ledger recorded: it is how an operator undoes an app's deletion.
+    """
+    from syncd.remote import open_remote
+    from syncd.restore_cmd import restore_in_place, restore_to
+
+    cfg = c.cfg
+    remote = open_remote(cfg)
+    try:
+        if to_dir:
+            summary = restore_to(cfg, remote, Path(to_dir), globs=globs, overwrite=overwrite, dry_run=dry_run)
+        else:
+            with locked_ledger(cfg, "restore") as ledger:
+                summary = restore_in_place(cfg, ledger, remote, globs=globs, overwrite=overwrite,
+                                           dry_run=dry_run, progress=_progress(c))
+    finally:
+        remote.close()
+    _print_failures(summary.failures, summary.failed)
+    click.echo(summary.line())
+    if summary.failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="one JSON object (the same as GET /status)")
+@pass_ctx
+def status(c: Ctx, as_json: bool) -> None:
+    """Per watch: counts by state, backlog, failures, last success; and whether a daemon runs."""
+    from syncd.status import collect, render_text
+
+    data = collect(c.cfg)
+    if as_json:
+        click.echo(json.dumps(data, indent=None))
+    else:
+        click.echo(render_text(data, time.time()))
+
+
+@cli.command()
+@click.argument("action", type=click.Choice(["install", "remove", "start", "stop"]))
+@pass_ctx
+def service(c: Ctx, action: str) -> None:
+    """Windows only: install, remove, start or stop the syncd Windows service."""
+    if sys.platform != "win32":
+        raise ConfigError("`syncd service` is Windows-only; on Linux use the systemd units in packaging/systemd")
+    from syncd.service.windows import handle_service_command  # pragma: no cover
+
+    handle_service_command(action, c.cfg)  # pragma: no cover
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="syncd", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("syncd: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if e.exit_code not in (0, 1) else e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("syncd: interrupted", err=True)
+        sys.exit(130)
+    except SyncdError as e:
+        if _state["verbose"]:
+            traceback.print_exc()
+        click.echo(f"syncd: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if _state["verbose"]:
+            traceback.print_exc()
+        click.echo(f"syncd: internal error: {type(e).__name__}: {e} (run with -v for details)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Reconcile: check remote -> restore missing -> upload what changed (SPEC §3 `run`, `resync`).
+
+`resync` calls `Engine.reconcile` once; the daemon calls the same method at startup and then
+keeps the worker pool running. There is no second implementation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from syncd.config import Config, WatchConfig
+from syncd.errors import RemoteUnavailable
+from syncd.keys import UnsafeKey, is_reserved, join_key, rel_from_key
+from syncd.ledger import Ledger, Row
+from syncd.logs import CauseLog
+from syncd.patterns import Filter, matches_any
+from syncd.pool import WorkerPool
+from syncd.remote.base import CREDENTIALS, DENIED, NO_BUCKET, UNREACHABLE, Remote, RemoteError
+from syncd.retry import call as retry_call
+from syncd.scanner import Scanner, ScanStats
+from syncd.transfers import Stats, Transfers
+
+log = logging.getLogger(__name__)
+UPLOAD_OPS = ("put", "delete", "trash")
+RESTORE_OPS = ("get",)
+LIST_BATCH = 500
+
+
+@dataclass
+class Summary:
+    uploaded: int = 0
+    restored: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    would_upload: int = 0
+    would_restore: int = 0
+    dry_run: bool = False
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def line(self) -> str:
+        if self.dry_run:
+            return (f"dry run: would upload {self.would_upload}, would restore {self.would_restore}, "
+                    f"unchanged {self.unchanged}, failed {self.failed}")
+        return (f"uploaded {self.uploaded}, restored {self.restored}, unchanged {self.unchanged}, "
+                f"failed {self.failed}")
+
+
+def unavailable(remote: Remote, err: RemoteError) -> RemoteUnavailable:
+    """The one-line message for a remote that cannot be used at all, with what to do."""
+    hint = {
+        UNREACHABLE: "check remote.endpoint_url and the network",
+        CREDENTIALS: "check the AWS credentials (environment, remote.profile, instance role)",
+        NO_BUCKET: "create the bucket or fix remote.url",
+        DENIED: "grant the missing permission (see `syncd check` and `syncd iam-policy`)",
+    }.get(err.kind, "see `syncd check`")
+    return RemoteUnavailable(f"remote {remote.name} cannot be used: {err}; {hint}")
+
+
+class Engine:
+    def __init__(self, cfg: Config, ledger: Ledger, remote: Remote, *, oneshot: bool = True,
+                 stop: threading.Event | None = None, overwrite: bool = False,
+                 on_progress: Callable[[int], None] | None = None) -> None:
+        self.cfg = cfg
+        self.ledger = ledger
+        self.remote = remote
+        self.oneshot = oneshot
+        self.stop = stop or threading.Event()
+        self.stats = Stats()
+        self.causes = CauseLog(log)
+        self.transfers = Transfers(cfg, ledger, remote, self.stats, self.causes, oneshot=oneshot,
+                                   overwrite=overwrite)
+        self.on_progress = on_progress
+        self.refused: list[tuple[str, str]] = []
+        self.scans: dict[str, ScanStats] = {}
+        self.wake = threading.Event()
+
+    # --- steps ----------------------------------------------------------------------------
+    def prepare(self, *, create: bool = True) -> None:
+        for w in self.cfg.watches:
+            if create:
+                # a fresh container starts without its upload directory (SPEC §2)
+                w.path.mkdir(parents=True, exist_ok=True)
+                self.ledger.ensure_watch(w.prefix, str(w.path))
+
+    def check_remote(self, *, forever: bool = False) -> None:
+        """Probe the remote. One-shot: transient errors are retried a few times, then exit 3."""
+        try:
+            retry_call(self.remote.probe, forever=forever, stop_event=self.stop)
+        except RemoteError as e:
+            raise unavailable(self.remote, e) from e
+
+    def key_base(self, watch: WatchConfig) -> str:
+        return join_key(self.cfg.remote.prefix, watch.prefix)
+
+    def scan(self, watch: WatchConfig, *, missing: str, retry_failed: bool = False,
+             dry_run: bool = False) -> ScanStats:
+        if not watch.path.is_dir():
+            return ScanStats()
+        stats = Scanner(self.ledger, watch, self.cfg.remote.prefix, settle=self.cfg.settle_seconds,
+                        missing=missing, retry_failed=retry_failed, dry_run=dry_run).run()
+        self.scans[watch.prefix] = stats
+        return stats
+
+    def queue_from_listing(self, watch: WatchConfig, *, include_tombstones: bool = False,
+                           globs: Iterable[str] = (), overwrite: bool = False, dry_run: bool = False,
+                           restore: bool = True) -> int:
+        """List the remote under the watch and queue restores for what is missing locally.
+
+        Also marks local files that already exist remotely with `probe`, so they are compared
+        (HEAD) instead of uploaded again: this is how a lost ledger is rebuilt.
+        """
+        base = self.key_base(watch)
+        filt = Filter(watch.include, watch.exclude)
+        globs = tuple(globs)
+        queued = 0
+        batch: list[tuple[str, str, int]] = []
+
+        def flush() -> None:
+            nonlocal queued
+            queued += self._queue_batch(watch, batch, include_tombstones, overwrite, dry_run, restore)
+            batch.clear()
+
+        for obj in self.remote.list(base + "/" if base else ""):
+            if obj.key.endswith("/"):
+                continue  # "folder" marker objects made by consoles
+            try:
+                rel = rel_from_key(obj.key, base)
+            except UnsafeKey as e:
+                log.error("refusing remote key %r: %s", obj.key, e)
+                self.refused.append((obj.key, f"unsafe key: {e}"))
+                continue
+            if is_reserved(rel) or not filt.wants(rel) or (globs and not matches_any(globs, rel)):
+                continue
+            batch.append((rel, obj.key, obj.size))
+            if len(batch) >= LIST_BATCH:
+                flush()
+        flush()
+        return queued
+
+    def _queue_batch(self, watch: WatchConfig, batch: list[tuple[str, str, int]], include_tombstones: bool,
+                     overwrite: bool, dry_run: bool, restore: bool) -> int:
+        if not batch:
+            return 0
+        marks = ",".join("?" for _ in batch)
+        rows = {r["path"]: r for r in self.ledger.query(
+            f"SELECT * FROM files WHERE watch=? AND path IN ({marks})", [watch.prefix, *(b[0] for b in batch)])}
+        now = time.time()
+        upserts: list[Row] = []
+        probes: list[int] = []
+        for rel, key, size in batch:
+            row = rows.get(rel)
+            if row is not None and row["state"] in ("deleted", "deleting") and not include_tombstones:
+                continue  # the app deleted it: not restored (SPEC §4.5)
+            exists = os.path.lexists(watch.path.joinpath(*rel.split("/")))
+            if exists and not overwrite:
+                if row is not None and row["op"] == "put" and not row["probe"]:
+                    probes.append(row["id"])
+                continue
+            if not restore or (row is not None and row["op"] == "get" and row["state"] == "pending"):
+                continue
+            upserts.append({"watch": watch.prefix, "path": rel, "key": key, "size": size, "state": "pending",
+                            "op": "get", "due_at": now, "queued_at": now, "updated_at": now, "attempts": 0,
+                            "last_error": None, "error_kind": None})
+        if not dry_run:
+            self.ledger.upsert_many(upserts)
+            if probes:
+                with self.ledger.write() as w:
+                    w.executemany("UPDATE files SET probe=1 WHERE id=?", [(i,) for i in probes])
+        return len(upserts)
+
+    def verify(self, watch: WatchConfig, *, dry_run: bool = False) -> int:
+        """HEAD every synced object; queue a re-upload for any missing or different one."""
+        bad: list[int] = []
+        lock = threading.Lock()
+
+        def check(row: Row) -> None:
+            info = self.remote.head(row["key"])
+            if info is None or info.sha256 != row["remote_sha256"]:
+                with lock:
+                    bad.append(row["id"])
+
+        with ThreadPoolExecutor(self.cfg.workers) as ex:
+            for _ in ex.map(check, self.ledger.iter_rows(watch.prefix, "state='synced'")):
+                pass
+        if bad and not dry_run:
+            now = time.time()
+            with self.ledger.write() as w:
+                w.executemany("UPDATE files SET state='pending', op='put', remote_sha256=NULL, probe=0, "
+                              "due_at=?, queued_at=?, gen=gen+1 WHERE id=?", [(now, now, i) for i in bad])
+        return len(bad)
+
+    def drain(self, ops: tuple[str, ...]) -> None:
+        pool = WorkerPool(self.ledger, self.transfers.handle, self.cfg.workers, stop=self.stop,
+                          wake=self.wake, on_done=(lambda _r: self.on_progress(1)) if self.on_progress else None)
+        pool.run(ops)
+
+    def outstanding(self, ops: tuple[str, ...]) -> int:
+        return self.ledger.outstanding(ops)
+
+    # --- the whole startup sequence ---------------------------------------------------------
+    def reconcile(self, *, restore: bool = True, upload: bool = True, verify: bool = False,
+                  dry_run: bool = False, on_restored: Callable[[], None] | None = None,
+                  on_total: Callable[[int], None] | None = None, check: bool = True) -> Summary:
+        if check:
+            self.check_remote()
+        self.prepare(create=not dry_run)
+        if not dry_run:
+            self.ledger.recover()
+        would_restore = 0
+        for w in self.cfg.watches:
+            self.scan(w, missing="restore" if restore else "ignore", retry_failed=True, dry_run=dry_run)
+            watch_row = self.ledger.query("SELECT listed_at FROM watches WHERE prefix=?", [w.prefix])
+            if not watch_row or watch_row[0]["listed_at"] is None:
+                # a ledger that has never seen this watch's remote: rebuild it from a listing
+                would_restore += self.queue_from_listing(w, dry_run=dry_run, restore=restore and w.restore)
+                if not dry_run:
+                    self.ledger.set_watch(w.prefix, listed_at=time.time())
+            if verify:
+                self.verify(w, dry_run=dry_run)
+        summary = Summary(dry_run=dry_run)
+        if dry_run:
+            summary.would_upload = sum(s.new + s.changed for s in self.scans.values())
+            summary.would_restore = would_restore + sum(s.to_restore for s in self.scans.values())
+        else:
+            if on_total:
+                on_total(self.outstanding(RESTORE_OPS) + (self.outstanding(UPLOAD_OPS) if upload else 0))
+            if restore:
+                self.drain(RESTORE_OPS)
+            if on_restored:
+                on_restored()
+            if upload:
+                self.drain(UPLOAD_OPS)
+        return self.summarize(summary)
+
+    def summarize(self, summary: Summary) -> Summary:
+        summary.uploaded = self.stats.uploaded
+        summary.restored = self.stats.restored
+        summary.unchanged = sum(s.unchanged for s in self.scans.values()) + self.stats.already_remote
+        failed_rows = self.ledger.query(
+            "SELECT watch, path, last_error FROM files WHERE state='failed' ORDER BY updated_at DESC LIMIT 50")
+        total_failed = self.ledger.query("SELECT count(*) AS n FROM files WHERE state='failed'")[0]["n"]
+        summary.failures = [(f"{r['watch']}/{r['path']}", r["last_error"] or "") for r in failed_rows]
+        summary.failures += self.refused[:50]
+        summary.failed = total_failed + len(self.refused)
+        return summary

@@ -1,0 +1,326 @@
+"""The SQLite ledger: the single source of truth and the durable work queue (SPEC §5).
+
+Every row is one file of one watch. `state` is what users see; the queue columns say what work
+the row waits for:
+
+- `op`: `put` (upload), `get` (restore), `delete` / `trash` (remote deletion); NULL when none.
+- `due_at`: not before this time (settling, backoff).
+- `lease_until`: set while a worker holds the row; cleared on finish and at startup.
+- `gen`: bumped by every outside change (watcher, scanner, retry). A worker's result is only
+  applied if `gen` is unchanged since its claim, so a file that changed during its upload is
+  simply queued again (SPEC §4.1) and a deletion seen mid-upload is not lost.
+- `remote_sha256`: the content known to be at `key` (NULL: nothing, or unknown).
+- `probe`: 1 when the remote may already hold this content (crash during upload, ledger rebuilt
+  from a listing): the worker asks the remote (HEAD) before it sends anything.
+
+Writes use `BEGIN IMMEDIATE` (a deferred read-then-write fails at once in WAL mode, PITFALLS
+§6) and `synchronous=FULL` (the ledger drives restores and tombstones). One connection per
+thread.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from syncd.errors import LedgerError
+
+SCHEMA_VERSION = 1
+STATES = ("pending", "uploading", "synced", "failed", "deleting", "deleted")
+QUEUE_STATES = ("pending", "failed", "deleting")
+Row = dict[str, Any]
+
+
+def _migrate_1(db: sqlite_utils.Database) -> None:
+    db["files"].create(
+        {
+            "id": int, "watch": str, "path": str, "size": int, "mtime_ns": int, "sha256": str,
+            "state": str, "op": str, "key": str, "attempts": int, "last_error": str,
+            "error_kind": str, "updated_at": float, "synced_at": float, "due_at": float,
+            "lease_until": float, "gen": int, "remote_sha256": str, "probe": int, "queued_at": float,
+        },
+        pk="id",
+        not_null={"watch", "path", "state", "attempts", "due_at", "gen", "probe"},
+        defaults={"attempts": 0, "due_at": 0.0, "gen": 0, "probe": 0},
+    )
+    db["files"].create_index(["watch", "path"], unique=True, index_name="files_watch_path")
+    db.execute(
+        "CREATE INDEX files_queue ON files(due_at) WHERE state IN ('pending','failed','deleting')"
+    )
+    db.execute("CREATE INDEX files_remote_sha ON files(remote_sha256) WHERE remote_sha256 IS NOT NULL")
+    db["watches"].create(
+        {"prefix": str, "path": str, "listed_at": float, "last_reconcile": float,
+         "last_reconcile_ok": int},
+        pk="prefix",
+    )
+    db["meta"].create({"name": str, "value": str}, pk="name")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1]
+
+
+def recovery_hint(path: Path) -> str:
+    return (f"move it aside and rebuild it from a scan and the remote listing: "
+            f"mv '{path}' '{path}.corrupt' && syncd resync")
+
+
+class Ledger:
+    """Thread-safe handle on the ledger file; each thread gets its own connection."""
+
+    def __init__(self, path: str | os.PathLike[str], *, check: bool = True) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = self.db
+            db.execute("PRAGMA journal_mode=WAL")
+            if check:
+                bad = db.execute("PRAGMA quick_check").fetchone()[0]
+                if bad != "ok":
+                    raise sqlite3.DatabaseError(bad)
+            self._migrate(db)
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise LedgerError(f"ledger {self.path} is corrupt ({e}); {recovery_hint(self.path)}") from e
+
+    # --- connections ------------------------------------------------------------------
+    @property
+    def db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=60000")
+            db = sqlite_utils.Database(conn)
+            self._local.db = db
+            with self._lock:
+                self._all.append(conn)
+        return db
+
+    def close_thread(self) -> None:
+        """Close the calling thread's connection (worker threads call this when they end)."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            with self._lock:
+                if db.conn in self._all:
+                    self._all.remove(db.conn)
+            db.conn.close()
+            self._local.db = None
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._all:
+                try:
+                    c.close()
+                except sqlite3.Error:
+                    pass
+            self._all.clear()
+        self._local = threading.local()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite_utils.Database]:
+        """One IMMEDIATE transaction."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _migrate(self, db: sqlite_utils.Database) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LedgerError(f"ledger {self.path} has schema version {version}, newer than this "
+                              f"syncd understands ({SCHEMA_VERSION}); upgrade syncd")
+        while version < SCHEMA_VERSION:
+            with self.write() as w:
+                MIGRATIONS[version](w)
+                version += 1
+                w.execute(f"PRAGMA user_version={version}")
+
+    def query(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> list[Row]:
+        return list(self.db.query(sql, params))
+
+    # --- watches and meta -------------------------------------------------------------
+    def ensure_watch(self, prefix: str, path: str) -> Row:
+        with self.write() as w:
+            w.execute("INSERT INTO watches(prefix, path) VALUES (?, ?) "
+                      "ON CONFLICT(prefix) DO UPDATE SET path=excluded.path", [prefix, path])
+        return self.query("SELECT * FROM watches WHERE prefix=?", [prefix])[0]
+
+    def set_watch(self, prefix: str, **fields: Any) -> None:
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self.write() as w:
+            w.execute(f"UPDATE watches SET {sets} WHERE prefix=?", [*fields.values(), prefix])
+
+    def get_meta(self, name: str, default: str | None = None) -> str | None:
+        rows = self.query("SELECT value FROM meta WHERE name=?", [name])
+        return rows[0]["value"] if rows else default
+
+    def set_meta(self, name: str, value: str | None) -> None:
+        with self.write() as w:
+            if value is None:
+                w.execute("DELETE FROM meta WHERE name=?", [name])
+            else:
+                w.execute("INSERT INTO meta(name, value) VALUES (?, ?) "
+                          "ON CONFLICT(name) DO UPDATE SET value=excluded.value", [name, value])
+
+    # --- rows ---------------------------------------------------------------------------
+    def get(self, watch: str, path: str) -> Row | None:
+        rows = self.query("SELECT * FROM files WHERE watch=? AND path=?", [watch, path])
+        return rows[0] if rows else None
+
+    def page(self, watch: str, after: str | None, limit: int = 1000) -> list[Row]:
+        """Rows of a watch in path order (binary collation), after `after`: for merge joins."""
+        if after is None:
+            return self.query("SELECT * FROM files WHERE watch=? ORDER BY path LIMIT ?", [watch, limit])
+        return self.query("SELECT * FROM files WHERE watch=? AND path>? ORDER BY path LIMIT ?",
+                          [watch, after, limit])
+
+    def iter_rows(self, watch: str, where: str = "1", params: Iterable[Any] = (),
+                  batch: int = 1000) -> Iterator[Row]:
+        """Stream rows of a watch matching `where`, in pages (bounded memory)."""
+        last = -1
+        params = list(params)
+        while True:
+            rows = self.query(f"SELECT * FROM files WHERE watch=? AND id>? AND ({where}) "
+                              f"ORDER BY id LIMIT ?", [watch, last, *params, batch])
+            if not rows:
+                return
+            yield from rows
+            last = rows[-1]["id"]
+
+    def upsert_many(self, rows: list[Row]) -> None:
+        """Insert or update rows by (watch, path), each bumping `gen`; one transaction."""
+        if not rows:
+            return
+        with self.write() as w:
+            for r in rows:
+                cols = list(r)
+                sets = ", ".join(f"{c}=excluded.{c}" for c in cols if c not in ("watch", "path"))
+                w.execute(
+                    f"INSERT INTO files({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+                    f"ON CONFLICT(watch, path) DO UPDATE SET {sets}, gen=gen+1",
+                    [r[c] for c in cols],
+                )
+
+    def delete_rows(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        with self.write() as w:
+            w.executemany("DELETE FROM files WHERE id=?", [(i,) for i in ids])
+
+    def update(self, row_id: int, **fields: Any) -> None:
+        """An outside change: bumps gen so an in-flight worker does not overwrite it."""
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self.write() as w:
+            w.execute(f"UPDATE files SET {sets}, gen=gen+1 WHERE id=?", [*fields.values(), row_id])
+
+    # --- the queue ------------------------------------------------------------------------
+    def recover(self) -> int:
+        """At startup: release leases of a crashed run; uploads in flight are probed first."""
+        now = time.time()
+        with self.write() as w:
+            cur = w.execute(
+                "UPDATE files SET lease_until=NULL, probe=CASE WHEN state='uploading' THEN 1 ELSE probe END, "
+                "state=CASE WHEN state='uploading' THEN 'pending' ELSE state END, updated_at=? "
+                "WHERE lease_until IS NOT NULL OR state='uploading'", [now])
+            return cur.rowcount
+
+    def claim(self, ops: tuple[str, ...], now: float, lease: float = 600.0, limit: int = 1) -> list[Row]:
+        """Atomically take up to `limit` due rows whose op is in `ops`."""
+        marks = ",".join("?" for _ in ops)
+        with self.write() as w:
+            cur = w.execute(
+                f"UPDATE files SET lease_until=?, "
+                f"state=CASE WHEN op='put' THEN 'uploading' ELSE state END, updated_at=? "
+                f"WHERE id IN (SELECT id FROM files WHERE state IN ('pending','failed','deleting') "
+                f"AND due_at<=? AND lease_until IS NULL AND op IN ({marks}) ORDER BY due_at LIMIT ?) "
+                f"RETURNING *",
+                [now + lease, now, now, *ops, limit],
+            )
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def finish(self, row: Row, **fields: Any) -> bool:
+        """Apply a worker's result if nobody changed the row meanwhile; always release it.
+
+        Returns False when the row changed during the work (the outside change stands; only
+        `remote_sha256`, a fact about the remote, is kept from the result).
+        """
+        now = time.time()
+        fields.setdefault("updated_at", now)
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self.write() as w:
+            cur = w.execute(f"UPDATE files SET {sets}, lease_until=NULL WHERE id=? AND gen=?",
+                            [*fields.values(), row["id"], row["gen"]])
+            if cur.rowcount:
+                return True
+            extra = {"remote_sha256": fields["remote_sha256"]} if "remote_sha256" in fields else {}
+            sets = "".join(f", {k}=?" for k in extra)
+            w.execute(
+                f"UPDATE files SET lease_until=NULL, state=CASE WHEN state='uploading' THEN 'pending' "
+                f"ELSE state END{sets} WHERE id=?", [*extra.values(), row["id"]])
+            return False
+
+    def forget(self, row: Row) -> bool:
+        """Drop a row if nobody changed it meanwhile (a file that vanished before it was ever uploaded)."""
+        with self.write() as w:
+            cur = w.execute("DELETE FROM files WHERE id=? AND gen=?", [row["id"], row["gen"]])
+            if not cur.rowcount:
+                w.execute("UPDATE files SET lease_until=NULL WHERE id=?", [row["id"]])
+            return bool(cur.rowcount)
+
+    def next_due(self, ops: tuple[str, ...]) -> float | None:
+        marks = ",".join("?" for _ in ops)
+        rows = self.query(
+            f"SELECT min(due_at) AS d FROM files WHERE state IN ('pending','failed','deleting') "
+            f"AND lease_until IS NULL AND op IN ({marks})", list(ops))
+        return rows[0]["d"]
+
+    def outstanding(self, ops: tuple[str, ...], include_failed: bool = False) -> int:
+        """Rows with work left (queued or in flight) for `ops`."""
+        states = "'pending','uploading','deleting'" + (",'failed'" if include_failed else "")
+        marks = ",".join("?" for _ in ops)
+        return self.query(f"SELECT count(*) AS n FROM files WHERE op IN ({marks}) AND state IN ({states})",
+                          list(ops))[0]["n"]
+
+    def find_remote_copy(self, sha256: str, exclude_id: int) -> Row | None:
+        """Another row whose key holds this content: a server-side copy source (renames, duplicates)."""
+        rows = self.query("SELECT * FROM files WHERE remote_sha256=? AND id!=? AND key IS NOT NULL LIMIT 1",
+                          [sha256, exclude_id])
+        return rows[0] if rows else None
+
+    # --- reporting --------------------------------------------------------------------------
+    def counts(self, watch: str) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        for r in self.query("SELECT state, count(*) AS n FROM files WHERE watch=? GROUP BY state", [watch]):
+            out[r["state"]] = r["n"]
+        return out
+
+    def failures(self, watch: str, limit: int = 20) -> tuple[list[Row], int]:
+        rows = self.query("SELECT path, last_error, attempts, updated_at, op FROM files "
+                          "WHERE watch=? AND state='failed' ORDER BY updated_at DESC LIMIT ?", [watch, limit])
+        total = self.query("SELECT count(*) AS n FROM files WHERE watch=? AND state='failed'", [watch])[0]["n"]
+        return rows, total
+
+    def oldest_pending(self, watch: str) -> float | None:
+        """When the oldest row still waiting for work entered the queue (seconds since epoch)."""
+        rows = self.query("SELECT min(queued_at) AS t FROM files WHERE watch=? AND state IN "
+                          "('pending','uploading','deleting')", [watch])
+        return rows[0]["t"]
+
+    def last_success(self, watch: str) -> float | None:
+        return self.query("SELECT max(synced_at) AS t FROM files WHERE watch=?", [watch])[0]["t"]

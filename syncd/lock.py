@@ -1,0 +1,101 @@
+"""One daemon per ledger: an exclusive lock on `<ledger>.lock`, holding the owner's pid.
+
+`status` reads it without taking it: if the lock cannot be taken, a daemon is running.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from syncd.errors import LedgerError
+
+if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+    import msvcrt
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+
+    def _unlock(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+else:
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def lock_path(ledger: Path) -> Path:
+    return ledger.with_name(ledger.name + ".lock")
+
+
+class LedgerLock:
+    def __init__(self, ledger: Path) -> None:
+        self.path = lock_path(ledger)
+        self.fd: int | None = None
+
+    def acquire(self, what: str = "syncd") -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd):
+            os.close(fd)
+            pid = read_owner(self.path)
+            raise LedgerError(f"another syncd (pid {pid or '?'}) is using the ledger {self.path.with_suffix('')}; "
+                              f"stop it first, or use a separate config and ledger")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {what}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)
+                _unlock(self.fd)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+
+    def __enter__(self) -> LedgerLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def read_owner(path: Path) -> int | None:
+    try:
+        text = path.read_text().split()
+        return int(text[0]) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def holder(ledger: Path) -> dict[str, object]:
+    """Whether some process holds the ledger's lock, and its pid and role ("run", "resync", ...)."""
+    path = lock_path(ledger)
+    if not path.exists():
+        return {"running": False, "pid": None}
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if _try_lock(fd):
+            _unlock(fd)
+            return {"running": False, "pid": None}
+    finally:
+        os.close(fd)
+    words = path.read_text().split()
+    pid = int(words[0]) if words and words[0].isdigit() else None
+    return {"running": True, "pid": pid, "role": words[1] if len(words) > 1 else None}

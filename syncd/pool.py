@@ -1,0 +1,94 @@
+"""Worker threads that claim rows from the ledger and hand them to a handler.
+
+Workers only talk through the ledger: they claim due rows atomically and write the outcome back.
+A `wake` event lets producers (the watcher) cut a worker's idle wait short.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from syncd.ledger import Ledger, Row
+
+log = logging.getLogger(__name__)
+IDLE_MAX = 1.0
+
+
+class WorkerPool:
+    def __init__(self, ledger: Ledger, handler: Callable[[Row], None], workers: int, *,
+                 stop: threading.Event | None = None, wake: threading.Event | None = None,
+                 on_done: Callable[[Row], None] | None = None, lease: float = 900.0) -> None:
+        self.ledger = ledger
+        self.handler = handler
+        self.n = workers
+        self.stop = stop or threading.Event()
+        self.wake = wake or threading.Event()
+        self.on_done = on_done
+        self.lease = lease
+        self._threads: list[threading.Thread] = []
+        self.ops: tuple[str, ...] = ()
+        self.drain = False
+        self.busy = 0
+        self._busy_lock = threading.Lock()
+        self.last_loop = time.monotonic()  # for watchdog pings: proof the loop is alive
+
+    def _loop(self) -> None:
+        ledger = self.ledger
+        try:
+            while not self.stop.is_set():
+                self.last_loop = time.monotonic()
+                ops = self.ops
+                rows = ledger.claim(ops, time.time(), lease=self.lease) if ops else []
+                if rows:
+                    with self._busy_lock:
+                        self.busy += 1
+                    try:
+                        for row in rows:
+                            self.handler(row)
+                            if self.on_done:
+                                self.on_done(row)
+                    finally:
+                        with self._busy_lock:
+                            self.busy -= 1
+                    continue
+                if self.drain and ledger.outstanding(ops) == 0:
+                    return
+                nd = ledger.next_due(ops) if ops else None
+                wait = IDLE_MAX if nd is None else min(IDLE_MAX, max(0.01, nd - time.time()))
+                if self.wake.wait(wait):
+                    self.wake.clear()
+        finally:
+            ledger.close_thread()
+
+    def start(self, ops: tuple[str, ...], *, drain: bool = False) -> None:
+        self.ops = ops
+        self.drain = drain
+        self._threads = [threading.Thread(target=self._loop, name=f"syncd-worker-{i}", daemon=True)
+                         for i in range(self.n)]
+        for t in self._threads:
+            t.start()
+
+    def set_ops(self, ops: tuple[str, ...]) -> None:
+        self.ops = ops
+        self.wake.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the workers; True when all ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def run(self, ops: tuple[str, ...]) -> None:
+        """Drain: process every row for `ops` until none is queued or in flight."""
+        self.start(ops, drain=True)
+        while not self.join(timeout=0.5):
+            if self.stop.is_set():
+                self.join()
+                return

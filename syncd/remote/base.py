@@ -1,0 +1,90 @@
+"""The remote interface every backend implements, and the errors they all map to.
+
+Backends translate vendor errors into `RemoteError` with a `kind`; `syncd.retry` decides from
+the kind alone what is retried (like rclone's shared errors + one `shouldRetry`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+META_SHA = "syncd-sha256"
+META_MTIME = "syncd-mtime-ns"
+
+# Error kinds. "transient" is retried with backoff; the others mark the file failed.
+TRANSIENT = "transient"  # timeouts, connection errors, 5xx, SlowDown, RequestTimeout
+UNREACHABLE = "unreachable"  # nothing answers at the endpoint (transient for the daemon)
+DENIED = "denied"  # AccessDenied on an action
+CREDENTIALS = "credentials"  # missing, rejected or expired credentials
+NO_BUCKET = "no_bucket"
+NOT_FOUND = "not_found"  # the object does not exist
+INTEGRITY = "integrity"  # checksum mismatch
+INVALID = "invalid"  # the request itself is bad (key too long, ...)
+LOCAL = "local"  # a local file-system problem (permission, disk full)
+
+
+class RemoteError(Exception):
+    """A remote operation failed. `kind` is one of the constants above; `code` the vendor code."""
+
+    def __init__(self, kind: str, message: str, *, code: str = "", action: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.code = code
+        self.action = action
+
+    @property
+    def cause(self) -> str:
+        """A short stable description used to group log lines and status errors."""
+        if self.kind == DENIED:
+            return f"AccessDenied: {self.action}" if self.action else f"AccessDenied: {self}"
+        return f"{self.code or self.kind}: {self}"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    sha256: str | None = None  # syncd-sha256 metadata (lowercase hex), when known
+    mtime_ns: int | None = None  # syncd-mtime-ns metadata, else the store's modification time
+    etag: str = ""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What `Remote.get` wrote: the object's metadata and the server-verified checksum status."""
+
+    info: ObjectInfo
+    server_verified: bool  # the store's own checksum was checked while reading
+
+
+class Remote(Protocol):
+    """A flat key space. Keys never start with `/`."""
+
+    name: str
+
+    def probe(self) -> None:
+        """Raise RemoteError unless the remote can be listed (unreachable, credentials, bucket)."""
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """All objects whose key starts with `prefix` (recursive, flat). Metadata may be absent."""
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """Object info with metadata, or None when the key does not exist."""
+
+    def put(self, key: str, path: Path, *, size: int, sha256: str, mtime_ns: int) -> None:
+        """Upload the file at `path` as `key`, with its checksum verified by the server."""
+
+    def get(self, key: str, dest: BinaryIO) -> Fetched:
+        """Write the object's bytes into `dest`. RemoteError(NOT_FOUND) when missing."""
+
+    def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int) -> None:
+        """Server-side copy; RemoteError(NOT_FOUND) when `src` is gone."""
+
+    def delete(self, key: str) -> None:
+        """Remove `key`; a missing key is not an error."""
+
+    def close(self) -> None:
+        """Release connections."""

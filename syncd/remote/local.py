@@ -1,0 +1,176 @@
+"""`file://` remote: key K lives at ROOT/K with the file's mtime (SPEC §5).
+
+Checksums and mtimes live in a sidecar tree, ROOT/.syncd-meta/<K>.json, out of the way of keys
+(a watch prefix or remote prefix never starts with `.syncd-meta`: listings skip it). Writes are
+temp file + fsync + rename + directory fsync, so a crash never leaves a partial object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from syncd.fsutil import CHUNK, fsync_dir
+from syncd.remote.base import (
+    INTEGRITY,
+    LOCAL,
+    NOT_FOUND,
+    UNREACHABLE,
+    Fetched,
+    ObjectInfo,
+    RemoteError,
+)
+
+META_DIR = ".syncd-meta"
+
+
+class LocalRemote:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.name = f"file://{self.root.as_posix()}"
+        self._meta = self.root / META_DIR
+        self._tmp = self._meta / ".tmp"
+
+    # --- paths ------------------------------------------------------------------------
+    def _path(self, key: str) -> Path:
+        parts = key.split("/")
+        if not key or any(p in ("", ".", "..") for p in parts) or "\\" in key or "\x00" in key:
+            raise RemoteError(NOT_FOUND, f"invalid key {key!r}", code="InvalidKey")
+        if parts[0] == META_DIR:
+            raise RemoteError(NOT_FOUND, f"key {key!r} is reserved", code="InvalidKey")
+        return self.root.joinpath(*parts)
+
+    def _meta_path(self, key: str) -> Path:
+        return self._meta.joinpath(*key.split("/")).with_name(key.rsplit("/", 1)[-1] + ".json")
+
+    def _read_meta(self, key: str, st: os.stat_result) -> dict:
+        try:
+            meta = json.loads(self._meta_path(key).read_text())
+        except (OSError, ValueError):
+            return {}
+        # a sidecar only counts when it describes the bytes that are there now
+        if meta.get("size") != st.st_size or meta.get("mtime_ns") != st.st_mtime_ns:
+            return {}
+        return meta
+
+    def _atomic_write(self, target: Path, fill, mtime_ns: int | None) -> None:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="put-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                fill(f)
+                f.flush()
+                os.fsync(f.fileno())
+            if mtime_ns is not None:
+                os.utime(tmp, ns=(mtime_ns, mtime_ns))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def _write_meta(self, key: str, sha256: str, mtime_ns: int, size: int) -> None:
+        data = json.dumps({"sha256": sha256, "mtime_ns": mtime_ns, "size": size}).encode()
+        self._atomic_write(self._meta_path(key), lambda f: f.write(data), None)
+
+    # --- Remote -----------------------------------------------------------------------
+    def probe(self) -> None:
+        if not self.root.is_dir():
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RemoteError(UNREACHABLE, f"cannot create remote directory {self.root}: {e.strerror}",
+                                  code="NoSuchDirectory") from e
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise RemoteError(UNREACHABLE, f"remote directory {self.root} is not writable", code="AccessDenied")
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        start = self.root
+        for seg in [p for p in prefix.rstrip("/").split("/") if p]:
+            start = start / seg
+        if not start.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(start):
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            if rel_dir == ".":
+                rel_dir = ""
+                dirnames[:] = [d for d in dirnames if d != META_DIR]
+            dirnames.sort()
+            for name in sorted(filenames):
+                key = f"{rel_dir}/{name}" if rel_dir else name
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    st = os.lstat(os.path.join(dirpath, name))
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(key=key, size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            st = os.stat(self._path(key))
+        except FileNotFoundError:
+            return None
+        meta = self._read_meta(key, st)
+        return ObjectInfo(key=key, size=st.st_size, sha256=meta.get("sha256"),
+                          mtime_ns=meta.get("mtime_ns", st.st_mtime_ns))
+
+    def put(self, key: str, path: Path, *, size: int, sha256: str, mtime_ns: int) -> None:
+        target = self._path(key)
+        digest = hashlib.sha256()
+
+        def fill(f: BinaryIO) -> None:
+            with open(path, "rb") as src:
+                while chunk := src.read(CHUNK):
+                    digest.update(chunk)
+                    f.write(chunk)
+            # the "server-side" check: what arrived must hash to what the client announced
+            if digest.hexdigest() != sha256:
+                raise RemoteError(INTEGRITY, f"checksum mismatch for {key} (file changed while uploading)",
+                                  code="BadDigest")
+
+        try:
+            self._atomic_write(target, fill, mtime_ns)
+        except FileNotFoundError as e:
+            raise RemoteError(LOCAL, f"{path} vanished", code="NoSuchFile") from e
+        self._write_meta(key, sha256, mtime_ns, os.stat(target).st_size)
+
+    def get(self, key: str, dest: BinaryIO) -> Fetched:
+        p = self._path(key)
+        try:
+            f = open(p, "rb")  # noqa: SIM115 - closed by the with below
+        except FileNotFoundError:
+            raise RemoteError(NOT_FOUND, f"no object {key}", code="NoSuchKey") from None
+        with f:
+            st = os.fstat(f.fileno())
+            while chunk := f.read(CHUNK):
+                dest.write(chunk)
+        meta = self._read_meta(key, st)
+        info = ObjectInfo(key=key, size=st.st_size, sha256=meta.get("sha256"),
+                          mtime_ns=meta.get("mtime_ns", st.st_mtime_ns))
+        return Fetched(info=info, server_verified=False)
+
+    def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int) -> None:
+        sp = self._path(src)
+        if not sp.is_file():
+            raise RemoteError(NOT_FOUND, f"no object {src}", code="NoSuchKey")
+        self.put(dst, sp, size=sp.stat().st_size, sha256=sha256, mtime_ns=mtime_ns)
+
+    def delete(self, key: str) -> None:
+        for p in (self._path(key), self._meta_path(key)):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        pass

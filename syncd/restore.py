@@ -1,0 +1,134 @@
+"""Bringing one object back to disk safely (SPEC §4.3, §4.4).
+
+temp file in the target directory -> write while hashing -> check against `syncd-sha256` ->
+fsync -> set mtime -> record (callback) -> no-clobber publish -> fsync the directory.
+A mismatch, a full disk or an interruption never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat as st_mod
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from syncd.fsutil import publish
+from syncd.keys import RESTORE_TEMP_PREFIX, UnsafeKey
+from syncd.remote.base import INTEGRITY, LOCAL, Remote, RemoteError
+
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                     *(f"LPT{i}" for i in range(1, 10))}
+
+
+@dataclass(frozen=True)
+class Restored:
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+class _HashingWriter:
+    def __init__(self, f) -> None:
+        self.f = f
+        self.h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, b: bytes) -> int:
+        self.h.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+
+def windows_name_problem(seg: str) -> str | None:
+    """Names Windows cannot create (checked on Windows only, where they would misbehave)."""
+    base = seg.split(".", 1)[0].upper()
+    if base in _WINDOWS_RESERVED:
+        return f"{seg!r} is a reserved name on Windows"
+    if any(c in seg for c in '<>:"|?*') or seg.endswith((" ", ".")):
+        return f"{seg!r} is not a valid Windows file name"
+    return None
+
+
+def safe_target(root: Path, rel: str, *, follow_symlinks: bool = False, create: bool = True) -> Path:
+    """The local path for ledger path `rel` under `root`, creating parent directories.
+
+    Refuses (UnsafeKey) anything that would land outside `root`: a symlinked directory on the way
+    (unless it resolves inside the root and `follow_symlinks`), a file in the way of a directory.
+    """
+    parts = rel.split("/")
+    if sys.platform == "win32":  # pragma: no cover
+        for seg in parts:
+            problem = windows_name_problem(seg)
+            if problem:
+                raise UnsafeKey(problem)
+    real_root = os.path.realpath(root)
+    cur = Path(root)
+    for seg in parts[:-1]:
+        cur = cur / seg
+        try:
+            s = os.lstat(cur)
+        except FileNotFoundError:
+            if not create:
+                return Path(root).joinpath(*parts)
+            os.mkdir(cur)
+            continue
+        if st_mod.S_ISLNK(s.st_mode):
+            real = os.path.realpath(cur)
+            inside = os.path.commonpath([real_root, real]) == real_root
+            if not (follow_symlinks and inside and os.path.isdir(real)):
+                raise UnsafeKey(f"{cur} is a symlink; refusing to restore through it")
+        elif not st_mod.S_ISDIR(s.st_mode):
+            raise UnsafeKey(f"{cur} is a file where the key needs a directory")
+    return Path(root).joinpath(*parts)
+
+
+def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False,
+          before_publish: Callable[[Restored], bool] | None = None) -> Restored | None:
+    """Download `key` to `target` atomically. Returns None when `before_publish` declined.
+
+    Raises FileExistsError when `target` exists (or appears meanwhile) and not `overwrite`;
+    RemoteError(INTEGRITY) on a checksum mismatch; RemoteError(LOCAL) on local write errors.
+    """
+    if not overwrite and os.path.lexists(target):
+        raise FileExistsError(target)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=RESTORE_TEMP_PREFIX)
+    except OSError as e:
+        raise RemoteError(LOCAL, f"cannot write in {target.parent}: {e.strerror}", code=type(e).__name__) from e
+    published = False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            w = _HashingWriter(f)
+            try:
+                fetched = remote.get(key, w)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                raise RemoteError(LOCAL, f"cannot write {target}: {e.strerror}", code=type(e).__name__) from e
+        sha = w.h.hexdigest()
+        info = fetched.info
+        if info.sha256 and info.sha256 != sha:
+            raise RemoteError(INTEGRITY, f"{key}: content does not match its syncd-sha256 "
+                                         f"({sha[:12]}… != {info.sha256[:12]}…); not restored",
+                              code="ChecksumMismatch")
+        if info.size != w.size:
+            raise RemoteError(INTEGRITY, f"{key}: got {w.size} bytes, expected {info.size}",
+                              code="SizeMismatch")
+        mtime_ns = info.mtime_ns if info.mtime_ns is not None else os.stat(tmp).st_mtime_ns
+        os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        result = Restored(size=w.size, mtime_ns=mtime_ns, sha256=sha)
+        if before_publish is not None and not before_publish(result):
+            return None
+        publish(tmp, target, overwrite=overwrite)
+        published = True
+        return result
+    finally:
+        if not published:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,130 @@
+"""`syncd restore`: in place (through the ledger queue) or `--to DIR` (no ledger)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from syncd.config import Config
+from syncd.engine import RESTORE_OPS, Engine
+from syncd.keys import UnsafeKey, is_reserved, join_key, rel_from_key
+from syncd.ledger import Ledger
+from syncd.patterns import Filter, matches_any
+from syncd.remote.base import Remote, RemoteError
+from syncd.restore import fetch, safe_target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RestoreSummary:
+    restored: int = 0
+    skipped: int = 0
+    failed: int = 0
+    would_restore: int = 0
+    dry_run: bool = False
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def line(self) -> str:
+        if self.dry_run:
+            return f"dry run: would restore {self.would_restore}, skipped {self.skipped}, failed {self.failed}"
+        return f"restored {self.restored}, skipped {self.skipped}, failed {self.failed}"
+
+
+def restore_in_place(cfg: Config, ledger: Ledger, remote: Remote, *, globs: Iterable[str] = (),
+                     overwrite: bool = False, dry_run: bool = False, progress=None) -> RestoreSummary:
+    engine = Engine(cfg, ledger, remote, oneshot=True, overwrite=overwrite,
+                    on_progress=progress.update if progress is not None else None)
+    engine.check_remote()
+    engine.prepare(create=not dry_run)
+    if not dry_run:
+        ledger.recover()
+    queued = 0
+    for w in cfg.watches:
+        queued += engine.queue_from_listing(w, include_tombstones=True, globs=globs, overwrite=overwrite,
+                                            dry_run=dry_run)
+    out = RestoreSummary(dry_run=dry_run)
+    if dry_run:
+        out.would_restore = queued
+    else:
+        if progress is not None:
+            progress.total = engine.outstanding(RESTORE_OPS)
+        try:
+            engine.drain(RESTORE_OPS)
+        finally:
+            if progress is not None:
+                progress.close()
+        out.restored = engine.stats.restored
+        out.failures = list(engine.stats.failures)
+        out.failed = engine.stats.failed
+    out.failures += engine.refused
+    out.failed += len(engine.refused)
+    out.skipped = max(0, queued - out.restored - out.failed) if not dry_run else 0
+    return out
+
+
+def restore_to(cfg: Config, remote: Remote, to_dir: Path, *, globs: Iterable[str] = (), overwrite: bool = False,
+               dry_run: bool = False) -> RestoreSummary:
+    """Write DIR/<watch prefix>/<path> for every matching object; the ledger is not touched."""
+    from syncd.engine import unavailable
+
+    try:
+        remote.probe()
+    except RemoteError as e:
+        raise unavailable(remote, e) from e
+    out = RestoreSummary(dry_run=dry_run)
+    lock = threading.Lock()
+    globs = tuple(globs)
+
+    def one(root: Path, rel: str, key: str) -> None:
+        try:
+            target = safe_target(root, rel, create=not dry_run)
+            if os.path.lexists(target) and not overwrite:
+                with lock:
+                    out.skipped += 1
+                return
+            if dry_run:
+                with lock:
+                    out.would_restore += 1
+                return
+            fetch(remote, key, target, overwrite=overwrite)
+            with lock:
+                out.restored += 1
+        except FileExistsError:
+            with lock:
+                out.skipped += 1
+        except (RemoteError, UnsafeKey, OSError) as e:
+            log.error("cannot restore %s: %s", key, e)
+            with lock:
+                out.failed += 1
+                out.failures.append((key, str(e)))
+
+    with ThreadPoolExecutor(cfg.workers) as ex:
+        for w in cfg.watches:
+            base = join_key(cfg.remote.prefix, w.prefix)
+            root = to_dir / w.prefix if w.prefix else to_dir
+            if not dry_run:
+                root.mkdir(parents=True, exist_ok=True)
+            filt = Filter(w.include, w.exclude)
+            futures = []
+            for obj in remote.list(base + "/" if base else ""):
+                if obj.key.endswith("/"):
+                    continue
+                try:
+                    rel = rel_from_key(obj.key, base)
+                except UnsafeKey as e:
+                    log.error("refusing remote key %r: %s", obj.key, e)
+                    out.failed += 1
+                    out.failures.append((obj.key, f"unsafe key: {e}"))
+                    continue
+                if is_reserved(rel) or not filt.wants(rel) or (globs and not matches_any(globs, rel)):
+                    continue
+                futures.append(ex.submit(one, root, rel, obj.key))
+            for f in futures:
+                f.result()
+    return out

@@ -1,0 +1,277 @@
+"""Walks a watch and compares it with the ledger (SPEC §4.7): stat only, never hash.
+
+The walk yields paths in the ledger's order (binary UTF-8 order, the same as SQLite's), so the
+comparison is a merge join of two sorted streams: memory stays bounded whatever the tree size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat as st_mod
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from syncd.config import WatchConfig
+from syncd.keys import join_key, key_problem, ledger_name, name_problem
+from syncd.ledger import Ledger, Row
+from syncd.patterns import Filter
+
+log = logging.getLogger(__name__)
+
+FILE, BAD_NAME, SKIP_DIR = "file", "bad", "skipdir"
+FLUSH_EVERY = 500
+
+
+@dataclass
+class Entry:
+    path: str  # ledger path
+    kind: str  # FILE | BAD_NAME | SKIP_DIR
+    size: int = 0
+    mtime_ns: int = 0
+    problem: str = ""
+
+
+@dataclass
+class ScanStats:
+    files: int = 0
+    unchanged: int = 0
+    new: int = 0
+    changed: int = 0
+    to_restore: int = 0
+    deletions: int = 0
+    forgotten: int = 0
+    bad_names: int = 0
+    unreadable_dirs: list[str] = field(default_factory=list)
+
+
+def walk(root: Path, filt: Filter, follow_symlinks: bool = False) -> Iterator[Entry]:
+    """Regular files under `root` in ledger-path order; excluded directories are pruned."""
+    seen_dirs: set[tuple[int, int]] = set()
+
+    def rec(abs_dir: str, rel_dir: str, name_bad: str | None) -> Iterator[Entry]:
+        try:
+            with os.scandir(abs_dir) as it:
+                entries = list(it)
+        except OSError as e:
+            if not rel_dir:
+                raise  # the watch root itself: the caller reports the watch as down
+            log.warning("cannot read directory %s: %s; its files are left as they are",
+                        abs_dir, e.strerror)
+            yield Entry(path=rel_dir + "/" if rel_dir else "", kind=SKIP_DIR, problem=str(e.strerror))
+            return
+        items = []
+        for de in entries:
+            lname = ledger_name(de.name)
+            rel = f"{rel_dir}/{lname}" if rel_dir else lname
+            try:
+                is_link = de.is_symlink()
+                if is_link and not follow_symlinks:
+                    continue  # symlinks are not followed (SPEC §4.9)
+                s = de.stat(follow_symlinks=True) if is_link else de.stat(follow_symlinks=False)
+            except OSError:
+                continue  # vanished or a dangling link
+            if st_mod.S_ISDIR(s.st_mode):
+                if filt.dir_excluded(rel):
+                    continue
+                items.append((rel + "/", rel, de, s, True))
+            elif st_mod.S_ISREG(s.st_mode):
+                if filt.wants(rel):
+                    items.append((rel, rel, de, s, False))
+            # fifos, sockets and devices are skipped
+        items.sort(key=lambda t: t[0])
+        for _sort, rel, de, s, is_dir in items:
+            problem = name_bad or name_problem(de.name)
+            if is_dir:
+                ident = (s.st_dev, s.st_ino)
+                if ident in seen_dirs:
+                    log.warning("symlink loop at %s; not followed again", de.path)
+                    continue
+                seen_dirs.add(ident)
+                yield from rec(de.path, rel, problem)
+                seen_dirs.discard(ident)
+            elif problem:
+                yield Entry(path=rel, kind=BAD_NAME, size=s.st_size, mtime_ns=s.st_mtime_ns, problem=problem)
+            else:
+                yield Entry(path=rel, kind=FILE, size=s.st_size, mtime_ns=s.st_mtime_ns)
+
+    st = os.stat(root)
+    seen_dirs.add((st.st_dev, st.st_ino))
+    yield from rec(str(root), "", None)
+
+
+def _ledger_rows(ledger: Ledger, watch: str) -> Iterator[Row]:
+    after = None
+    while True:
+        page = ledger.page(watch, after)
+        if not page:
+            return
+        yield from page
+        after = page[-1]["path"]
+
+
+class Scanner:
+    """Compares one watch with the ledger and queues the differences.
+
+    `missing` says what a file that is in the ledger but not on disk means:
+    - "restore": startup (SPEC §4.5: a file missing at start is restored, never deleted remotely);
+    - "delete": a rescan while running (the deletion follows `on_delete`);
+    - "ignore": leave such rows alone.
+    """
+
+    def __init__(self, ledger: Ledger, watch: WatchConfig, remote_prefix: str, *, settle: float,
+                 missing: str = "restore", retry_failed: bool = False, dry_run: bool = False,
+                 now: float | None = None) -> None:
+        self.ledger = ledger
+        self.watch = watch
+        self.remote_prefix = remote_prefix
+        self.settle = settle
+        self.missing = missing
+        self.retry_failed = retry_failed
+        self.dry_run = dry_run
+        self.now = now if now is not None else time.time()
+        self.stats = ScanStats()
+        self._upserts: list[Row] = []
+        self._forget: list[int] = []
+
+    def key(self, path: str) -> str:
+        return join_key(self.remote_prefix, self.watch.prefix, path)
+
+    def run(self) -> ScanStats:
+        filt = Filter(self.watch.include, self.watch.exclude)
+        rows = _ledger_rows(self.ledger, self.watch.prefix)
+        row = next(rows, None)
+        skip_prefix: str | None = None
+        for entry in walk(self.watch.path, filt, self.watch.follow_symlinks):
+            # ledger rows that sort before this entry are not on disk
+            while row is not None and row["path"] < entry.path:
+                if not (skip_prefix and row["path"].startswith(skip_prefix)):
+                    self._missing(row)
+                row = next(rows, None)
+            if entry.kind == SKIP_DIR:
+                skip_prefix = entry.path
+                self.stats.unreadable_dirs.append(entry.path)
+                continue
+            self.stats.files += 1
+            if row is not None and row["path"] == entry.path:
+                self._compare(row, entry)
+                row = next(rows, None)
+            else:
+                self._new(entry)
+            self._maybe_flush()
+        while row is not None:
+            if not (skip_prefix and row["path"].startswith(skip_prefix)):
+                self._missing(row)
+            row = next(rows, None)
+        self._flush()
+        return self.stats
+
+    # --- decisions ----------------------------------------------------------------------
+    def _due(self, mtime_ns: int) -> float:
+        settled_at = mtime_ns / 1e9 + self.settle
+        return settled_at if self.now < settled_at < self.now + self.settle + 1 else self.now
+
+    def _queue_put(self, entry: Entry, **extra: object) -> None:
+        row = {"watch": self.watch.prefix, "path": entry.path, "size": entry.size,
+               "mtime_ns": entry.mtime_ns, "state": "pending", "op": "put", "key": self.key(entry.path),
+               "due_at": self._due(entry.mtime_ns), "queued_at": self.now, "updated_at": self.now,
+               "attempts": 0, "last_error": None, "error_kind": None}
+        row.update(extra)
+        self._upserts.append(row)
+
+    def _new(self, entry: Entry) -> None:
+        if entry.kind == BAD_NAME:
+            self.stats.bad_names += 1
+            self._fail_name(entry, entry.problem)
+            return
+        problem = key_problem(self.key(entry.path))
+        if problem:
+            self.stats.bad_names += 1
+            self._fail_name(entry, problem)
+            return
+        self.stats.new += 1
+        self._queue_put(entry, probe=0)
+
+    def _fail_name(self, entry: Entry, problem: str) -> None:
+        log.warning("cannot sync %s/%s: %s", self.watch.prefix, entry.path, problem)
+        self._upserts.append({"watch": self.watch.prefix, "path": entry.path, "size": entry.size,
+                              "mtime_ns": entry.mtime_ns, "state": "failed", "op": None, "key": None,
+                              "last_error": problem, "error_kind": "name", "updated_at": self.now,
+                              "due_at": self.now})
+
+    def _compare(self, row: Row, entry: Entry) -> None:
+        same = row["size"] == entry.size and row["mtime_ns"] == entry.mtime_ns
+        state, op = row["state"], row["op"]
+        if entry.kind == BAD_NAME or row["error_kind"] == "name":
+            if not same:
+                self._new(entry)
+            return
+        if state == "synced" and same:
+            self.stats.unchanged += 1
+            return
+        if state in ("deleted", "deleting") or op in ("get", "delete", "trash"):
+            # the file is (back) on disk: it wins over a queued restore or deletion
+            self.stats.changed += 1
+            self._queue_put(entry, probe=1 if op == "get" else row["probe"])
+            return
+        if state == "synced":
+            self.stats.changed += 1
+            self._queue_put(entry, probe=0)
+            return
+        # already queued for upload (pending / uploading / failed)
+        if not same:
+            self.stats.changed += 1
+            self._queue_put(entry, probe=row["probe"])
+        elif state == "failed" and self.retry_failed:
+            # a start is a fresh chance for failed files
+            self._queue_put(entry, probe=row["probe"])
+        else:
+            self.stats.changed += 1
+
+    def _missing(self, row: Row) -> None:
+        state, op = row["state"], row["op"]
+        if state == "deleted" or (state == "deleting" and op in ("delete", "trash")):
+            return
+        on_remote = row["remote_sha256"] is not None or op == "get"
+        if not on_remote:
+            if op == "put" or row["error_kind"] == "name":
+                self._forget.append(row["id"])  # vanished before it was ever uploaded
+                self.stats.forgotten += 1
+            return
+        if self.missing == "restore":
+            if not self.watch.restore:
+                return
+            self.stats.to_restore += 1
+            if op == "get" and state == "pending":
+                return
+            self._upserts.append({"watch": row["watch"], "path": row["path"], "state": "pending",
+                                  "op": "get", "due_at": self.now, "queued_at": self.now,
+                                  "updated_at": self.now, "attempts": 0, "last_error": None,
+                                  "error_kind": None})
+        elif self.missing == "delete":
+            self.stats.deletions += 1
+            self._upserts.append(deletion_fields(row, self.watch.on_delete, self.now))
+
+    # --- writes -------------------------------------------------------------------------
+    def _maybe_flush(self) -> None:
+        if len(self._upserts) + len(self._forget) >= FLUSH_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.dry_run:
+            self.ledger.upsert_many(self._upserts)
+            self.ledger.delete_rows(self._forget)
+        self._upserts.clear()
+        self._forget.clear()
+
+
+def deletion_fields(row: Row, on_delete: str, now: float) -> Row:
+    """The row update for a file deleted locally while running (SPEC §4.5)."""
+    base = {"watch": row["watch"], "path": row["path"], "updated_at": now, "attempts": 0,
+            "last_error": None, "error_kind": None}
+    if on_delete == "keep" or row["remote_sha256"] is None:
+        return {**base, "state": "deleted", "op": None}
+    return {**base, "state": "deleting", "op": "delete" if on_delete == "mirror" else "trash",
+            "due_at": now, "queued_at": now}

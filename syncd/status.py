@@ -1,0 +1,85 @@
+"""`syncd status` and GET /status: read from the ledger, whether or not a daemon runs."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from syncd.config import Config
+from syncd.ledger import STATES, Ledger
+from syncd.lock import holder
+
+FAILURES_SHOWN = 20
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def collect(cfg: Config, ledger: Ledger | None = None, now: float | None = None) -> dict[str, Any]:
+    """The object of SPEC §3 `status --json`."""
+    now = time.time() if now is None else now
+    h = holder(cfg.ledger)
+    daemon: dict[str, Any] = {"running": bool(h["running"] and h.get("role") == "run"),
+                              "pid": h["pid"] if h.get("role") == "run" else None}
+    if h["running"] and h.get("role") != "run":
+        daemon["busy"] = {"command": h.get("role"), "pid": h["pid"]}
+    own = ledger is None and cfg.ledger.exists()
+    if own:
+        ledger = Ledger(cfg.ledger, check=False)
+    try:
+        if ledger is not None:
+            ready = ledger.get_meta("ready")
+            if daemon["running"] and ready is not None:
+                daemon["ready"] = ready == "1"
+        watches = []
+        for w in cfg.watches:
+            entry: dict[str, Any] = {"prefix": w.prefix, "path": str(w.path)}
+            if ledger is None:
+                entry.update(counts=dict.fromkeys(STATES, 0), oldest_pending_age_s=None, last_success=None,
+                             failures=[], failures_total=0, backlog=0)
+            else:
+                counts = ledger.counts(w.prefix)
+                oldest = ledger.oldest_pending(w.prefix)
+                fails, total = ledger.failures(w.prefix, FAILURES_SHOWN)
+                entry.update(
+                    counts=counts,
+                    backlog=counts["pending"] + counts["uploading"] + counts["deleting"],
+                    oldest_pending_age_s=None if oldest is None else round(max(0.0, now - oldest), 1),
+                    last_success=_iso(ledger.last_success(w.prefix)),
+                    failures=[{"path": f["path"], "error": f["last_error"], "attempts": f["attempts"],
+                               "updated_at": _iso(f["updated_at"])} for f in fails],
+                    failures_total=total,
+                )
+            watches.append(entry)
+    finally:
+        if own and ledger is not None:
+            ledger.close()
+    return {"daemon": daemon, "watches": watches}
+
+
+def render_text(data: dict[str, Any], now: float) -> str:
+    d = data["daemon"]
+    lines = []
+    if d["running"]:
+        ready = "" if "ready" not in d else (", ready" if d["ready"] else ", starting (restore running)")
+        lines.append(f"daemon: running (pid {d['pid']}{ready})")
+    else:
+        lines.append("daemon: not running")
+    if d.get("busy"):
+        lines.append(f"  ({d['busy']['command']} running, pid {d['busy']['pid']})")
+    for w in data["watches"]:
+        c = w["counts"]
+        lines.append(f"{w['prefix'] or '(no prefix)'}  {w['path']}")
+        lines.append("  " + ", ".join(f"{k} {c[k]}" for k in STATES))
+        age = w["oldest_pending_age_s"]
+        lines.append(f"  backlog: {w['backlog']} files" + (f", oldest {age:.0f}s" if age is not None else ""))
+        lines.append(f"  last success: {w['last_success'] or 'never'}")
+        if w["failures_total"]:
+            lines.append(f"  failures ({len(w['failures'])} of {w['failures_total']}, most recent first):")
+            for f in w["failures"]:
+                lines.append(f"    {f['path']}: {f['error']} ({f['attempts']} attempts, {f['updated_at']})")
+    return "\n".join(lines)

@@ -1,0 +1,225 @@
+"""What a worker does with one claimed ledger row: upload, restore, or delete remotely.
+
+Every outcome goes back to the ledger through `Ledger.finish`, which only applies it when the
+row did not change meanwhile; errors are classified by `syncd.retry` in one place (`handle`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat as st_mod
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from syncd import fsutil
+from syncd.config import Config, WatchConfig
+from syncd.keys import UnsafeKey, join_key
+from syncd.ledger import Ledger, Row
+from syncd.logs import CauseLog
+from syncd.remote.base import INTEGRITY, LOCAL, NOT_FOUND, Remote, RemoteError
+from syncd.restore import fetch, safe_target
+from syncd.retry import decide
+
+log = logging.getLogger(__name__)
+MAX_LISTED_FAILURES = 1000
+
+
+@dataclass
+class Stats:
+    """Counters of one run (for the summary line and metrics); safe to share between workers."""
+
+    uploaded: int = 0
+    upload_bytes: int = 0
+    copied: int = 0
+    restored: int = 0
+    already_remote: int = 0
+    deleted: int = 0
+    failed: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def fail(self, what: str, why: str) -> None:
+        with self.lock:
+            self.failed += 1
+            if len(self.failures) < MAX_LISTED_FAILURES:
+                self.failures.append((what, why))
+
+
+def trash_key(key_base: str, rel: str, now: float) -> str:
+    day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+    return join_key(key_base, ".trash", day, rel)
+
+
+class Transfers:
+    def __init__(self, cfg: Config, ledger: Ledger, remote: Remote, stats: Stats, causes: CauseLog, *,
+                 oneshot: bool, overwrite: bool = False) -> None:
+        self.cfg = cfg
+        self.ledger = ledger
+        self.remote = remote
+        self.stats = stats
+        self.causes = causes
+        self.oneshot = oneshot
+        self.overwrite = overwrite
+        self.copy_limit = int(cfg.remote.multipart_threshold_mb * 1024 * 1024)
+        self._watches = {w.prefix: w for w in cfg.watches}
+
+    def handle(self, row: Row) -> None:
+        """Do the row's work; never raises (the worker thread must survive anything)."""
+        watch = self._watches.get(row["watch"])
+        if watch is None:  # a watch removed from the config: leave its rows alone
+            self.ledger.finish(row, state="pending" if row["state"] == "uploading" else row["state"],
+                               due_at=time.time() + 3600)
+            return
+        op = row["op"]
+        try:
+            if op == "put":
+                self._put(row, watch)
+            elif op == "get":
+                self._get(row, watch)
+            elif op in ("delete", "trash"):
+                self._delete(row, watch, op)
+            else:
+                self.ledger.finish(row)
+        except RemoteError as e:
+            self._failed(row, e)
+        except UnsafeKey as e:
+            self._failed(row, RemoteError(LOCAL, str(e), code="UnsafeKey"), requeue=False)
+        except OSError as e:
+            self._failed(row, RemoteError(LOCAL, f"{e.strerror or e}: {e.filename or row['path']}",
+                                          code=type(e).__name__))
+        except Exception as e:  # noqa: BLE001 - a bug must not kill the worker; it is recorded
+            log.exception("internal error on %s/%s", row["watch"], row["path"])
+            self._failed(row, RemoteError(LOCAL, f"internal error: {type(e).__name__}: {e}", code="Internal"))
+
+    # --- failures -------------------------------------------------------------------------
+    def _failed(self, row: Row, err: RemoteError, requeue: bool = True) -> None:
+        now = time.time()
+        attempts = row["attempts"] + 1
+        op = row["op"]
+        if op == "put" and err.kind == INTEGRITY:
+            # the file changed while it was read: let it settle again
+            self.ledger.finish(row, state="pending", attempts=attempts, due_at=now + self.cfg.settle_seconds,
+                               last_error=err.cause, error_kind=err.kind)
+            return
+        d = decide(err, attempts, oneshot=self.oneshot, op=op)
+        state = d.state
+        if state == "pending" and op in ("delete", "trash"):
+            state = "deleting"
+        fields = {"state": state, "attempts": attempts, "last_error": err.cause, "error_kind": err.kind,
+                  "due_at": now + d.delay}
+        if not (d.requeue and requeue):
+            fields["op"] = None
+        self.ledger.finish(row, **fields)
+        self.causes.report(err.cause, f"{row['watch']}/{row['path']}")
+        if state == "failed":
+            self.stats.fail(f"{row['watch']}/{row['path']}", err.cause)
+
+    # --- upload ---------------------------------------------------------------------------
+    def _put(self, row: Row, watch: WatchConfig) -> None:
+        path = watch.path.joinpath(*row["path"].split("/"))
+        now = time.time()
+        try:
+            st = os.stat(path) if watch.follow_symlinks else os.lstat(path)
+        except FileNotFoundError:
+            self._vanished(row)
+            return
+        if not st_mod.S_ISREG(st.st_mode):
+            self._vanished(row)
+            return
+        settle = self.cfg.settle_seconds
+        changed = (st.st_size, st.st_mtime_ns) != (row["size"], row["mtime_ns"])
+        settles_at = st.st_mtime_ns / 1e9 + settle
+        if changed or now < settles_at < now + settle + 1:
+            # not settled: wait until it has been unchanged for settle_seconds (SPEC §4.1)
+            self.ledger.finish(row, state="pending", size=st.st_size, mtime_ns=st.st_mtime_ns,
+                               due_at=now + settle if changed else settles_at)
+            return
+        sha = fsutil.sha256_file(path)
+        key = row["key"]
+        if sha == row["remote_sha256"] or (row["probe"] and self._remote_has(key, sha)):
+            self._synced(row, sha, st)
+            self.stats.add(already_remote=1)
+            return
+        copied = False
+        if st.st_size < self.copy_limit and st.st_size > 0:
+            src = self.ledger.find_remote_copy(sha, row["id"])
+            if src is not None:
+                try:
+                    self.remote.copy(src["key"], key, sha256=sha, mtime_ns=st.st_mtime_ns)
+                    copied = True
+                except RemoteError as e:
+                    if e.kind not in (NOT_FOUND,):
+                        raise
+        if not copied:
+            self.remote.put(key, path, size=st.st_size, sha256=sha, mtime_ns=st.st_mtime_ns)
+        self.stats.add(uploaded=1, upload_bytes=st.st_size, copied=int(copied))
+        try:
+            after = os.stat(path) if watch.follow_symlinks else os.lstat(path)
+            changed = (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            changed = False
+        if changed:  # written to while uploading: queue it again; the remote ends with the last content
+            self.ledger.finish(row, state="pending", remote_sha256=sha, size=after.st_size,
+                               mtime_ns=after.st_mtime_ns, due_at=time.time() + self.cfg.settle_seconds)
+            return
+        self._synced(row, sha, st)
+
+    def _remote_has(self, key: str, sha: str) -> bool:
+        info = self.remote.head(key)
+        return info is not None and info.sha256 == sha
+
+    def _synced(self, row: Row, sha: str, st: os.stat_result) -> None:
+        now = time.time()
+        self.ledger.finish(row, state="synced", op=None, sha256=sha, remote_sha256=sha, size=st.st_size,
+                           mtime_ns=st.st_mtime_ns, synced_at=now, attempts=0, last_error=None,
+                           error_kind=None, probe=0)
+
+    def _vanished(self, row: Row) -> None:
+        """The file went away before it could be uploaded: no upload, no error (SPEC §4.5)."""
+        if row["remote_sha256"] is None:
+            self.ledger.forget(row)
+        else:  # the remote keeps the previous version; a deletion event or rescan decides more
+            self.ledger.finish(row, state="synced", op=None, probe=0)
+
+    # --- restore ------------------------------------------------------------------------
+    def _get(self, row: Row, watch: WatchConfig) -> None:
+        target = safe_target(watch.path, row["path"], follow_symlinks=watch.follow_symlinks)
+
+        def record(res) -> bool:
+            return self.ledger.finish(row, state="synced", op=None, size=res.size, mtime_ns=res.mtime_ns,
+                                      sha256=res.sha256, remote_sha256=res.sha256, synced_at=time.time(),
+                                      attempts=0, last_error=None, error_kind=None, probe=0)
+
+        try:
+            res = fetch(self.remote, row["key"], target, overwrite=self.overwrite, before_publish=record)
+        except FileExistsError:
+            # a local file is there (or appeared meanwhile): it wins; compare it with the remote
+            self.ledger.update(row["id"], state="pending", op="put", probe=1, due_at=time.time(),
+                               lease_until=None)
+            return
+        if res is not None:
+            self.stats.add(restored=1)
+
+    # --- remote deletion ------------------------------------------------------------------
+    def _delete(self, row: Row, watch: WatchConfig, op: str) -> None:
+        key = row["key"]
+        if op == "trash":
+            base = join_key(self.cfg.remote.prefix, watch.prefix)
+            try:
+                self.remote.copy(key, trash_key(base, row["path"], time.time()), sha256=row["remote_sha256"] or "",
+                                 mtime_ns=row["mtime_ns"] or 0)
+            except RemoteError as e:
+                if e.kind != NOT_FOUND:
+                    raise
+        self.remote.delete(key)
+        self.ledger.finish(row, state="deleted", op=None, remote_sha256=None, attempts=0, last_error=None,
+                           error_kind=None)
+        self.stats.add(deleted=1)
