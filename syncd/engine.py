@@ -171,7 +171,7 @@ class Engine:
             self.ledger.upsert_many(upserts)
             if probes:
                 with self.ledger.write() as w:
-                    w.executemany("UPDATE files SET probe=1 WHERE id=?", [(i,) for i in probes])
+                    w.conn.executemany("UPDATE files SET probe=1 WHERE id=?", [(i,) for i in probes])
         return len(upserts)
 
     def verify(self, watch: WatchConfig, *, dry_run: bool = False) -> int:
@@ -191,7 +191,7 @@ class Engine:
         if bad and not dry_run:
             now = time.time()
             with self.ledger.write() as w:
-                w.executemany("UPDATE files SET state='pending', op='put', remote_sha256=NULL, probe=0, "
+                w.conn.executemany("UPDATE files SET state='pending', op='put', remote_sha256=NULL, probe=0, "
                               "due_at=?, queued_at=?, gen=gen+1 WHERE id=?", [(now, now, i) for i in bad])
         return len(bad)
 

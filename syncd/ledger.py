@@ -220,7 +220,7 @@ class Ledger:
         if not ids:
             return
         with self.write() as w:
-            w.executemany("DELETE FROM files WHERE id=?", [(i,) for i in ids])
+            w.conn.executemany("DELETE FROM files WHERE id=?", [(i,) for i in ids])
 
     def update(self, row_id: int, **fields: Any) -> None:
         """An outside change: bumps gen so an in-flight worker does not overwrite it."""

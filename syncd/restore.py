@@ -74,8 +74,11 @@ def safe_target(root: Path, rel: str, *, follow_symlinks: bool = False, create: 
         except FileNotFoundError:
             if not create:
                 return Path(root).joinpath(*parts)
-            os.mkdir(cur)
-            continue
+            try:
+                os.mkdir(cur)
+                continue
+            except FileExistsError:  # another worker made it meanwhile: check what it is
+                s = os.lstat(cur)
         if st_mod.S_ISLNK(s.st_mode):
             real = os.path.realpath(cur)
             inside = os.path.commonpath([real_root, real]) == real_root

@@ -1,0 +1,226 @@
+"""Shared fixtures: fake AWS credentials, moto in-process and moto's server over HTTP, configs,
+and an in-process CLI runner.
+
+No test needs the internet or real AWS credentials: every S3 endpoint is moto, started here.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before boto3/moto are imported anywhere: fake credentials, no user config, no IMDS lookups.
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_SESSION_TOKEN="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_CONFIG_FILE=os.devnull,
+    AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+    AWS_EC2_METADATA_DISABLED="true",
+)
+os.environ.pop("AWS_PROFILE", None)
+os.environ.pop("SYNCD_CONFIG", None)
+
+import itertools  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import boto3  # noqa: E402
+import pytest  # noqa: E402
+
+_bucket_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """moto's server mode on a free 127.0.0.1 port, for the whole session: its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@dataclass
+class Store:
+    """One remote under test: the config bits that reach it and a way to look inside."""
+
+    kind: str  # "file" | "moto" | "moto_server"
+    url: str
+    endpoint_url: str = ""
+    bucket: str = ""
+    root: Path | None = None
+    client: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def keys(self) -> list[str]:
+        if self.kind == "file":
+            assert self.root is not None
+            if not self.root.exists():
+                return []
+            return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
+                          if p.is_file() and not p.relative_to(self.root).as_posix().startswith(".syncd-meta"))
+        out = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+            out += [o["Key"] for o in page.get("Contents", ())]
+        return sorted(out)
+
+    def read(self, key: str) -> bytes:
+        if self.kind == "file":
+            assert self.root is not None
+            return (self.root / key).read_bytes()
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def put_raw(self, key: str, data: bytes) -> None:
+        """Write an object the way another tool would (no syncd metadata)."""
+        if self.kind == "file":
+            assert self.root is not None
+            p = self.root.joinpath(*key.split("/"))
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        else:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    def put_hostile(self, key: str, data: bytes) -> None:
+        """Objects whose keys no well-behaved tool would write (only possible on S3)."""
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+
+def _new_bucket(client: Any) -> str:
+    name = f"syncd-test-{os.getpid()}-{next(_bucket_ids)}"
+    client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(params=["file", "moto", "moto_server"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """Each scenario runs against a file:// remote, moto in-process and moto over HTTP."""
+    kind = request.param
+    if kind == "file":
+        root = tmp_path / "remote"
+        yield Store(kind="file", url=f"file://{root}", root=root)
+    elif kind == "moto":
+        from moto import mock_aws
+
+        with mock_aws():
+            client = boto3.client("s3", region_name="us-east-1")
+            bucket = _new_bucket(client)
+            yield Store(kind="moto", url=f"s3://{bucket}/backups", bucket=bucket, client=client)
+    else:
+        endpoint = request.getfixturevalue("moto_server")
+        client = boto3.client("s3", region_name="us-east-1", endpoint_url=endpoint)
+        bucket = _new_bucket(client)
+        yield Store(kind="moto_server", url=f"s3://{bucket}/backups", endpoint_url=endpoint, bucket=bucket,
+                    client=client)
+
+
+def write_config(path: Path, *, remote: dict[str, Any], watches: list[dict[str, Any]],
+                 syncd: dict[str, Any] | None = None) -> Path:
+    """Write a TOML config (a tiny writer: strings, numbers, bools and lists of strings)."""
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = ["[syncd]"] + [f"{k} = {val(v)}" for k, v in (syncd or {}).items()]
+    lines += ["", "[remote]"] + [f"{k} = {val(v)}" for k, v in remote.items()]
+    for w in watches:
+        lines += ["", "[[watch]]"] + [f"{k} = {val(v)}" for k, v in w.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@dataclass
+class Env:
+    """A ready-to-run syncd setup in tmp_path: one watch ("uploads") and a config file."""
+
+    tmp: Path
+    store: Store
+    config: Path
+    root: Path
+    ledger: Path
+
+    @property
+    def prefix(self) -> str:
+        return "backups/uploads" if self.store.kind != "file" else "uploads"
+
+
+@pytest.fixture
+def make_env(tmp_path: Path) -> Callable[..., Env]:
+    def make(store: Store, *, watch: dict[str, Any] | None = None, syncd: dict[str, Any] | None = None,
+             remote: dict[str, Any] | None = None) -> Env:
+        root = tmp_path / "uploads"
+        remote_cfg: dict[str, Any] = {"url": store.url}
+        if store.endpoint_url:
+            remote_cfg["endpoint_url"] = store.endpoint_url
+        remote_cfg.update(remote or {})
+        w = {"path": str(root), "prefix": "uploads"}
+        w.update(watch or {})
+        s = {"ledger": str(tmp_path / "state" / "ledger.db"), "settle_seconds": 0, "workers": 4,
+             "health_listen": ""}
+        s.update(syncd or {})
+        cfg = write_config(tmp_path / "syncd.toml", remote=remote_cfg, watches=[w], syncd=s)
+        return Env(tmp=tmp_path, store=store, config=cfg, root=root, ledger=Path(s["ledger"]))
+
+    return make
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def syncd(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
+    """Run the CLI in-process (so moto's in-process mock applies) and capture its output."""
+    from syncd.cli import main
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll until `cond()` is truthy; fail with `what` after `timeout` seconds (never a bare sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}")
+        time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves syncd threads running (every long-lived thread has a stop)."""
+    yield
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        leaked = [t for t in threading.enumerate() if t.name.startswith("syncd-") and t.is_alive()]
+        if not leaked:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"leaked threads: {[t.name for t in leaked]}")
