@@ -38,8 +38,11 @@ _bucket_ids = itertools.count()
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
     """moto's server mode on a free 127.0.0.1 port, for the whole session: its endpoint URL."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the in-process server's access log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -59,7 +62,7 @@ class Store:
     client: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def keys(self) -> list[str]:
+    def object_keys(self) -> list[str]:
         if self.kind == "file":
             assert self.root is not None
             if not self.root.exists():

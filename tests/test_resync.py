@@ -66,7 +66,7 @@ def test_uploads_tree_byte_identical_with_metadata(store, make_env, syncd):
     r = syncd("--config", str(env.config), "resync")
     assert r.code == 0, r.err
     assert r.out.strip().splitlines()[-1] == f"uploaded {len(files)}, restored 0, unchanged 0, failed 0"
-    assert store.keys() == sorted(f"{env.prefix}/{rel}" for rel in files)
+    assert store.object_keys() == sorted(f"{env.prefix}/{rel}" for rel in files)
     for rel, data in files.items():
         key = f"{env.prefix}/{rel}"
         assert store.read(key) == data, rel
@@ -151,7 +151,7 @@ def test_hostile_keys_are_refused_and_nothing_escapes_the_root(store, make_env, 
     assert "failed" in r.out
     assert set(env.tmp.parent.iterdir()) == before  # nothing written beside tmp_path
     everything = [p.relative_to(env.tmp).as_posix() for p in env.tmp.rglob("*") if p.is_file()]
-    assert not [p for p in everything if "x" == Path(p).name or "abs" in p or "evil" in p]
+    assert not [p for p in everything if Path(p).name == "x" or "abs" in p or "evil" in p]
     assert [p for p in env.root.rglob("*") if p.is_file()] == [env.root / "good.txt"]
 
 
@@ -185,12 +185,12 @@ def test_dry_run_changes_nothing(store, make_env, syncd):
     (env.root / "c.txt").write_bytes(b"new")
     (env.root / "b.txt").write_bytes(b"changed")
     local_before = tree(env.root)
-    remote_before = {k: store.read(k) for k in store.keys()}
+    remote_before = {k: store.read(k) for k in store.object_keys()}
     r = syncd("--config", str(env.config), "resync", "--dry-run")
     assert r.code == 0, r.err
     assert "would upload 2, would restore 1" in r.out
     assert tree(env.root) == local_before
-    assert {k: store.read(k) for k in store.keys()} == remote_before
+    assert {k: store.read(k) for k in store.object_keys()} == remote_before
     r = syncd("--config", str(env.config), "restore", "--dry-run")
     assert "would restore 1" in r.out
     assert tree(env.root) == local_before
@@ -227,7 +227,7 @@ def test_names_that_cannot_be_keys_are_failed_not_skipped(store, make_env, syncd
     r = syncd("--config", str(env.config), "resync")
     assert r.code == 1
     assert "not valid UTF-8" in r.err
-    assert store.keys() == ["uploads/fine.txt"]
+    assert store.object_keys() == ["uploads/fine.txt"]
     r = syncd("--config", str(env.config), "status", "--json")
     import json
 

@@ -1,0 +1,78 @@
+"""Exit 3 when the remote cannot be used at all, with one clear line (SPEC §3)."""
+
+from __future__ import annotations
+
+import socket
+
+import boto3
+import pytest
+
+from tests.conftest import write_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nothing_listening_at_the_endpoint_exits_3(tmp_path, syncd):
+    cfg = write_config(tmp_path / "s.toml", remote={"url": "s3://bkt/p", "endpoint_url": f"http://127.0.0.1:{free_port()}"},
+                       watches=[{"path": str(tmp_path / "w")}], syncd={"ledger": str(tmp_path / "l.db")})
+    r = syncd("--config", str(cfg), "resync")
+    assert r.code == 3
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach" in lines[0] and "endpoint_url" in lines[0]
+
+
+def test_missing_bucket_exits_3(tmp_path, syncd, moto_server):
+    cfg = write_config(tmp_path / "s.toml", remote={"url": "s3://no-such-bucket-syncd/p", "endpoint_url": moto_server},
+                       watches=[{"path": str(tmp_path / "w")}], syncd={"ledger": str(tmp_path / "l.db")})
+    r = syncd("--config", str(cfg), "resync")
+    assert r.code == 3 and "bucket does not exist" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def enforced_auth(monkeypatch):
+    """moto checks credentials (and IAM policies) for every request from now on."""
+    from moto import settings
+
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+
+
+def test_rejected_credentials_exit_3(tmp_path, syncd, moto_server, monkeypatch):
+    client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+    client.create_bucket(Bucket="creds-test-bkt")
+    from moto import settings
+
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret-value")
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    cfg = write_config(tmp_path / "s.toml", remote={"url": "s3://creds-test-bkt/p", "endpoint_url": moto_server},
+                       watches=[{"path": str(tmp_path / "w")}], syncd={"ledger": str(tmp_path / "l.db")})
+    r = syncd("--config", str(cfg), "resync")
+    assert r.code == 3, r.err
+    assert "credentials rejected" in r.err and len(r.err.strip().splitlines()) == 1
+    assert "not-a-real-secret-value" not in r.err
+
+
+def test_second_process_on_the_same_ledger_is_refused(tmp_path, syncd):
+    from syncd.lock import LedgerLock
+
+    cfg = write_config(tmp_path / "s.toml", remote={"url": f"file://{tmp_path / 'r'}"},
+                       watches=[{"path": str(tmp_path / "w")}], syncd={"ledger": str(tmp_path / "l.db")})
+    lock = LedgerLock(tmp_path / "l.db")
+    lock.acquire("run")
+    try:
+        r = syncd("--config", str(cfg), "resync")
+        assert r.code == 2 and "another syncd" in r.err
+    finally:
+        lock.release()
+
+
+def test_service_is_windows_only(tmp_path, syncd):
+    cfg = write_config(tmp_path / "s.toml", remote={"url": f"file://{tmp_path / 'r'}"},
+                       watches=[{"path": str(tmp_path / "w")}])
+    r = syncd("--config", str(cfg), "service", "install")
+    assert r.code == 2 and "Windows-only" in r.err and len(r.err.strip().splitlines()) == 1

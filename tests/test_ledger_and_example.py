@@ -1,0 +1,86 @@
+"""The ledger file (SPEC §5) and the example config a fresh clone runs."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+from syncd.ledger import SCHEMA_VERSION, Ledger
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_example_config_runs_without_a_cloud_account(tmp_path, syncd):
+    cfg = tmp_path / "syncd.example.toml"
+    shutil.copy(REPO / "syncd.example.toml", cfg)
+    r = syncd("--config", str(cfg), "resync")
+    assert r.code == 0, r.err
+    assert (tmp_path / "demo/uploads").is_dir()
+    (tmp_path / "demo/uploads/hello.txt").write_text("hello")
+    r = syncd("--config", str(cfg), "resync")
+    assert "uploaded 1" in r.out
+    assert (tmp_path / "demo/remote/uploads/hello.txt").read_text() == "hello"
+    assert "/demo/" in (REPO / ".gitignore").read_text()
+
+
+def test_ledger_schema_wal_and_columns(tmp_path):
+    Ledger(tmp_path / "l.db").close()
+    con = sqlite3.connect(tmp_path / "l.db")
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 1
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    cols = {r[1] for r in con.execute("PRAGMA table_info(files)")}
+    assert {"watch", "path", "size", "mtime_ns", "sha256", "state", "key", "attempts", "last_error",
+            "updated_at", "synced_at"} <= cols
+
+
+def test_corrupt_ledger_is_reported_with_the_recovery_command(tmp_path, syncd):
+    from tests.conftest import write_config
+
+    ledger = tmp_path / "l.db"
+    ledger.write_bytes(b"this is not a database" * 100)
+    cfg = write_config(tmp_path / "s.toml", remote={"url": f"file://{tmp_path / 'r'}"},
+                       watches=[{"path": str(tmp_path / "w")}], syncd={"ledger": str(ledger)})
+    r = syncd("--config", str(cfg), "resync")
+    assert r.code == 2
+    assert "corrupt" in r.err and "mv " in r.err and "syncd resync" in r.err
+    assert ledger.read_bytes().startswith(b"this is not")  # never silently replaced
+
+
+def test_claims_are_exclusive(tmp_path):
+    import threading
+    import time
+
+    led = Ledger(tmp_path / "l.db")
+    led.upsert_many([{"watch": "w", "path": f"f{i}", "state": "pending", "op": "put", "due_at": 0}
+                     for i in range(300)])
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while rows := led.claim(("put",), time.time()):
+            with lock:
+                got.extend(r["id"] for r in rows)
+        led.close_thread()
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == sorted(set(got)) and len(got) == 300
+    led.close()
+
+
+def test_finish_does_not_overwrite_an_outside_change(tmp_path):
+    import time
+
+    led = Ledger(tmp_path / "l.db")
+    led.upsert_many([{"watch": "w", "path": "a", "state": "pending", "op": "put", "due_at": 0}])
+    row = led.claim(("put",), time.time())[0]
+    led.update(row["id"], state="deleting", op="delete")  # the watcher saw a deletion meanwhile
+    assert led.finish(row, state="synced", op=None, remote_sha256="abc") is False
+    after = led.get("w", "a")
+    assert (after["state"], after["op"], after["remote_sha256"], after["lease_until"]) == (
+        "deleting", "delete", "abc", None)
+    led.close()
