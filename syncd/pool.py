@@ -53,6 +53,8 @@ class WorkerPool:
                     finally:
                         with self._busy_lock:
                             self.busy -= 1
+                    # idle workers re-check at once: the queue may be drained, or a retry queued
+                    self.wake.set()
                     continue
                 if self.drain and ledger.outstanding(ops) == 0:
                     return
