@@ -110,6 +110,33 @@ def _ts(t: float | None) -> str | None:
 
 
 @cli.command()
+@pass_ctx
+def run(c: Ctx) -> None:
+    """The daemon: check remote, restore missing, upload what changed while down, then watch.
+
+    Stops cleanly on SIGTERM or SIGINT (exit 0). Remote problems never stop it: they are
+    reported (log, /healthz, status) and retried.
+    """
+    import signal
+
+    from syncd.daemon import Daemon
+
+    cfg = c.cfg
+    daemon = Daemon(cfg)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if not daemon.stop.is_set():
+            log.info("received %s; stopping", signal.Signals(signum).name)
+        daemon.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: daemon.request_rescan("SIGHUP"))
+    sys.exit(daemon.run())
+
+
+@cli.command()
 @click.option("--dry-run", is_flag=True, help="show what would happen; change nothing")
 @click.option("--no-restore", is_flag=True, help="do not download files missing locally")
 @click.option("--no-upload", is_flag=True, help="do not upload new or changed files")

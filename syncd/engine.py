@@ -204,38 +204,41 @@ class Engine:
         return self.ledger.outstanding(ops)
 
     # --- the whole startup sequence ---------------------------------------------------------
-    def reconcile(self, *, restore: bool = True, upload: bool = True, verify: bool = False,
-                  dry_run: bool = False, on_restored: Callable[[], None] | None = None,
-                  on_total: Callable[[int], None] | None = None, check: bool = True) -> Summary:
-        if check:
-            self.check_remote()
+    def plan(self, *, restore: bool = True, verify: bool = False, dry_run: bool = False) -> int:
+        """Compare every watch with the ledger (and, for a ledger that never listed this
+        remote, with a listing) and queue the work. Returns the restores found in listings."""
         self.prepare(create=not dry_run)
         if not dry_run:
             self.ledger.recover()
-        would_restore = 0
+        from_listing = 0
         for w in self.cfg.watches:
             self.scan(w, missing="restore" if restore else "ignore", retry_failed=True, dry_run=dry_run)
             watch_row = self.ledger.query("SELECT listed_at FROM watches WHERE prefix=?", [w.prefix])
             if not watch_row or watch_row[0]["listed_at"] is None:
                 # a ledger that has never seen this watch's remote: rebuild it from a listing
-                would_restore += self.queue_from_listing(w, dry_run=dry_run, restore=restore and w.restore)
+                from_listing += self.queue_from_listing(w, dry_run=dry_run, restore=restore and w.restore)
                 if not dry_run:
                     self.ledger.set_watch(w.prefix, listed_at=time.time())
             if verify:
                 self.verify(w, dry_run=dry_run)
+        return from_listing
+
+    def reconcile(self, *, restore: bool = True, upload: bool = True, verify: bool = False,
+                  dry_run: bool = False, on_total: Callable[[int], None] | None = None) -> Summary:
+        """The one-shot startup: check remote -> restore missing -> upload what changed."""
+        self.check_remote()
+        from_listing = self.plan(restore=restore, verify=verify, dry_run=dry_run)
         summary = Summary(dry_run=dry_run)
         if dry_run:
             summary.would_upload = sum(s.new + s.changed for s in self.scans.values())
-            summary.would_restore = would_restore + sum(s.to_restore for s in self.scans.values())
-        else:
-            if on_total:
-                on_total(self.outstanding(RESTORE_OPS) + (self.outstanding(UPLOAD_OPS) if upload else 0))
-            if restore:
-                self.drain(RESTORE_OPS)
-            if on_restored:
-                on_restored()
-            if upload:
-                self.drain(UPLOAD_OPS)
+            summary.would_restore = from_listing + sum(s.to_restore for s in self.scans.values())
+            return self.summarize(summary)
+        if on_total:
+            on_total(self.outstanding(RESTORE_OPS) + (self.outstanding(UPLOAD_OPS) if upload else 0))
+        if restore:
+            self.drain(RESTORE_OPS)
+        if upload:
+            self.drain(UPLOAD_OPS)
         return self.summarize(summary)
 
     def summarize(self, summary: Summary) -> Summary:

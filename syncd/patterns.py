@@ -73,6 +73,11 @@ class Filter:
         """True when a whole directory is excluded (pruned from walks and events)."""
         return any(_match(p, rel_dir) for p in self.exclude)
 
+    def dir_wanted(self, rel_dir: str) -> bool:
+        """False when the directory or any directory above it is excluded."""
+        parts = rel_dir.split("/")
+        return not any(self.dir_excluded("/".join(parts[:i])) for i in range(1, len(parts) + 1))
+
     def wants(self, rel: str) -> bool:
         """True when the file at `rel` (ledger path) is synced."""
         name = rel.rsplit("/", 1)[-1]
@@ -81,10 +86,8 @@ class Filter:
         if any(_match(p, rel) for p in self.exclude):
             return False
         # an excluded directory anywhere above excludes the file
-        parts = rel.split("/")
-        for i in range(1, len(parts)):
-            if self.dir_excluded("/".join(parts[:i])):
-                return False
+        if "/" in rel and not self.dir_wanted(rel.rsplit("/", 1)[0]):
+            return False
         if self.include:
             return any(_match(p, rel) for p in self.include)
         return True

@@ -47,8 +47,11 @@ class ScanStats:
     unreadable_dirs: list[str] = field(default_factory=list)
 
 
-def walk(root: Path, filt: Filter, follow_symlinks: bool = False) -> Iterator[Entry]:
-    """Regular files under `root` in ledger-path order; excluded directories are pruned."""
+def walk(root: Path, filt: Filter, follow_symlinks: bool = False, base: str = "") -> Iterator[Entry]:
+    """Regular files under `root` in ledger-path order; excluded directories are pruned.
+
+    `base` is the ledger path of `root` inside its watch ("" for the watch root itself).
+    """
     seen_dirs: set[tuple[int, int]] = set()
 
     def rec(abs_dir: str, rel_dir: str, name_bad: str | None) -> Iterator[Entry]:
@@ -56,7 +59,7 @@ def walk(root: Path, filt: Filter, follow_symlinks: bool = False) -> Iterator[En
             with os.scandir(abs_dir) as it:
                 entries = list(it)
         except OSError as e:
-            if not rel_dir:
+            if rel_dir == base:
                 raise  # the watch root itself: the caller reports the watch as down
             log.warning("cannot read directory %s: %s; its files are left as they are",
                         abs_dir, e.strerror)
@@ -99,7 +102,7 @@ def walk(root: Path, filt: Filter, follow_symlinks: bool = False) -> Iterator[En
 
     st = os.stat(root)
     seen_dirs.add((st.st_dev, st.st_ino))
-    yield from rec(str(root), "", None)
+    yield from rec(str(root), base, None)
 
 
 def _ledger_rows(ledger: Ledger, watch: str) -> Iterator[Row]:
@@ -148,7 +151,7 @@ class Scanner:
             # ledger rows that sort before this entry are not on disk
             while row is not None and row["path"] < entry.path:
                 if not (skip_prefix and row["path"].startswith(skip_prefix)):
-                    self._missing(row)
+                    self.on_missing(row)
                 row = next(rows, None)
             if entry.kind == SKIP_DIR:
                 skip_prefix = entry.path
@@ -156,16 +159,16 @@ class Scanner:
                 continue
             self.stats.files += 1
             if row is not None and row["path"] == entry.path:
-                self._compare(row, entry)
+                self.on_seen(row, entry)
                 row = next(rows, None)
             else:
-                self._new(entry)
+                self.on_new(entry)
             self._maybe_flush()
         while row is not None:
             if not (skip_prefix and row["path"].startswith(skip_prefix)):
-                self._missing(row)
+                self.on_missing(row)
             row = next(rows, None)
-        self._flush()
+        self.flush()
         return self.stats
 
     # --- decisions ----------------------------------------------------------------------
@@ -181,7 +184,7 @@ class Scanner:
         row.update(extra)
         self._upserts.append(row)
 
-    def _new(self, entry: Entry) -> None:
+    def on_new(self, entry: Entry) -> None:
         if entry.kind == BAD_NAME:
             self.stats.bad_names += 1
             self._fail_name(entry, entry.problem)
@@ -201,12 +204,12 @@ class Scanner:
                               "last_error": problem, "error_kind": "name", "updated_at": self.now,
                               "due_at": self.now})
 
-    def _compare(self, row: Row, entry: Entry) -> None:
+    def on_seen(self, row: Row, entry: Entry) -> None:
         same = row["size"] == entry.size and row["mtime_ns"] == entry.mtime_ns
         state, op = row["state"], row["op"]
         if entry.kind == BAD_NAME or row["error_kind"] == "name":
             if not same:
-                self._new(entry)
+                self.on_new(entry)
             return
         if state == "synced" and same:
             self.stats.unchanged += 1
@@ -230,7 +233,7 @@ class Scanner:
         else:
             self.stats.changed += 1
 
-    def _missing(self, row: Row) -> None:
+    def on_missing(self, row: Row) -> None:
         state, op = row["state"], row["op"]
         if state == "deleted" or (state == "deleting" and op in ("delete", "trash")):
             return
@@ -257,14 +260,17 @@ class Scanner:
     # --- writes -------------------------------------------------------------------------
     def _maybe_flush(self) -> None:
         if len(self._upserts) + len(self._forget) >= FLUSH_EVERY:
-            self._flush()
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> int:
+        """Write the queued decisions; returns how many rows changed."""
+        n = len(self._upserts) + len(self._forget)
         if not self.dry_run:
             self.ledger.upsert_many(self._upserts)
             self.ledger.delete_rows(self._forget)
         self._upserts.clear()
         self._forget.clear()
+        return n
 
 
 def deletion_fields(row: Row, on_delete: str, now: float) -> Row:

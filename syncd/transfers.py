@@ -39,7 +39,21 @@ class Stats:
     deleted: int = 0
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    last_success: float | None = None  # last transfer that worked (any direction)
+    remote_fail_since: float | None = None  # first of the current run of remote-side failures
+    last_remote_error: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def succeeded(self) -> None:
+        with self.lock:
+            self.last_success = time.time()
+            self.remote_fail_since = None
+
+    def remote_failed(self, cause: str) -> None:
+        with self.lock:
+            self.last_remote_error = cause
+            if self.remote_fail_since is None:
+                self.remote_fail_since = time.time()
 
     def add(self, **counts: int) -> None:
         with self.lock:
@@ -118,6 +132,8 @@ class Transfers:
         if not (d.requeue and requeue):
             fields["op"] = None
         self.ledger.finish(row, **fields)
+        if err.kind not in (LOCAL, INTEGRITY, NOT_FOUND):
+            self.stats.remote_failed(err.cause)
         self.causes.report(err.cause, f"{row['watch']}/{row['path']}")
         if state == "failed":
             self.stats.fail(f"{row['watch']}/{row['path']}", err.cause)
@@ -178,6 +194,7 @@ class Transfers:
 
     def _synced(self, row: Row, sha: str, st: os.stat_result) -> None:
         now = time.time()
+        self.stats.succeeded()
         self.ledger.finish(row, state="synced", op=None, sha256=sha, remote_sha256=sha, size=st.st_size,
                            mtime_ns=st.st_mtime_ns, synced_at=now, attempts=0, last_error=None,
                            error_kind=None, probe=0)
@@ -205,6 +222,7 @@ class Transfers:
             self.ledger.update(row["id"], state="pending", op="put", probe=1, due_at=time.time(),
                                lease_until=None)
             return
+        self.stats.succeeded()
         if res is not None:
             self.stats.add(restored=1)
 
@@ -223,3 +241,4 @@ class Transfers:
         self.ledger.finish(row, state="deleted", op=None, remote_sha256=None, attempts=0, last_error=None,
                            error_kind=None)
         self.stats.add(deleted=1)
+        self.stats.succeeded()

@@ -1,0 +1,1 @@
+"""Service glue: systemd notifications, the Windows service."""

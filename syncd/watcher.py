@@ -1,0 +1,274 @@
+"""Live watching: watchdog observers enqueue; one recorder thread writes the ledger.
+
+Handlers only put events on a queue (an exception in a handler silently kills watchdog's
+thread, PITFALLS §1). The recorder batches them and decides from the file's *current* state
+(lstat), not from the event kind, so coalesced, reordered or synthetic events all end right:
+a path that exists is a change, one that does not is a deletion. New directories are walked
+(files written into them before their inotify watch existed are found). Queue overflows and
+observer errors trigger a full rescan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import stat as st_mod
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+
+from syncd.config import Config, WatchConfig
+from syncd.keys import ledger_name, name_problem
+from syncd.ledger import Ledger
+from syncd.patterns import Filter
+from syncd.scanner import BAD_NAME, FILE, Entry, Scanner, walk
+
+log = logging.getLogger(__name__)
+
+EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
+          DirCreatedEvent, DirMovedEvent, DirDeletedEvent]
+BATCH_MAX = 2000
+BATCH_WAIT = 0.02
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, prefix: str, q: queue.Queue) -> None:
+        self.prefix = prefix
+        self.q = q
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self.q.put((self.prefix, event))
+
+
+class _OverflowLog(logging.Handler):
+    """watchdog only logs an inotify overflow (PITFALLS §1): turn that line into a rescan."""
+
+    def __init__(self, trigger: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.trigger = trigger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage().lower()
+        if "overflow" in msg or "unable to rebuild" in msg:
+            self.trigger("watcher overflow")
+
+
+class Watcher:
+    def __init__(self, cfg: Config, ledger: Ledger, *, request_rescan: Callable[[str], None],
+                 wake: threading.Event | None = None) -> None:
+        self.cfg = cfg
+        self.ledger = ledger
+        self.request_rescan = request_rescan
+        self.wake = wake or threading.Event()
+        self.q: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._observers: list = []
+        self._thread: threading.Thread | None = None
+        self._watches = {w.prefix: w for w in cfg.watches}
+        self._filters = {w.prefix: Filter(w.include, w.exclude) for w in cfg.watches}
+        self._overflow = _OverflowLog(request_rescan)
+        self.root_ids: dict[str, tuple[int, int]] = {}
+        self.down: dict[str, str] = {}  # watch prefix -> reason (root vanished, ...)
+        self.events_seen = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
+
+        for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
+            logging.getLogger(name).addHandler(self._overflow)
+        self._check_inotify_limit()
+        for w in self.cfg.watches:
+            st = os.stat(w.path)
+            self.root_ids[w.prefix] = (st.st_dev, st.st_ino)
+            obs = PollingObserver(timeout=1.0) if w.observer == "polling" else Observer()
+            obs.name = f"syncd-observer-{w.prefix}"
+            obs.schedule(_Handler(w.prefix, self.q), str(w.path), recursive=True, event_filter=EVENTS,
+                         follow_symlink=w.follow_symlinks)
+            obs.daemon = True
+            obs.start()
+            self._observers.append(obs)
+        self._thread = threading.Thread(target=self._run, name="syncd-recorder", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for obs in self._observers:
+            obs.stop()
+        for obs in self._observers:
+            obs.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
+            logging.getLogger(name).removeHandler(self._overflow)
+        self._observers.clear()
+
+    def alive(self) -> bool:
+        return bool(self._thread and self._thread.is_alive()) and all(o.is_alive() for o in self._observers)
+
+    def root_ok(self, w: WatchConfig) -> str | None:
+        """Why the watch root is not usable (vanished, replaced, unmounted), or None."""
+        try:
+            st = os.stat(w.path)
+        except OSError as e:
+            return f"watch root {w.path} is gone ({e.strerror})"
+        if not st_mod.S_ISDIR(st.st_mode):
+            return f"watch root {w.path} is not a directory"
+        known = self.root_ids.get(w.prefix)
+        if known is not None and known != (st.st_dev, st.st_ino):
+            return f"watch root {w.path} was replaced or unmounted"
+        return None
+
+    def _check_inotify_limit(self) -> None:
+        try:
+            limit = int(Path("/proc/sys/fs/inotify/max_user_watches").read_text())
+        except (OSError, ValueError):
+            return
+        dirs = 0
+        for w in self.cfg.watches:
+            if w.observer == "native":
+                for _root, _dirs, _files in os.walk(w.path):
+                    dirs += 1
+                    if dirs > limit:
+                        break
+        if dirs > limit * 0.9:
+            log.warning("%d directories to watch but fs.inotify.max_user_watches is %d: raise it "
+                        "(sysctl fs.inotify.max_user_watches=%d) or use observer = \"polling\"; "
+                        "periodic rescans still catch everything", dirs, limit, dirs * 2)
+
+    # --- the recorder ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    first = self.q.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                batch = [first]
+                deadline = time.monotonic() + BATCH_WAIT
+                while len(batch) < BATCH_MAX:
+                    try:
+                        batch.append(self.q.get(timeout=max(0.0, deadline - time.monotonic())))
+                    except queue.Empty:
+                        break
+                try:
+                    self.apply(batch)
+                except Exception:  # noqa: BLE001 - the recorder must survive; a rescan repairs
+                    log.exception("could not record %d watcher events; rescanning", len(batch))
+                    self.request_rescan("recorder error")
+        finally:
+            self.ledger.close_thread()
+
+    def apply(self, batch: list[tuple[str, FileSystemEvent]]) -> None:
+        """Record a batch of events in the ledger (one transaction per watch)."""
+        self.events_seen += len(batch)
+        files: dict[str, dict[str, str]] = {}  # prefix -> ledger path -> file-system path
+        new_dirs: dict[str, set[str]] = {}
+        gone_dirs: dict[str, set[str]] = {}
+        for prefix, ev in batch:
+            w = self._watches[prefix]
+            paths = [ev.src_path] + ([ev.dest_path] if getattr(ev, "dest_path", "") else [])
+            for i, raw in enumerate(paths):
+                fs_path = os.fsdecode(raw)
+                rel = self._rel(w, fs_path)
+                if rel is None:
+                    continue
+                if rel == "":
+                    if isinstance(ev, (DirDeletedEvent, DirMovedEvent)):
+                        self.request_rescan(f"watch root {w.path} moved or deleted")
+                    continue
+                if ev.is_directory:
+                    is_dest = i == 1
+                    if isinstance(ev, DirCreatedEvent) or (isinstance(ev, DirMovedEvent) and is_dest):
+                        new_dirs.setdefault(prefix, set()).add(rel)
+                    elif isinstance(ev, (DirDeletedEvent, DirMovedEvent)):
+                        gone_dirs.setdefault(prefix, set()).add(rel)
+                else:
+                    files.setdefault(prefix, {})[rel] = fs_path
+        queued = False
+        for prefix in set(files) | set(new_dirs) | set(gone_dirs):
+            queued |= self._apply_watch(self._watches[prefix], files.get(prefix, {}),
+                                        new_dirs.get(prefix, set()), gone_dirs.get(prefix, set()))
+        if queued:
+            self.wake.set()
+
+    def _rel(self, w: WatchConfig, path: str) -> str | None:
+        root = str(w.path)
+        if path == root:
+            return ""
+        if not path.startswith(root + os.sep):
+            return None
+        parts = path[len(root) + 1:].split(os.sep)
+        return "/".join(ledger_name(p) for p in parts)
+
+    def _apply_watch(self, w: WatchConfig, files: dict[str, str], new_dirs: set[str], gone_dirs: set[str]) -> bool:
+        problem = self.root_ok(w)
+        if problem:
+            # never turn a vanished or unmounted root into remote deletions (SPEC §4.5)
+            if self.down.get(w.prefix) != problem:
+                log.error("%s; not recording deletions, waiting for it to come back", problem)
+            self.down[w.prefix] = problem
+            return False
+        self.down.pop(w.prefix, None)
+        filt = self._filters[w.prefix]
+        sc = Scanner(self.ledger, w, self.cfg.remote.prefix, settle=self.cfg.settle_seconds, missing="delete")
+        for d in sorted(new_dirs):
+            if not filt.dir_wanted(d):
+                continue
+            try:
+                for entry in walk(w.path.joinpath(*d.split("/")), filt, w.follow_symlinks, base=d):
+                    if entry.kind in (FILE, BAD_NAME):
+                        files.pop(entry.path, None)
+                        self._seen(sc, entry)
+            except OSError:
+                pass  # gone again already; its events follow
+        for rel, fs_path in sorted(files.items()):
+            if not filt.wants(rel):
+                continue
+            entry = self._stat(w, rel, fs_path)
+            if entry is None:
+                row = self.ledger.get(w.prefix, rel)
+                if row is not None:
+                    sc.on_missing(row)
+            else:
+                self._seen(sc, entry)
+        for d in sorted(gone_dirs):
+            for row in self.ledger.iter_rows(w.prefix, "path >= ? AND path < ?", [d + "/", d + "0"]):
+                if not os.path.lexists(w.path.joinpath(*row["path"].split("/"))):
+                    sc.on_missing(row)
+        return sc.flush() > 0
+
+    def _seen(self, sc: Scanner, entry: Entry) -> None:
+        row = self.ledger.get(sc.watch.prefix, entry.path)
+        if row is None:
+            sc.on_new(entry)
+        else:
+            sc.on_seen(row, entry)
+
+    def _stat(self, w: WatchConfig, rel: str, fs_path: str) -> Entry | None:
+        try:
+            s = os.stat(fs_path) if w.follow_symlinks else os.lstat(fs_path)
+        except OSError:
+            return None
+        if not st_mod.S_ISREG(s.st_mode):
+            return None  # symlinks (not followed), fifos, sockets, devices
+        parts = os.path.relpath(fs_path, w.path).split(os.sep)
+        problem = next((p for p in map(name_problem, parts) if p), None)
+        return Entry(path=rel, kind=BAD_NAME if problem else FILE, size=s.st_size, mtime_ns=s.st_mtime_ns,
+                     problem=problem or "")
