@@ -142,7 +142,7 @@ class Daemon:
         attempt = 0
         while not self.stop.is_set():
             try:
-                engine.remote.probe()
+                engine.probe()
                 if attempt:
                     log.info("remote %s is reachable again", engine.remote.name)
                     engine.causes.clear()

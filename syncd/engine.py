@@ -88,10 +88,16 @@ class Engine:
                 w.path.mkdir(parents=True, exist_ok=True)
                 self.ledger.ensure_watch(w.prefix, str(w.path))
 
+    def probe(self) -> None:
+        """List (one key) under every watch's prefix: what syncd needs, as its IAM policy allows."""
+        for w in self.cfg.watches:
+            base = self.key_base(w)
+            self.remote.probe(base + "/" if base else "")
+
     def check_remote(self, *, forever: bool = False) -> None:
         """Probe the remote. One-shot: transient errors are retried a few times, then exit 3."""
         try:
-            retry_call(self.remote.probe, forever=forever, stop_event=self.stop)
+            retry_call(self.probe, forever=forever, stop_event=self.stop)
         except RemoteError as e:
             raise unavailable(self.remote, e) from e
 

@@ -74,7 +74,9 @@ def restore_to(cfg: Config, remote: Remote, to_dir: Path, *, globs: Iterable[str
     from syncd.engine import unavailable
 
     try:
-        remote.probe()
+        for w in cfg.watches:
+            base = join_key(cfg.remote.prefix, w.prefix)
+            remote.probe(base + "/" if base else "")
     except RemoteError as e:
         raise unavailable(remote, e) from e
     out = RestoreSummary(dry_run=dry_run)

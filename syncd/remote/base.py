@@ -65,8 +65,9 @@ class Remote(Protocol):
 
     name: str
 
-    def probe(self) -> None:
-        """Raise RemoteError unless the remote can be listed (unreachable, credentials, bucket)."""
+    def probe(self, prefix: str) -> None:
+        """Raise RemoteError unless keys under `prefix` can be listed (unreachable, credentials,
+        bucket, permission)."""
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """All objects whose key starts with `prefix` (recursive, flat). Metadata may be absent."""

@@ -83,7 +83,7 @@ class LocalRemote:
         self._atomic_write(self._meta_path(key), lambda f: f.write(data), None)
 
     # --- Remote -----------------------------------------------------------------------
-    def probe(self) -> None:
+    def probe(self, prefix: str = "") -> None:
         if not self.root.is_dir():
             try:
                 self.root.mkdir(parents=True, exist_ok=True)

@@ -169,8 +169,7 @@ class S3Remote:
                           etag=str(resp.get("ETag", "")).strip('"'))
 
     # --- Remote -------------------------------------------------------------------------
-    def probe(self) -> None:
-        prefix = self.cfg.prefix + "/" if self.cfg.prefix else ""
+    def probe(self, prefix: str = "") -> None:
         try:
             self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
         except Exception as e:
