@@ -166,6 +166,10 @@ def resync(c: Ctx, dry_run: bool, no_restore: bool, no_upload: bool, verify: boo
             remote.close()
     _print_failures(summary.failures, summary.failed)
     click.echo(summary.line())
+    if cfg.healthcheck_url and not dry_run:
+        from syncd.healthcheck import ping
+
+        ping(cfg.healthcheck_url, summary.failed == 0)
     if summary.failed:
         sys.exit(1)
 
@@ -214,6 +218,90 @@ def status(c: Ctx, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=None))
     else:
         click.echo(render_text(data, time.time()))
+
+
+@cli.command()
+@pass_ctx
+def check(c: Ctx) -> None:
+    """Validate the config and probe the remote: list, put, head, get, delete (exit 3 on any failure)."""
+    from syncd.check import probe_key, run_check
+    from syncd.iam import policy
+    from syncd.remote import open_remote
+
+    cfg = c.cfg
+    click.echo(f"config ok: {cfg.path}")
+    remote = open_remote(cfg)
+    try:
+        click.echo(f"remote: {remote.name} (probe object {probe_key(cfg)})")
+        probes = run_check(cfg, remote)
+    finally:
+        remote.close()
+    for p in probes:
+        click.echo(f"{p.name:<7} {p.outcome}")
+    if all(p.ok for p in probes):
+        click.echo("all checks passed")
+        return
+    denied = sorted({p.action for p in probes if p.denied})
+    if denied and cfg.remote.scheme == "s3":
+        click.echo(f"missing permission: {', '.join(denied)}; syncd needs this least-privilege policy:")
+        click.echo(json.dumps(policy(cfg), indent=2))
+    sys.exit(3)
+
+
+@cli.command("iam-policy")
+@pass_ctx
+def iam_policy(c: Ctx) -> None:
+    """Print the least-privilege IAM policy JSON for this config."""
+    from syncd.iam import policy
+
+    cfg = c.cfg
+    if cfg.remote.scheme != "s3":
+        log.warning("the remote is %s, not S3: the policy below applies once you switch to S3", cfg.remote.url)
+    click.echo(json.dumps(policy(cfg), indent=2))
+
+
+@cli.command()
+@click.option("--all", "all_", is_flag=True, help="every failed file (the default)")
+@click.option("--deletes", is_flag=True, help="release remote deletions paused by max_deletes")
+@click.argument("paths", nargs=-1)
+@pass_ctx
+def retry(c: Ctx, all_: bool, deletes: bool, paths: tuple[str, ...]) -> None:
+    """Re-queue failed files now; a running daemon picks them up within seconds."""
+    from syncd.keys import ledger_name
+    from syncd.ledger import Ledger
+
+    cfg = c.cfg
+    if not cfg.ledger.exists():
+        click.echo("nothing to retry (no ledger yet)")
+        return
+    ledger = Ledger(cfg.ledger)
+    try:
+        if deletes:
+            was = ledger.get_meta("deletes_paused")
+            ledger.set_meta("deletes_released_at", str(time.time()))
+            ledger.set_meta("deletes_paused", None)
+            click.echo(f"remote deletions released (were paused: {was})" if was else
+                       "remote deletions were not paused")
+            if not paths and not all_:
+                return
+        n = 0
+        if paths:
+            for raw in paths:
+                p = Path(raw).absolute()
+                for w in cfg.watches:
+                    try:
+                        rel_parts = p.relative_to(w.path).parts
+                    except ValueError:
+                        continue
+                    n += ledger.requeue_failed(w.prefix, "/".join(ledger_name(x) for x in rel_parts))
+                    break
+                else:
+                    raise ConfigError(f"{raw} is not inside any watched directory")
+        else:
+            n = ledger.requeue_failed()
+    finally:
+        ledger.close()
+    click.echo(f"re-queued {n} failed files")
 
 
 @cli.command()

@@ -49,6 +49,7 @@ class Daemon:
         self._rescan_lock = threading.Lock()
         self.tick = time.monotonic()
         self.last_reconcile_ok: bool | None = None
+        self.last_reconcile_at: float | None = None
         self.hooks: list[Any] = []  # objects with start(daemon) / stop() (the HTTP endpoint)
 
     # --- requests from other threads -------------------------------------------------------
@@ -89,8 +90,22 @@ class Daemon:
 
     # --- the run ---------------------------------------------------------------------------
     def run(self) -> int:
+        if self.cfg.health_listen:
+            from syncd.http import HttpEndpoint
+
+            # bound first: an address in use is a config error (exit 2) before anything starts
+            self.hooks.append(HttpEndpoint(self, self.cfg.health_listen))
+        if self.cfg.healthcheck_url:
+            from syncd.healthcheck import Pinger
+
+            self.hooks.append(Pinger(self.cfg.healthcheck_url))
         lock = LedgerLock(self.cfg.ledger)
-        lock.acquire("run")
+        try:
+            lock.acquire("run")
+        except BaseException:
+            for h in self.hooks:
+                h.stop()
+            raise
         try:
             self.ledger = Ledger(self.cfg.ledger)
             try:
@@ -235,6 +250,8 @@ class Daemon:
         failed = self.ledger.query("SELECT count(*) AS n FROM files WHERE state='failed'")[0]["n"] if self.ledger \
             else 0
         self.last_reconcile_ok = ok and not failed
+        if self.last_reconcile_ok:
+            self.last_reconcile_at = time.time()
         for h in self.hooks:
             if hasattr(h, "reconciled"):
                 h.reconciled(self.last_reconcile_ok)

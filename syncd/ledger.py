@@ -283,6 +283,27 @@ class Ledger:
                 w.execute("UPDATE files SET lease_until=NULL WHERE id=?", [row["id"]])
             return bool(cur.rowcount)
 
+    def requeue_failed(self, watch: str | None = None, path: str | None = None) -> int:
+        """`syncd retry`: failed rows are due now with a fresh attempt count.
+
+        `path` selects one file or everything under a directory. Names that cannot be keys stay
+        failed (retrying cannot help); a failed restore whose object was gone is tried again.
+        """
+        where, params = ["state='failed'", "error_kind IS NOT 'name'"], []
+        if watch is not None:
+            where.append("watch=?")
+            params.append(watch)
+        if path:
+            where.append("(path=? OR (path>=? AND path<?))")
+            params += [path, path + "/", path + "0"]  # "0" sorts right after "/"
+        now = time.time()
+        with self.write() as w:
+            cur = w.execute(
+                "UPDATE files SET state=CASE WHEN op IN ('delete','trash') THEN 'deleting' ELSE 'pending' END, "
+                "op=COALESCE(op, 'get'), attempts=0, due_at=0, queued_at=?, updated_at=?, gen=gen+1 "
+                f"WHERE {' AND '.join(where)}", [now, now, *params])
+            return cur.rowcount
+
     def next_due(self, ops: tuple[str, ...]) -> float | None:
         marks = ",".join("?" for _ in ops)
         rows = self.query(

@@ -11,6 +11,7 @@ import os
 import stat as st_mod
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -42,6 +43,7 @@ class Stats:
     last_success: float | None = None  # last transfer that worked (any direction)
     remote_fail_since: float | None = None  # first of the current run of remote-side failures
     last_remote_error: str = ""
+    fail_reasons: Counter = field(default_factory=Counter)  # error kind -> failed attempts
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def succeeded(self) -> None:
@@ -132,6 +134,8 @@ class Transfers:
         if not (d.requeue and requeue):
             fields["op"] = None
         self.ledger.finish(row, **fields)
+        with self.stats.lock:
+            self.stats.fail_reasons[err.kind] += 1
         if err.kind not in (LOCAL, INTEGRITY, NOT_FOUND):
             self.stats.remote_failed(err.cause)
         self.causes.report(err.cause, f"{row['watch']}/{row['path']}")
