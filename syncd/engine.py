@@ -108,9 +108,13 @@ class Engine:
              dry_run: bool = False) -> ScanStats:
         if not watch.path.is_dir():
             return ScanStats()
+        t0 = time.monotonic()
         stats = Scanner(self.ledger, watch, self.cfg.remote.prefix, settle=self.cfg.settle_seconds,
                         missing=missing, retry_failed=retry_failed, dry_run=dry_run).run()
         self.scans[watch.prefix] = stats
+        log.info("scanned %s: %d files (%d new, %d changed, %d unchanged), %d missing to restore, %.2fs",
+                 watch.prefix or watch.path, stats.files, stats.new, stats.changed, stats.unchanged,
+                 stats.to_restore, time.monotonic() - t0)
         return stats
 
     def queue_from_listing(self, watch: WatchConfig, *, include_tombstones: bool = False,
