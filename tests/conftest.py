@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 
 # Before boto3/moto are imported anywhere: fake credentials, no user config, no IMDS lookups.
+# Distinctive fake credentials: the session ends with a grep proving no log or output shows them.
+FAKE_KEY_ID = "AKIASYNCDFAKEKEY0001"
+FAKE_SECRET = "syncdFakeSecret/DoNotLog+0123456789abcdef"
 os.environ.update(
-    AWS_ACCESS_KEY_ID="testing",
-    AWS_SECRET_ACCESS_KEY="testing",
-    AWS_SESSION_TOKEN="testing",
+    AWS_ACCESS_KEY_ID=FAKE_KEY_ID,
+    AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
+    AWS_SESSION_TOKEN="syncdFakeSessionToken",
     AWS_DEFAULT_REGION="us-east-1",
     AWS_CONFIG_FILE=os.devnull,
     AWS_SHARED_CREDENTIALS_FILE=os.devnull,
@@ -186,6 +189,19 @@ class Result:
     err: str
 
 
+_outputs: list[str] = []  # every in-process CLI output of the session, for the credentials grep
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_credentials_in_any_output(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole run: neither fake key appears in any CLI output or daemon log."""
+    yield
+    base = tmp_path_factory.getbasetemp()
+    texts = list(_outputs) + [p.read_text(errors="replace") for p in base.rglob("*.log")]
+    leaks = [t for t in texts if FAKE_KEY_ID in t or FAKE_SECRET in t]
+    assert not leaks, f"credentials found in output: {leaks[0][:500]}"
+
+
 @pytest.fixture
 def syncd(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
     """Run the CLI in-process (so moto's in-process mock applies) and capture its output."""
@@ -199,6 +215,7 @@ def syncd(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         captured = capsys.readouterr()
+        _outputs.append(captured.out + captured.err)
         return Result(code, captured.out, captured.err)
 
     return run
