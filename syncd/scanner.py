@@ -254,6 +254,8 @@ class Scanner:
                                   "updated_at": self.now, "attempts": 0, "last_error": None,
                                   "error_kind": None})
         elif self.missing == "delete":
+            if op == "get":
+                return  # a restore still queued or failing: the file was never back, not deleted
             self.stats.deletions += 1
             self._upserts.append(deletion_fields(row, self.watch.on_delete, self.now))
 

@@ -1,0 +1,75 @@
+"""Scanner decisions (stat-only comparison with the ledger)."""
+
+from __future__ import annotations
+
+from syncd.config import WatchConfig
+from syncd.ledger import Ledger
+from syncd.scanner import Scanner
+
+
+def watch(tmp_path, **kw) -> WatchConfig:
+    root = tmp_path / "w"
+    root.mkdir(exist_ok=True)
+    return WatchConfig(path=root, prefix="w", **kw)
+
+
+def test_walk_order_matches_the_ledger_order(tmp_path):
+    w = watch(tmp_path)
+    names = ["a-b", "a/x", "a0", "b", "é", "a/b/c", "A"]
+    for n in names:
+        p = w.path / n
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(n)
+    led = Ledger(tmp_path / "l.db")
+    Scanner(led, w, "", settle=0).run()
+    # a second scan over the same tree finds everything unchanged: the merge join lined up
+    stats = Scanner(led, w, "", settle=0).run()
+    assert stats.unchanged == 0 and stats.changed == len(names)  # still pending: not uploaded
+    rows = led.query("SELECT path FROM files ORDER BY path")
+    assert sorted(n for n in names) == [r["path"] for r in rows]
+    led.close()
+
+
+def test_missing_files_restore_at_start_and_delete_while_running(tmp_path):
+    w = watch(tmp_path, on_delete="mirror")
+    led = Ledger(tmp_path / "l.db")
+    led.upsert_many([
+        {"watch": "w", "path": "gone.txt", "state": "synced", "op": None, "remote_sha256": "ab", "key": "w/gone.txt"},
+        {"watch": "w", "path": "never.txt", "state": "pending", "op": "put", "key": "w/never.txt"},
+        {"watch": "w", "path": "restoring.txt", "state": "failed", "op": "get", "key": "w/restoring.txt"},
+        {"watch": "w", "path": "tomb.txt", "state": "deleted", "op": None, "key": "w/tomb.txt"},
+    ])
+    s = Scanner(led, w, "", settle=0, missing="delete").run()
+    assert s.deletions == 1 and s.forgotten == 1
+    by = {r["path"]: r for r in led.query("SELECT * FROM files")}
+    assert (by["gone.txt"]["state"], by["gone.txt"]["op"]) == ("deleting", "delete")
+    assert "never.txt" not in by  # vanished before upload: nothing to remember
+    assert (by["restoring.txt"]["state"], by["restoring.txt"]["op"]) == ("failed", "get")
+    assert by["tomb.txt"]["state"] == "deleted"
+    led.update(by["gone.txt"]["id"], state="synced", op=None)
+    s = Scanner(led, w, "", settle=0, missing="restore").run()
+    assert s.to_restore == 2  # gone.txt and the failing restore; never the tombstone
+    led.close()
+
+
+def test_unreadable_directory_leaves_its_rows_alone(tmp_path, monkeypatch):
+    import os
+
+    w = watch(tmp_path, on_delete="mirror")
+    (w.path / "locked").mkdir()
+    (w.path / "locked/a.txt").write_text("a")
+    led = Ledger(tmp_path / "l.db")
+    Scanner(led, w, "", settle=0).run()
+    led.db.execute("UPDATE files SET state='synced', op=NULL, remote_sha256='x'")
+    real = os.scandir
+
+    def scandir(p):
+        if str(p).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real(p)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    s = Scanner(led, w, "", settle=0, missing="delete").run()
+    assert s.deletions == 0 and s.unreadable_dirs == ["locked/"]
+    assert led.get("w", "locked/a.txt")["state"] == "synced"
+    led.close()
