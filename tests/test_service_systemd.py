@@ -1,0 +1,301 @@
+"""systemd: the shipped units pass `systemd-analyze verify`, and `syncd run` speaks sd_notify.
+
+The notify test binds a real AF_UNIX datagram socket, as systemd does, and checks every
+datagram at the moment it arrives (READY=1 only once every file is back on disk).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from syncd.service.systemd import Notifier
+from tests.conftest import wait_for, write_config
+from tests.daemon_util import DaemonProc, write_file
+
+UNITS_DIR = Path(__file__).resolve().parent.parent / "packaging" / "systemd"
+UNITS = ["syncd.service", "syncd@.service", "syncd-resync.service", "syncd-resync.timer"]
+SHIPPED_BIN = "/opt/syncd/bin/syncd"
+
+
+# --- the unit files -----------------------------------------------------------------------------
+
+
+def unit_settings(name: str) -> list[tuple[str, str, str]]:
+    """(section, key, value) for every assignment; systemd allows repeated keys, so no dict."""
+    out, section = [], ""
+    for raw in (UNITS_DIR / name).read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.append((section, key.strip(), value.strip()))
+    return out
+
+
+def setting(name: str, key: str) -> list[str]:
+    return [v for _s, k, v in unit_settings(name) if k == key]
+
+
+@pytest.fixture(scope="module")
+def verified_copies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The units with ExecStart pointed at a real file: verify rejects a missing binary
+    (exit 1), and /opt/syncd does not exist on a test machine. Everything else is verbatim."""
+    out = tmp_path_factory.mktemp("units")
+    real_bin = shutil.which("syncd") or sys.executable
+    for name in UNITS:
+        text = (UNITS_DIR / name).read_text()
+        (out / name).write_text(text.replace(SHIPPED_BIN, real_bin))
+    return out
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_unit_passes_systemd_analyze_verify(unit: str, verified_copies: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd; .ci/run does it)")
+    # verify loads the other units from the same directory (the timer needs its service)
+    p = subprocess.run([tool, "verify", "--man=no", str(verified_copies / unit)],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""})
+    # unknown keys and bad values only warn and still exit 0 (PITFALLS §4): any line that
+    # names one of our units is a failure; lines about the host's own units are not ours
+    ours = [line for line in (p.stderr + p.stdout).splitlines() if "syncd" in line]
+    assert p.returncode == 0 and not ours, f"rc={p.returncode}\n{p.stderr}{p.stdout}"
+
+
+def test_units_say_what_the_readme_says() -> None:
+    assert setting("syncd.service", "ExecStart") == [f"{SHIPPED_BIN} --config /etc/syncd/syncd.toml run"]
+    assert setting("syncd@.service", "ExecStart") == [f"{SHIPPED_BIN} --config /etc/syncd/%i.toml run"]
+    assert setting("syncd-resync.service", "ExecStart") == [
+        f"{SHIPPED_BIN} --config /etc/syncd/syncd.toml resync"]
+    for unit in ("syncd.service", "syncd@.service"):
+        assert setting(unit, "Type") == ["notify"]
+        assert setting(unit, "NotifyAccess") == ["main"]
+        assert setting(unit, "Restart") == ["on-failure"]
+        assert setting(unit, "WatchdogSec")
+        assert setting(unit, "ExecReload") == ["/bin/kill -HUP $MAINPID"]  # SIGHUP = rescan in `run`
+    assert setting("syncd-resync.service", "Type") == ["oneshot"]
+    assert setting("syncd-resync.timer", "OnCalendar")
+    for unit in ("syncd.service", "syncd@.service", "syncd-resync.service"):
+        assert setting(unit, "User") == ["syncd"]
+        assert setting(unit, "ProtectSystem") == ["strict"]
+        assert setting(unit, "StateDirectory") == ["syncd"]
+        assert setting(unit, "ReadWritePaths")
+        assert setting(unit, "NoNewPrivileges") == ["yes"]
+        assert setting(unit, "PrivateTmp") == ["yes"]
+
+
+# --- sd_notify: a real socket --------------------------------------------------------------------
+
+
+def short_dir(tmp_path: Path) -> Path:
+    """An AF_UNIX path must fit in 108 bytes; pytest's tmp_path can be longer."""
+    if len(str(tmp_path / "notify.sock")) < 100:
+        return tmp_path
+    return Path(tempfile.mkdtemp(prefix="sd", dir="/tmp"))
+
+
+@dataclass
+class Datagram:
+    fields: list[str]
+    at: float
+    restored_then: bool  # were all the files back on disk when it arrived?
+
+
+@dataclass
+class NotifyListener:
+    """systemd's side: receives sd_notify datagrams and evaluates `check` on each arrival."""
+
+    sock: socket.socket
+    check: object = None
+    got: list[Datagram] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="test-notify-listener", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            ok = bool(self.check()) if callable(self.check) else False
+            self.got.append(Datagram(data.decode().split("\n"), time.monotonic(), ok))
+
+    def with_field(self, f: str) -> list[Datagram]:
+        return [d for d in list(self.got) if f in d.fields]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[tuple[NotifyListener, str]]:
+    path = short_dir(tmp_path) / "notify.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(path))
+    lst = NotifyListener(s)
+    yield lst, str(path)
+    lst.close()
+
+
+def test_run_notifies_ready_after_restore_then_watchdog_status_and_stopping(
+        tmp_path: Path, listener: tuple[NotifyListener, str], syncd) -> None:
+    lst, sock_path = listener
+    root, ledger = tmp_path / "uploads", tmp_path / "state" / "ledger.db"
+    config = write_config(tmp_path / "syncd.toml", remote={"url": f"file://{tmp_path / 'remote'}"},
+                          watches=[{"path": str(root), "prefix": "uploads"}],
+                          syncd={"ledger": str(ledger), "settle_seconds": 0, "workers": 4,
+                                 "health_listen": "", "rescan_interval": 0})
+    # enough files, some of them large, that a READY sent before the restore ended would be seen
+    files = {f"d{i % 7}/sub/f{i:03d}.bin": os.urandom(1000 + i * 997) for i in range(120)}
+    files.update({f"big/b{i}.bin": os.urandom(3_000_000) for i in range(4)})
+    for rel, data in files.items():
+        write_file(root / rel, data)
+    r = syncd("--config", str(config), "resync")
+    assert r.code == 0, r.err
+    shutil.rmtree(root)
+    root.mkdir()
+
+    def all_back() -> bool:
+        for rel, data in files.items():
+            p = root / rel
+            try:
+                if p.stat().st_size != len(data) or p.read_bytes() != data:
+                    return False
+            except FileNotFoundError:
+                return False
+        return True
+
+    lst.check = all_back
+    d = DaemonProc(config, ledger, tmp_path / "daemon.log",
+                   env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": ""})
+    d.start()
+    try:
+        ready = wait_for(lambda: lst.with_field("READY=1") or not d.alive(), 60, what="READY=1")
+        assert d.alive(), d.log()
+        assert len(ready) == 1 and ready[0].restored_then, "READY=1 arrived before every file was back"
+        # WATCHDOG=1 every WATCHDOG_USEC/2 from the pinger thread: several after READY
+        wait_for(lambda: len([g for g in lst.with_field("WATCHDOG=1") if g.at > ready[0].at]) >= 3,
+                 30, what="periodic WATCHDOG=1")
+        statuses = [f for g in lst.got for f in g.fields if f.startswith("STATUS=")]
+        assert "STATUS=restoring missing files" in statuses
+        assert any(s.startswith("STATUS=watching") for s in statuses)
+        assert not lst.with_field("STOPPING=1")
+    finally:
+        code = d.stop()
+    assert code == 0, d.log()
+    stopping = wait_for(lambda: lst.with_field("STOPPING=1"), 10, what="STOPPING=1")
+    assert stopping[0].at > ready[0].at
+
+
+# --- Notifier units --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def abstract_socket() -> Iterator[tuple[socket.socket, str]]:
+    name = f"syncd-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind("\0" + name)
+    s.settimeout(10)
+    yield s, "@" + name
+    s.close()
+
+
+def test_notifier_sends_to_an_abstract_socket(abstract_socket) -> None:
+    s, name = abstract_socket
+    n = Notifier(env={"NOTIFY_SOCKET": name})
+    try:
+        assert n.enabled
+        n.ready("watching; backlog 0")
+        assert s.recv(4096) == b"READY=1\nSTATUS=watching; backlog 0"
+        n.stopping()
+        assert s.recv(4096) == b"STOPPING=1"
+    finally:
+        n.close()
+
+
+def test_notifier_without_notify_socket_is_a_no_op() -> None:
+    n = Notifier(env={})
+    assert not n.enabled and n.send("READY=1") is False
+    n.start_watchdog(lambda: True)  # nothing to ping: no thread
+    assert n._pinger is None
+    n.close()
+
+
+def test_watchdog_honours_watchdog_pid(abstract_socket) -> None:
+    _s, name = abstract_socket
+    other = Notifier(env={"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"})
+    assert other.watchdog_usec == 0  # the watchdog is meant for another process
+    mine = Notifier(env={"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())})
+    assert mine.watchdog_usec == 200000
+    other.close()
+    mine.close()
+
+
+def test_watchdog_pings_only_while_healthy(abstract_socket) -> None:
+    s, name = abstract_socket
+    n = Notifier(env={"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "100000"})
+    healthy = threading.Event()
+    checks = []
+
+    def check() -> bool:
+        checks.append(healthy.is_set())
+        return healthy.is_set()
+
+    n.start_watchdog(check)
+    try:
+        wait_for(lambda: len(checks) >= 3, 10, what="watchdog checks while stuck")
+        s.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            s.recv(4096)  # stuck: three checks, no ping
+        s.setblocking(True)
+        healthy.set()
+        assert s.recv(4096) == b"WATCHDOG=1"
+    finally:
+        n.close()
+    assert n._pinger is not None and not n._pinger.is_alive()
+
+
+def test_sigterm_before_ready_still_exits_cleanly(tmp_path: Path, listener) -> None:
+    """A stop during startup (remote unreachable) ends with STOPPING=1 and exit 0, no READY."""
+    lst, sock_path = listener
+    config = write_config(tmp_path / "syncd.toml",
+                          remote={"url": "s3://no-such-bucket/x", "endpoint_url": "http://127.0.0.1:9"},
+                          watches=[{"path": str(tmp_path / "w")}],
+                          syncd={"ledger": str(tmp_path / "l.db"), "health_listen": ""})
+    d = DaemonProc(config, tmp_path / "l.db", tmp_path / "daemon.log",
+                   env={"NOTIFY_SOCKET": sock_path})
+    d.start()
+    try:
+        wait_for(lambda: any("STATUS=waiting for the remote" in g.fields for g in lst.got) or not d.alive(),
+                 60, what="waiting status")
+        assert d.alive(), d.log()
+    finally:
+        code = d.stop()  # SIGTERM
+    assert code == 0, d.log()
+    wait_for(lambda: lst.with_field("STOPPING=1"), 10, what="STOPPING=1")
+    assert not lst.with_field("READY=1")
