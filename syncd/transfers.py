@@ -162,7 +162,11 @@ class Transfers:
             self.ledger.finish(row, state="pending", size=st.st_size, mtime_ns=st.st_mtime_ns,
                                due_at=now + settle if changed else settles_at)
             return
-        sha = fsutil.sha256_file(path)
+        try:
+            sha = fsutil.sha256_file(path)
+        except FileNotFoundError:
+            self._vanished(row)
+            return
         key = row["key"]
         if sha == row["remote_sha256"] or (row["probe"] and self._remote_has(key, sha)):
             self._synced(row, sha, st)
@@ -179,7 +183,13 @@ class Transfers:
                     if e.kind not in (NOT_FOUND,):
                         raise
         if not copied:
-            self.remote.put(key, path, size=st.st_size, sha256=sha, mtime_ns=st.st_mtime_ns)
+            try:
+                self.remote.put(key, path, size=st.st_size, sha256=sha, mtime_ns=st.st_mtime_ns)
+            except RemoteError as e:
+                if e.kind == LOCAL and not os.path.lexists(path):
+                    self._vanished(row)  # deleted between hashing and sending: no upload, no error
+                    return
+                raise
         self.stats.add(uploaded=1, upload_bytes=st.st_size, copied=int(copied))
         try:
             after = os.stat(path) if watch.follow_symlinks else os.lstat(path)
