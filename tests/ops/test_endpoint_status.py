@@ -225,3 +225,27 @@ def test_health_listen_in_use_exits_2(tmp_path, syncd):
 
 
 import os  # noqa: E402
+
+
+def test_run_waits_for_an_unreachable_remote_instead_of_exiting(tmp_path):
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    cfg, url = daemon_cfg(tmp_path, endpoint, "later-bucket")
+    d = DaemonProc(cfg, tmp_path / "l.db", tmp_path / "d.log").start()
+    server = None
+    try:
+        code, reason = wait_for(lambda: (r := get(url + "/healthz"))[0] == 503 and r, 60, 0.2, "starting")
+        assert reason.startswith("starting")
+        wait_for(lambda: "remote not usable" in d.log(), 60, 0.2, "the failure is logged")
+        assert d.alive()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="later-bucket")
+        d.wait_ready(timeout=120)
+        wait_for(lambda: get(url + "/healthz")[0] == 200, 60, 0.2, "healthy")
+    finally:
+        assert d.stop() == 0, d.log()
+        if server is not None:
+            server.stop()
