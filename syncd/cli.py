@@ -313,7 +313,7 @@ def service(c: Ctx, action: str) -> None:
         raise ConfigError("`syncd service` is Windows-only; on Linux use the systemd units in packaging/systemd")
     from syncd.service.windows import handle_service_command  # pragma: no cover
 
-    handle_service_command(action, c.cfg)  # pragma: no cover
+    click.echo(handle_service_command(action, c.cfg))  # pragma: no cover
 
 
 def main(argv: list[str] | None = None) -> None:
