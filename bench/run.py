@@ -1,0 +1,163 @@
+"""syncd vs `aws s3 sync` vs `rclone sync` on a local moto S3 server (issue 7).
+
+    python bench/run.py [--quick] [--rounds N] [--only abcdefg] [--no-install] [--publish]
+
+Setup installs missing peers (awscli: pip into bench/.venv, else apt; rclone: apt) or skips them
+with a line saying so. Each scenario starts a fresh moto server on 127.0.0.1, generates seeded
+data in a temp dir, and runs the tools alternately for N rounds (default 3; `--quick`: small
+sizes, 1 round). Prints medians, ratios (syncd / peer) and PASS/FAIL per target, and writes
+bench/results/latest.md. `--publish` also copies it to bench/RESULTS.md and puts the summary
+table in README.md's Performance section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import report, tools  # noqa: E402
+from bench.scenarios import FULL, QUICK, Bench, Result  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+ALL = "abcdefg"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, 1 round: a smoke test of a few minutes")
+    p.add_argument("--rounds", type=int, help="rounds per scenario (default 3, --quick 1)")
+    p.add_argument("--only", default=ALL, help=f"scenarios to run, e.g. 'ac' (default {ALL})")
+    p.add_argument("--no-install", action="store_true", help="do not install missing peers; skip them")
+    p.add_argument("--peers", default="aws,rclone", help="peers to compare with (default aws,rclone)")
+    p.add_argument("--workdir", type=Path, help="where datasets go (default: a temp dir, removed after)")
+    p.add_argument("--out", type=Path, default=RESULTS / "latest.md", help="markdown report path")
+    p.add_argument("--publish", action="store_true",
+                   help="also write bench/RESULTS.md and the README summary (full runs)")
+    args = p.parse_args(argv)
+    bad = set(args.only) - set(ALL)
+    if bad:
+        p.error(f"--only: unknown scenario(s) {''.join(sorted(bad))}; choose from {ALL}")
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    return args
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores{', ' + cpu if cpu else ''}; {platform.platform()}; Python {platform.python_version()}"
+
+
+def run(args: argparse.Namespace) -> int:
+    say = print
+    found = tools.setup(install=not args.no_install, say=say)
+    wanted = {p.strip() for p in args.peers.split(",") if p.strip()}
+    found = {k: v for k, v in found.items() if k == "syncd" or k in wanted}
+    sizes = QUICK if args.quick else FULL
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="syncd-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bench = Bench(found, work, sizes, args.rounds, say=say)
+    results: dict[str, Result] = {}
+    t0 = time.perf_counter()
+    failed: list[str] = []
+    steps = [("a", bench.scenario_a), ("b", bench.scenario_b), ("c", bench.scenario_c),
+             ("d", None), ("e", bench.scenario_e), ("g", bench.scenario_g)]
+    try:
+        for key, fn in steps:
+            if key == "d":
+                if "d" not in args.only and "f" not in args.only:
+                    continue
+                say("(d)+(f) a large tracked tree: no-op start, then daemon RSS")
+                try:
+                    d, f = bench.scenario_d_f()
+                    if "d" in args.only:
+                        results["d"] = d
+                    if "f" in args.only:
+                        results["f"] = f
+                except Exception as e:  # noqa: BLE001 - one broken scenario must not hide the others
+                    failed.append(f"(d)/(f): {e}")
+                    say(f"  FAILED: {e}")
+                continue
+            if key not in args.only:
+                continue
+            say(f"({key})")
+            try:
+                results[key] = fn()
+            except Exception as e:  # noqa: BLE001
+                failed.append(f"({key}): {e}")
+                say(f"  FAILED: {e}")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.perf_counter() - t0
+
+    # target N is about scenario ALL[N-1]
+    verdicts = [v for v in report.verdicts(results) if ALL[v.n - 1] in args.only]
+    cmd = "python bench/run.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python bench/run.py"
+    header = [
+        "# syncd benchmark",
+        "",
+        f"- command: `{cmd.strip()}` ({'QUICK: small sizes, indicative only' if args.quick else 'full sizes'}, "
+        f"{args.rounds} round(s), medians), {elapsed / 60:.1f} min, "
+        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {machine()}; client and moto server share the cores",
+        "- tools: " + "; ".join(f"{t.name} {t.version}" for t in found.values()),
+        f"- peers skipped: {', '.join(sorted({'aws', 'rclone'} - set(found))) or 'none'}",
+        "- syncd config: defaults (workers 8, checksum sha256) with settle_seconds "
+        f"{sizes.e_settle}; rclone `--checksum --fast-list --transfers {tools.RCLONE_TRANSFERS}`; "
+        "aws s3 sync defaults",
+    ]
+    header += [f"- FAILED {x}" for x in failed]
+    md = report.markdown(results, verdicts, header)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(md)
+    say("")
+    for v in verdicts:
+        say(f"{v.status:4}  {v.n}. {v.text}: {v.detail}")
+    for x in failed:
+        say(f"FAILED {x}")
+    say(f"report: {args.out}")
+    if args.publish:
+        publish(md, report.summary_table(results, verdicts), header)
+    return 1 if failed else 0
+
+
+def publish(md: str, summary: str, header: list[str]) -> None:
+    (ROOT / "bench" / "RESULTS.md").write_text(md)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    block = "\n".join([README_START, *header[2:], "", summary.rstrip(), README_END])
+    if README_START in text:
+        text = re.sub(re.escape(README_START) + r".*?" + re.escape(README_END), lambda _m: block, text,
+                      flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n## Performance\n\n" + block + "\n"
+    readme.write_text(text)
+    print("published: bench/RESULTS.md and the README summary")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
