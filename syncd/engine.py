@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -21,7 +21,15 @@ from syncd.ledger import Ledger, Row
 from syncd.logs import CauseLog
 from syncd.patterns import Filter, matches_any
 from syncd.pool import WorkerPool
-from syncd.remote.base import CREDENTIALS, DENIED, NO_BUCKET, UNREACHABLE, Remote, RemoteError
+from syncd.remote.base import (
+    CREDENTIALS,
+    DENIED,
+    NO_BUCKET,
+    UNREACHABLE,
+    ObjectInfo,
+    Remote,
+    RemoteError,
+)
 from syncd.retry import call as retry_call
 from syncd.scanner import Scanner, ScanStats
 from syncd.transfers import Stats, Transfers
@@ -49,6 +57,29 @@ class Summary:
                     f"unchanged {self.unchanged}, failed {self.failed}")
         return (f"uploaded {self.uploaded}, restored {self.restored}, unchanged {self.unchanged}, "
                 f"failed {self.failed}")
+
+
+def remote_files(remote: Remote, base: str, watch: WatchConfig, globs: Iterable[str],
+                 refused: list[tuple[str, str]]) -> Iterator[tuple[str, ObjectInfo]]:
+    """(ledger path, object) for every object of a watch that a restore may write.
+
+    Keys that would escape the root are refused (logged, appended to `refused`); syncd's own
+    objects (trash, check probes), folder markers and excluded or unmatched names are skipped.
+    """
+    filt = Filter(watch.include, watch.exclude)
+    globs = tuple(globs)
+    for obj in remote.list(base + "/" if base else ""):
+        if obj.key.endswith("/"):
+            continue  # "folder" marker objects made by consoles
+        try:
+            rel = rel_from_key(obj.key, base)
+        except UnsafeKey as e:
+            log.error("refusing remote key %r: %s", obj.key, e)
+            refused.append((obj.key, f"unsafe key: {e}"))
+            continue
+        if is_reserved(rel) or not filt.wants(rel) or (globs and not matches_any(globs, rel)):
+            continue
+        yield rel, obj
 
 
 def unavailable(remote: Remote, err: RemoteError) -> RemoteUnavailable:
@@ -125,9 +156,6 @@ class Engine:
         Also marks local files that already exist remotely with `probe`, so they are compared
         (HEAD) instead of uploaded again: this is how a lost ledger is rebuilt.
         """
-        base = self.key_base(watch)
-        filt = Filter(watch.include, watch.exclude)
-        globs = tuple(globs)
         queued = 0
         batch: list[tuple[str, str, int]] = []
 
@@ -136,17 +164,7 @@ class Engine:
             queued += self._queue_batch(watch, batch, include_tombstones, overwrite, dry_run, restore)
             batch.clear()
 
-        for obj in self.remote.list(base + "/" if base else ""):
-            if obj.key.endswith("/"):
-                continue  # "folder" marker objects made by consoles
-            try:
-                rel = rel_from_key(obj.key, base)
-            except UnsafeKey as e:
-                log.error("refusing remote key %r: %s", obj.key, e)
-                self.refused.append((obj.key, f"unsafe key: {e}"))
-                continue
-            if is_reserved(rel) or not filt.wants(rel) or (globs and not matches_any(globs, rel)):
-                continue
+        for rel, obj in remote_files(self.remote, self.key_base(watch), watch, globs, self.refused):
             batch.append((rel, obj.key, obj.size))
             if len(batch) >= LIST_BATCH:
                 flush()

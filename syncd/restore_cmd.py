@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from syncd.config import Config
-from syncd.engine import RESTORE_OPS, Engine
-from syncd.keys import UnsafeKey, is_reserved, join_key, rel_from_key
+from syncd.engine import RESTORE_OPS, Engine, remote_files
+from syncd.keys import UnsafeKey, join_key
 from syncd.ledger import Ledger
-from syncd.patterns import Filter, matches_any
 from syncd.remote.base import Remote, RemoteError
 from syncd.restore import fetch, safe_target
 
@@ -112,21 +111,11 @@ def restore_to(cfg: Config, remote: Remote, to_dir: Path, *, globs: Iterable[str
             root = to_dir / w.prefix if w.prefix else to_dir
             if not dry_run:
                 root.mkdir(parents=True, exist_ok=True)
-            filt = Filter(w.include, w.exclude)
-            futures = []
-            for obj in remote.list(base + "/" if base else ""):
-                if obj.key.endswith("/"):
-                    continue
-                try:
-                    rel = rel_from_key(obj.key, base)
-                except UnsafeKey as e:
-                    log.error("refusing remote key %r: %s", obj.key, e)
-                    out.failed += 1
-                    out.failures.append((obj.key, f"unsafe key: {e}"))
-                    continue
-                if is_reserved(rel) or not filt.wants(rel) or (globs and not matches_any(globs, rel)):
-                    continue
-                futures.append(ex.submit(one, root, rel, obj.key))
+            refused: list[tuple[str, str]] = []
+            futures = [ex.submit(one, root, rel, obj.key)
+                       for rel, obj in remote_files(remote, base, w, globs, refused)]
             for f in futures:
                 f.result()
+            out.failed += len(refused)
+            out.failures += refused
     return out
