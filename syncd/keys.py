@@ -7,6 +7,7 @@ with its bytes backslash-escaped (it can never become a key and its row is `fail
 from __future__ import annotations
 
 import re
+from pathlib import PurePath
 
 MAX_KEY_BYTES = 1024
 # Names under a watch prefix that are syncd's own and never restored or listed as files.
@@ -45,6 +46,23 @@ def ledger_name(name: str) -> str:
         return name
     except UnicodeEncodeError:
         return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def rel_path(root: PurePath, path: PurePath) -> str | None:
+    r"""The ledger path of `path` inside the watch root `root` ("" for the root), else None.
+
+    Pure and flavour-aware, so Windows paths work (and are tested on Linux) with PureWindowsPath:
+    drive letters and UNC shares, either separator, the root matched case-insensitively as
+    Windows does, and a root that is a whole drive (`D:\`, where "root + separator" as a string
+    prefix would match nothing). Parts are joined with "/": a key never holds a backslash.
+    """
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        return None
+    if ".." in rel.parts:  # pure paths keep "..": "root/../x" is not inside the root
+        return None
+    return "/".join(ledger_name(p) for p in rel.parts)
 
 
 def name_problem(name: str) -> str | None:

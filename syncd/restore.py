@@ -20,8 +20,21 @@ from syncd.fsutil import publish
 from syncd.keys import RESTORE_TEMP_PREFIX, UnsafeKey
 from syncd.remote.base import INTEGRITY, LOCAL, Remote, RemoteError
 
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
-                     *(f"LPT{i}" for i in range(1, 10))}
+# Device names, reserved with any extension (the list CPython's ntpath.isreserved uses)
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+                     *(f"{dev}{n}" for dev in ("COM", "LPT") for n in "123456789\u00b9\u00b2\u00b3")}
+
+
+def _read_umask() -> int:
+    # Reading the umask means setting it; done once at import, before the workers start.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Restored files get the mode a normal create would give (0666 & ~umask), not mkstemp's 0600:
+# under systemd syncd runs as its own user and the app must read what it restores.
+_FILE_MODE = 0o666 & ~_read_umask()
 
 
 @dataclass(frozen=True)
@@ -45,10 +58,10 @@ class _HashingWriter:
 
 def windows_name_problem(seg: str) -> str | None:
     """Names Windows cannot create (checked on Windows only, where they would misbehave)."""
-    base = seg.split(".", 1)[0].upper()
+    base = seg.split(".", 1)[0].rstrip(" ").upper()  # Windows ignores spaces before the dot: "NUL .txt"
     if base in _WINDOWS_RESERVED:
         return f"{seg!r} is a reserved name on Windows"
-    if any(c in seg for c in '<>:"|?*') or seg.endswith((" ", ".")):
+    if any(c in seg for c in '<>:"|?*') or any(ord(c) < 32 for c in seg) or seg.endswith((" ", ".")):
         return f"{seg!r} is not a valid Windows file name"
     return None
 
@@ -122,6 +135,8 @@ def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False,
             raise RemoteError(INTEGRITY, f"{key}: got {w.size} bytes, expected {info.size}",
                               code="SizeMismatch")
         mtime_ns = info.mtime_ns if info.mtime_ns is not None else os.stat(tmp).st_mtime_ns
+        if sys.platform != "win32":  # Windows has ACLs, inherited from the directory
+            os.chmod(tmp, _FILE_MODE)
         os.utime(tmp, ns=(mtime_ns, mtime_ns))
         result = Restored(size=w.size, mtime_ns=mtime_ns, sha256=sha)
         if before_publish is not None and not before_publish(result):

@@ -33,7 +33,7 @@ from watchdog.events import (
 )
 
 from syncd.config import Config, WatchConfig
-from syncd.keys import ledger_name, name_problem
+from syncd.keys import name_problem, rel_path
 from syncd.ledger import Ledger
 from syncd.patterns import Filter
 from syncd.scanner import BAD_NAME, FILE, Entry, Scanner, walk
@@ -209,13 +209,7 @@ class Watcher:
             self.wake.set()
 
     def _rel(self, w: WatchConfig, path: str) -> str | None:
-        root = str(w.path)
-        if path == root:
-            return ""
-        if not path.startswith(root + os.sep):
-            return None
-        parts = path[len(root) + 1:].split(os.sep)
-        return "/".join(ledger_name(p) for p in parts)
+        return rel_path(w.path, Path(path))  # also right for a drive-root watch (D:\\) on Windows
 
     def _apply_watch(self, w: WatchConfig, files: dict[str, str], new_dirs: set[str], gone_dirs: set[str]) -> bool:
         problem = self.root_ok(w)

@@ -299,3 +299,18 @@ def test_sigterm_before_ready_still_exits_cleanly(tmp_path: Path, listener) -> N
     assert code == 0, d.log()
     wait_for(lambda: lst.with_field("STOPPING=1"), 10, what="STOPPING=1")
     assert not lst.with_field("READY=1")
+
+
+def test_restored_files_follow_the_umask_so_the_app_group_can_read_them(tmp_path: Path) -> None:
+    """The units run syncd as its own user with UMask=0007: a restored file must come out
+    0660 (group-readable for the app), not mkstemp's private 0600."""
+    root, remote = tmp_path / "uploads", tmp_path / "remote"
+    write_file(remote / "uploads" / "a" / "photo.jpg", b"jpeg")
+    config = write_config(tmp_path / "syncd.toml", remote={"url": f"file://{remote}"},
+                          watches=[{"path": str(root), "prefix": "uploads"}],
+                          syncd={"ledger": str(tmp_path / "l.db"), "health_listen": ""})
+    p = subprocess.run([sys.executable, "-m", "syncd", "-q", "--config", str(config), "resync"],
+                       capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(0o007))
+    assert p.returncode == 0, p.stderr
+    assert (root / "a" / "photo.jpg").stat().st_mode & 0o777 == 0o660
+    assert (root / "a").stat().st_mode & 0o777 == 0o770
