@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# syncd beside an app whose disk is ephemeral (see README.md).
+#
+#   entrypoint.sh APP [ARGS...]
+#
+# 1. `syncd resync --no-upload`: the app's files come back from the remote before it starts.
+# 2. The app and `syncd run` side by side; either one ending ends the container.
+# 3. SIGTERM/SIGINT go to the app first; once it has exited (it writes nothing more), syncd
+#    is stopped and a last `syncd resync --no-restore` uploads what was still pending.
+#
+# Environment: SYNCD_BIN (default: syncd), SYNCD_CONFIG (read by syncd itself),
+# SYNCD_REQUIRE_RESTORE=0 to start the app even when the remote cannot be reached.
+# Needs bash >= 5.1 (wait -n -p).
+set -uo pipefail
+
+syncd=${SYNCD_BIN:-syncd}
+app_pid="" syncd_pid="" current="" stopping=0
+
+log() { echo "syncd-entrypoint: $*" >&2; }
+
+# The exit status of pid $1, waiting through the interruptions of trapped signals.
+wait_pid() {
+    local rc again
+    while :; do
+        wait "$1"; rc=$?
+        if ! kill -0 "$1" 2>/dev/null; then
+            # above 128 may be a signal interrupting `wait`, not the child: ask once more (127
+            # means that wait already returned the child's own status)
+            if [ "$rc" -gt 128 ]; then
+                wait "$1" 2>/dev/null; again=$?
+                [ "$again" -ne 127 ] && rc=$again
+            fi
+            return "$rc"
+        fi
+    done
+}
+
+# PID 1 ignores signals it has no handler for: forward them. Before the app runs, to the
+# step in progress; afterwards, to the app only (syncd follows once the app has exited).
+on_signal() {
+    stopping=1
+    if [ -n "$app_pid" ]; then
+        kill -TERM "$app_pid" 2>/dev/null
+    elif [ -n "$current" ]; then
+        kill -TERM "$current" 2>/dev/null
+    fi
+}
+trap on_signal TERM INT
+
+if [ "$#" -eq 0 ]; then
+    log "usage: entrypoint.sh APP [ARGS...]"
+    exit 2
+fi
+
+# 1. restore first
+"$syncd" resync --no-upload & current=$!
+wait_pid "$current"; rc=$?
+current=""
+if [ "$stopping" = 1 ]; then
+    log "stopped during the restore"
+    exit 143
+fi
+case $rc in
+    0) ;;
+    1) log "some files could not be restored (listed above); starting the app, syncd retries them" ;;
+    3) if [ "${SYNCD_REQUIRE_RESTORE:-1}" = 1 ]; then
+           log "the remote cannot be used (exit 3); not starting the app without its files" \
+               "(SYNCD_REQUIRE_RESTORE=0 starts it anyway)"
+           exit 3
+       fi
+       log "the remote cannot be used (exit 3); starting the app anyway (SYNCD_REQUIRE_RESTORE=0)" ;;
+    *) log "restore failed (exit $rc)"
+       exit "$rc" ;;
+esac
+
+# 2. syncd beside the app
+"$syncd" run & syncd_pid=$!
+"$@" & app_pid=$!
+if [ "$stopping" = 1 ]; then  # a signal between the restore and here
+    kill -TERM "$app_pid" 2>/dev/null
+fi
+
+app_rc="" syncd_rc=""
+while [ -z "$app_rc" ] && [ -z "$syncd_rc" ]; do
+    wait -n -p done_pid "$app_pid" "$syncd_pid"; rc=$?
+    # done_pid: the child that ended; unset when a signal interrupted the wait
+    if [ "${done_pid:-}" = "$app_pid" ]; then
+        app_rc=$rc
+    elif [ "${done_pid:-}" = "$syncd_pid" ]; then
+        syncd_rc=$rc
+    fi  # else a signal interrupted the wait; on_signal has forwarded it
+done
+
+# 3. stop
+if [ -z "$app_rc" ]; then
+    # syncd does not exit over remote problems; if it ended, new files are no longer kept
+    # safe, so the container ends and the orchestrator restarts it (restoring first)
+    log "syncd exited (status $syncd_rc); stopping the app"
+    kill -TERM "$app_pid" 2>/dev/null
+    wait_pid "$app_pid"
+    exit $(( syncd_rc == 0 ? 1 : syncd_rc ))
+fi
+[ "$stopping" = 1 ] || log "the app exited (status $app_rc); stopping syncd"
+kill -TERM "$syncd_pid" 2>/dev/null
+wait_pid "$syncd_pid"
+# files the app wrote in its last seconds: `run` stops without starting new uploads
+"$syncd" resync --no-restore & current=$!
+wait_pid "$current" || log "the last upload failed (exit $?); see the lines above"
+exit "$app_rc"

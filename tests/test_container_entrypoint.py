@@ -1,0 +1,148 @@
+"""packaging/container/entrypoint.sh with the real syncd and a stand-in app (no Docker needed).
+
+The container's story: an empty disk, files restored before the app starts, syncd beside the
+app, and on SIGTERM the app stops first and whatever it wrote last still reaches the remote.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from syncd.lock import LedgerLock
+from tests.conftest import wait_for, write_config
+from tests.daemon_util import write_file
+
+ENTRYPOINT = Path(__file__).resolve().parent.parent / "packaging" / "container" / "entrypoint.sh"
+
+APP = r'''
+import json, os, signal, sys, time
+root, report = sys.argv[1], sys.argv[2]
+names = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+open(os.path.join(root, "new.txt"), "w").write("written while running")
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+json.dump({"saw": names}, open(report, "w"))
+while not stop:
+    time.sleep(0.05)
+# a file written during the app's own shutdown: syncd must still upload it
+open(os.path.join(root, "last-words.txt"), "w").write("bye")
+sys.exit(0)
+'''
+
+
+def bash_ok() -> bool:
+    bash = shutil.which("bash")
+    if bash is None:
+        return False
+    v = subprocess.run([bash, "-c", "echo ${BASH_VERSINFO[0]} ${BASH_VERSINFO[1]}"], capture_output=True, text=True)
+    major, minor = (int(x) for x in v.stdout.split())
+    return (major, minor) >= (5, 1)
+
+
+needs_bash = pytest.mark.skipif(not bash_ok(), reason="the entrypoint needs bash >= 5.1 (wait -n -p)")
+
+
+def setup(tmp_path: Path, remote: dict) -> tuple[dict, Path, Path]:
+    root = tmp_path / "data" / "uploads"
+    ledger = tmp_path / "state" / "ledger.db"
+    config = write_config(tmp_path / "syncd.toml", remote=remote,
+                          watches=[{"path": str(root), "prefix": "uploads"}],
+                          syncd={"ledger": str(ledger), "settle_seconds": 0, "health_listen": "",
+                                 "rescan_interval": 0})
+    wrapper = tmp_path / "syncd-bin"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m syncd "$@"\n')
+    wrapper.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "SYNCD_BIN": str(wrapper), "SYNCD_CONFIG": str(config),
+           "HOME": str(tmp_path), "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/dev/null",
+           "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+    app = tmp_path / "app.py"
+    app.write_text(APP)
+    return env, root, ledger
+
+
+@needs_bash
+def test_restore_first_then_app_beside_syncd_then_a_clean_stop(tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    files = {"photos/cat.jpg": b"meow" * 1000, "docs/a b.txt": b"hello", "deep/x/y/z.bin": bytes(range(256))}
+    for rel, data in files.items():
+        write_file(remote / "uploads" / rel, data)  # as another tool (or an earlier container) wrote them
+    env, root, ledger = setup(tmp_path, {"url": f"file://{remote}"})
+    report = tmp_path / "app-report.json"
+    log = open(tmp_path / "entrypoint.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT), sys.executable, str(tmp_path / "app.py"), str(root),
+                             str(report)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: report.exists() or proc.poll() is not None, 60, what="the app to start")
+        assert proc.poll() is None, (tmp_path / "entrypoint.log").read_text()
+        wait_for(lambda: report.read_text().endswith("}"), 10, what="the app's report")
+        assert sorted(json.loads(report.read_text())["saw"]) == sorted(files)  # everything, before it started
+        # syncd runs beside the app: what the app writes reaches the remote
+        wait_for(lambda: (remote / "uploads" / "new.txt").exists(), 30, what="new.txt uploaded by `run`")
+        proc.send_signal(signal.SIGTERM)  # as `docker stop` does to PID 1
+        assert proc.wait(60) == 0, (tmp_path / "entrypoint.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    out = (tmp_path / "entrypoint.log").read_text()
+    assert (remote / "uploads" / "last-words.txt").read_bytes() == b"bye", out
+    lock = LedgerLock(ledger)  # syncd has exited: nothing holds the ledger
+    lock.acquire("test")
+    lock.release()
+
+
+@needs_bash
+def test_no_app_without_its_files_when_the_remote_is_down(tmp_path: Path) -> None:
+    env, root, _ledger = setup(tmp_path, {"url": "s3://no-such-bucket/x", "endpoint_url": "http://127.0.0.1:9"})
+    report = tmp_path / "app-report.json"
+    p = subprocess.run(["bash", str(ENTRYPOINT), sys.executable, str(tmp_path / "app.py"), str(root), str(report)],
+                       env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 3, p.stderr
+    assert "not starting the app without its files" in p.stderr
+    assert not report.exists()
+
+
+@needs_bash
+def test_sigterm_during_the_restore_stops_it(tmp_path: Path) -> None:
+    """Docker sends SIGTERM to PID 1; a shell ignores it without a handler. The entrypoint
+    forwards it to the restore in progress instead of waiting to be killed."""
+    env, root, _ledger = setup(tmp_path, {"url": "s3://no-such-bucket/x", "endpoint_url": "http://127.0.0.1:9"})
+    slow = tmp_path / "slow-syncd"  # a restore that would take forever
+    slow.write_text('#!/bin/sh\ntouch "$0.started"\nexec sleep 300\n')
+    slow.chmod(0o755)
+    env["SYNCD_BIN"] = str(slow)
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT), "true"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: Path(f"{slow}.started").exists(), 30, what="the restore to start")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 143
+        assert "stopped during the restore" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def test_the_container_config_and_dockerfile_refer_to_real_things() -> None:
+    """The image cannot be built here: at least its config is valid and its COPY sources exist."""
+    from syncd.config import load_config
+
+    here = ENTRYPOINT.parent
+    cfg = load_config(here / "syncd.toml")
+    assert cfg.ledger == Path("/var/lib/syncd/ledger.db")
+    assert [str(w.path) for w in cfg.watches] == ["/data/uploads"]
+    repo = here.parent.parent
+    for line in (here / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert (repo / src).exists(), src
