@@ -38,6 +38,12 @@ import pytest  # noqa: E402
 _bucket_ids = itertools.count()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", default=False,
+                     help="longer, larger reliability runs that also write tests/reliability/last-run.md "
+                          "and the README figures (or SYNCD_SOAK=1)")
+
+
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
     """moto's server mode on a free 127.0.0.1 port, for the whole session: its endpoint URL."""
