@@ -171,6 +171,23 @@ class Engine:
         flush()
         return queued
 
+    def listing(self, watch: WatchConfig, **kw) -> int:
+        """`queue_from_listing` under the retry policy: after a transient error (a 503, a reset
+        mid-page) the listing starts over (queuing is idempotent). One-shot commands give up
+        after a few tries with exit 3; the daemon retries until it is stopped (then returns 0)."""
+        mark = len(self.refused)
+
+        def attempt() -> int:
+            del self.refused[mark:]
+            return self.queue_from_listing(watch, **kw)
+
+        try:
+            return retry_call(attempt, forever=not self.oneshot, stop_event=self.stop)
+        except RemoteError as e:
+            if self.stop.is_set():
+                return 0
+            raise unavailable(self.remote, e) from e
+
     def _queue_batch(self, watch: WatchConfig, batch: list[tuple[str, str, int]], include_tombstones: bool,
                      overwrite: bool, dry_run: bool, restore: bool) -> int:
         if not batch:
@@ -208,14 +225,18 @@ class Engine:
         lock = threading.Lock()
 
         def check(row: Row) -> None:
-            info = self.remote.head(row["key"])
+            info = retry_call(lambda: self.remote.head(row["key"]), forever=not self.oneshot,
+                              stop_event=self.stop)
             if info is None or info.sha256 != row["remote_sha256"]:
                 with lock:
                     bad.append(row["id"])
 
-        with ThreadPoolExecutor(self.cfg.workers) as ex:
-            for _ in ex.map(check, self.ledger.iter_rows(watch.prefix, "state='synced'")):
-                pass
+        try:
+            with ThreadPoolExecutor(self.cfg.workers) as ex:
+                for _ in ex.map(check, self.ledger.iter_rows(watch.prefix, "state='synced'")):
+                    pass
+        except RemoteError as e:
+            raise unavailable(self.remote, e) from e
         if bad and not dry_run:
             now = time.time()
             with self.ledger.write() as w:
@@ -244,7 +265,9 @@ class Engine:
             watch_row = self.ledger.query("SELECT listed_at FROM watches WHERE prefix=?", [w.prefix])
             if not watch_row or watch_row[0]["listed_at"] is None:
                 # a ledger that has never seen this watch's remote: rebuild it from a listing
-                from_listing += self.queue_from_listing(w, dry_run=dry_run, restore=restore and w.restore)
+                from_listing += self.listing(w, dry_run=dry_run, restore=restore and w.restore)
+                if self.stop.is_set():
+                    return from_listing  # not listed to the end: listed again at the next start
                 if not dry_run:
                     self.ledger.set_watch(w.prefix, listed_at=time.time())
             if verify:

@@ -16,6 +16,7 @@ from syncd.keys import UnsafeKey, join_key
 from syncd.ledger import Ledger
 from syncd.remote.base import Remote, RemoteError
 from syncd.restore import fetch, safe_target
+from syncd.retry import call as retry_call
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,7 @@ def restore_in_place(cfg: Config, ledger: Ledger, remote: Remote, *, globs: Iter
         ledger.recover()
     queued = 0
     for w in cfg.watches:
-        queued += engine.queue_from_listing(w, include_tombstones=True, globs=globs, overwrite=overwrite,
-                                            dry_run=dry_run)
+        queued += engine.listing(w, include_tombstones=True, globs=globs, overwrite=overwrite, dry_run=dry_run)
     out = RestoreSummary(dry_run=dry_run)
     if dry_run:
         out.would_restore = queued
@@ -75,7 +75,7 @@ def restore_to(cfg: Config, remote: Remote, to_dir: Path, *, globs: Iterable[str
     try:
         for w in cfg.watches:
             base = join_key(cfg.remote.prefix, w.prefix)
-            remote.probe(base + "/" if base else "")
+            retry_call(lambda base=base: remote.probe(base + "/" if base else ""))
     except RemoteError as e:
         raise unavailable(remote, e) from e
     out = RestoreSummary(dry_run=dry_run)
@@ -93,7 +93,7 @@ def restore_to(cfg: Config, remote: Remote, to_dir: Path, *, globs: Iterable[str
                 with lock:
                     out.would_restore += 1
                 return
-            fetch(remote, key, target, overwrite=overwrite)
+            retry_call(lambda: fetch(remote, key, target, overwrite=overwrite))
             with lock:
                 out.restored += 1
         except FileExistsError:
@@ -112,8 +112,16 @@ def restore_to(cfg: Config, remote: Remote, to_dir: Path, *, globs: Iterable[str
             if not dry_run:
                 root.mkdir(parents=True, exist_ok=True)
             refused: list[tuple[str, str]] = []
-            futures = [ex.submit(one, root, rel, obj.key)
-                       for rel, obj in remote_files(remote, base, w, globs, refused)]
+
+            def listing(base=base, w=w, refused=refused) -> list:
+                refused.clear()  # a transient error starts the listing over
+                return list(remote_files(remote, base, w, globs, refused))
+
+            try:
+                objects = retry_call(listing)
+            except RemoteError as e:
+                raise unavailable(remote, e) from e
+            futures = [ex.submit(one, root, rel, obj.key) for rel, obj in objects]
             for f in futures:
                 f.result()
             out.failed += len(refused)

@@ -1,0 +1,303 @@
+"""A fault-injecting HTTP/1.1 TCP proxy for S3 tests (asyncio, in a background thread).
+
+It sits between syncd and an S3 server on 127.0.0.1 and, for a seeded fraction of requests:
+
+- ``reset``: forwards the request, then resets the client connection (TCP RST) after a random
+  number of bytes of the request body or of the response;
+- ``stall``: forwards nothing for ``stall_seconds`` (the client sees no answer), then resets
+  (``stall_then="reset"``) or just waits until the client gives up (``stall_then="hang"``);
+- ``slowdown`` / ``internal``: answers ``503 SlowDown`` / ``500 InternalError`` itself, with a
+  valid S3 XML error body, without reaching the server.
+
+Whether a request is faulted, and how, depends only on the seed, the request line and how many
+times that request line was seen before: the same seed gives the same faults whatever the
+order in which concurrent requests arrive. No request line is faulted more than
+``max_per_request`` times in a row, so a bounded number of client retries always gets through.
+
+Only ``Content-Length`` bodies are parsed (what boto3 sends over plain HTTP); a connection
+that uses ``Transfer-Encoding: chunked`` is passed through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import socket
+import struct
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+KINDS = ("reset", "stall", "slowdown", "internal")
+_ERRORS = {
+    "slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+    "internal": (500, "Internal Server Error", "InternalError",
+                 "We encountered an internal error. Please try again."),
+}
+
+
+@dataclass
+class Rates:
+    reset: float = 0.0
+    stall: float = 0.0
+    slowdown: float = 0.0
+    internal: float = 0.0
+
+    def pick(self, x: float) -> str | None:
+        for kind in KINDS:
+            x -= getattr(self, kind)
+            if x < 0:
+                return kind
+        return None
+
+
+@dataclass
+class _Request:
+    line: bytes
+    head: bytes
+    length: int
+    chunked: bool
+    expect_continue: bool
+    method: str
+
+
+@dataclass
+class FaultLog:
+    injected: Counter = field(default_factory=Counter)
+    requests: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class FaultProxy:
+    """``with FaultProxy(upstream_port, seed=..., rates=Rates(...)) as proxy: proxy.url``"""
+
+    def __init__(self, upstream_port: int, *, seed: int, rates: Rates, stall_seconds: float = 2.0,
+                 stall_then: str = "reset", max_per_request: int = 3, upstream_host: str = "127.0.0.1") -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.seed = seed
+        self.rates = rates
+        self.stall_seconds = stall_seconds
+        self.stall_then = stall_then
+        self.max_per_request = max_per_request
+        self.log = FaultLog()
+        self.enabled = True
+        self._seen: Counter = Counter()  # request line -> times seen
+        self._streak: Counter = Counter()  # request line -> consecutive faults
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self.port = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> FaultProxy:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="faultproxy", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("fault proxy did not start")
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        self._server = loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            self._server.close()
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+
+    # --- decisions ------------------------------------------------------------------------
+    def decide(self, line: bytes) -> tuple[str | None, random.Random]:
+        """The fault for this occurrence of `line` (deterministic per seed), and its RNG."""
+        with self.log.lock:
+            self.log.requests += 1
+            n = self._seen[line]
+            self._seen[line] += 1
+            digest = hashlib.sha256(b"%d\0%s\0%d" % (self.seed, line, n)).digest()
+            rng = random.Random(int.from_bytes(digest[:8], "big"))
+            kind = self.rates.pick(rng.random()) if self.enabled else None
+            if kind is not None and self._streak[line] >= self.max_per_request:
+                kind = None
+            if kind is None:
+                self._streak[line] = 0
+            else:
+                self._streak[line] += 1
+                self.log.injected[kind] += 1
+            return kind, rng
+
+    def counts(self) -> dict[str, int]:
+        with self.log.lock:
+            return {k: self.log.injected[k] for k in KINDS}
+
+    # --- the connection ------------------------------------------------------------------
+    async def _client(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        ur = uw = None
+        try:
+            ur, uw = await asyncio.open_connection(*self.upstream)
+            state = {"reset_after": None}  # bytes of response left before a reset, when armed
+            pump = asyncio.ensure_future(self._responses(ur, cw, state))
+            try:
+                await self._requests(cr, cw, uw, state, pump)
+            finally:
+                pump.cancel()
+        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+            pass
+        finally:
+            for w in (cw, uw):
+                if w is not None and not w.is_closing():
+                    w.close()
+
+    async def _requests(self, cr, cw, uw, state, pump) -> None:
+        while True:
+            req = await _read_head(cr)
+            if req is None:
+                return
+            if req.chunked:  # not parsed: pass the rest of the connection through
+                uw.write(req.head)
+                await _pipe(cr, uw)
+                return
+            kind, rng = self.decide(req.line)
+            if kind in _ERRORS:
+                if not req.expect_continue:  # with 100-continue the client waits: no body comes
+                    await _discard(cr, req.length)
+                cw.write(_error_response(kind, req.method))
+                await cw.drain()
+                cw.close()  # a clean close: the client reads the whole answer
+                return
+            if kind == "stall":
+                await self._stall(cr, cw, pump)
+                return
+            limit = None
+            if kind == "reset":
+                if req.length and rng.random() < 0.5:  # cut the upload mid-body
+                    limit = rng.randrange(1, len(req.head) + req.length)
+                else:  # cut the answer after a few bytes
+                    state["reset_after"] = rng.randrange(0, 4096)
+            await _forward(cr, uw, req.head, req.length, limit)
+            if limit is not None:
+                _reset(cw)
+                return
+            if pump.done():
+                return
+
+    async def _stall(self, cr, cw, pump) -> None:
+        pump.cancel()
+        if self.stall_then == "hang":
+            try:  # until the client gives up (its read timeout) or the stall ends
+                await asyncio.wait_for(cr.read(), self.stall_seconds)
+            except TimeoutError:
+                pass
+        else:
+            await asyncio.sleep(self.stall_seconds)
+        _reset(cw)
+
+    async def _responses(self, ur, cw, state) -> None:
+        while True:
+            data = await ur.read(65536)
+            if not data:
+                cw.close()
+                return
+            left = state["reset_after"]
+            if left is not None:
+                if len(data) > left:
+                    cw.write(data[:left])
+                    await cw.drain()
+                    _reset(cw)
+                    return
+                state["reset_after"] = left - len(data)
+            cw.write(data)
+            await cw.drain()
+
+
+async def _read_head(r: asyncio.StreamReader) -> _Request | None:
+    try:
+        head = await r.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    lines = head.split(b"\r\n")
+    headers = {}
+    for ln in lines[1:]:
+        if b":" in ln:
+            k, v = ln.split(b":", 1)
+            headers[k.strip().lower()] = v.strip().lower()
+    return _Request(
+        line=lines[0], head=head, length=int(headers.get(b"content-length", b"0") or 0),
+        chunked=b"chunked" in headers.get(b"transfer-encoding", b""),
+        expect_continue=headers.get(b"expect") == b"100-continue",
+        method=lines[0].split(b" ", 1)[0].decode("ascii", "replace"),
+    )
+
+
+async def _forward(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, length: int,
+                   limit: int | None = None) -> None:
+    """Send `head` and `length` bytes of body read from `r`; only the first `limit` bytes if set."""
+    left = len(head) + length if limit is None else limit
+    w.write(head[:left])
+    left -= min(left, len(head))
+    body = length
+    while left > 0 and body > 0:
+        chunk = await r.read(min(left, body, 65536))
+        if not chunk:
+            raise ConnectionError("client closed mid-body")
+        w.write(chunk)
+        left -= len(chunk)
+        body -= len(chunk)
+    await w.drain()
+
+
+async def _discard(r: asyncio.StreamReader, n: int) -> None:
+    while n > 0:
+        chunk = await r.read(min(n, 65536))
+        if not chunk:
+            return
+        n -= len(chunk)
+
+
+async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    while data := await r.read(65536):
+        w.write(data)
+        await w.drain()
+
+
+def _reset(w: asyncio.StreamWriter) -> None:
+    """Close with a TCP RST (SO_LINGER 0): the client sees 'connection reset by peer'."""
+    sock = w.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    w.transport.abort()
+
+
+def _error_response(kind: str, method: str) -> bytes:
+    status, reason, code, message = _ERRORS[kind]
+    rid = hashlib.sha256(f"{kind}{method}".encode()).hexdigest()[:16].upper()
+    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+            f"<Message>{message}</Message><RequestId>{rid}</RequestId>"
+            f"<HostId>faultproxy</HostId></Error>").encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
+            f"Content-Length: {len(body)}\r\nx-amz-request-id: {rid}\r\nConnection: close\r\n\r\n")
+    return head.encode() + (b"" if method == "HEAD" else body)
