@@ -88,7 +88,13 @@ class WorkerPool:
         return any(t.is_alive() for t in self._threads)
 
     def run(self, ops: tuple[str, ...]) -> None:
-        """Drain: process every row for `ops` until none is queued or in flight."""
+        """Drain: process every row for `ops` until none is queued or in flight.
+
+        No threads (nor their ledger connections) for an empty queue, and no more than rows."""
+        queued = self.ledger.outstanding(ops, include_failed=True)
+        if queued == 0:
+            return
+        self.n = min(self.n, queued)
         self.start(ops, drain=True)
         while not self.join(timeout=0.5):
             if self.stop.is_set():
