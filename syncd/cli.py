@@ -313,7 +313,9 @@ def service(c: Ctx, action: str) -> None:
         raise ConfigError("`syncd service` is Windows-only; on Linux use the systemd units in packaging/systemd")
     from syncd.service.windows import handle_service_command  # pragma: no cover
 
-    click.echo(handle_service_command(action, c.cfg))  # pragma: no cover
+    # only install needs the config: a broken config must not block removing the service
+    cfg = c.cfg if action == "install" else None  # pragma: no cover
+    click.echo(handle_service_command(action, cfg))  # pragma: no cover
 
 
 def main(argv: list[str] | None = None) -> None:

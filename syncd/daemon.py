@@ -48,6 +48,7 @@ class Daemon:
         self._rescan_reason: str | None = None
         self._rescan_lock = threading.Lock()
         self.tick = time.monotonic()
+        self.working = False  # a long startup restore or rescan is progress, not a stuck loop
         self.last_reconcile_ok: bool | None = None
         self.last_reconcile_at: float | None = None
         self.hooks: list[Any] = []  # objects with start(daemon) / stop() (the HTTP endpoint)
@@ -86,7 +87,8 @@ class Daemon:
     def loop_alive(self) -> bool:
         """For the systemd watchdog: the supervisor loop and the workers are turning."""
         stuck_after = max(60.0, self.notifier.watchdog_usec / 1e6)
-        return time.monotonic() - self.tick < stuck_after and (self.pool is None or self.pool.alive())
+        turning = self.working or time.monotonic() - self.tick < stuck_after
+        return turning and (self.pool is None or self.pool.alive())
 
     # --- the run ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -133,11 +135,14 @@ class Daemon:
             if not self._wait_for_remote(engine):
                 return 0
             self.notifier.status("restoring missing files")
+            self.working = True
             engine.plan(restore=True)
             n = engine.outstanding(RESTORE_OPS)
             if n:
                 log.info("restoring %d missing files", n)
             engine.drain(RESTORE_OPS)
+            self.working = False
+            self.tick = time.monotonic()
             if self.stop.is_set():
                 return 0
             self._reconciled(engine)
@@ -207,6 +212,15 @@ class Daemon:
         """A full comparison of every watch with the ledger; missing files are deletions now."""
         assert self.ledger is not None and self.engine is not None and self.watcher is not None
         log.info("rescan (%s)", reason)
+        self.working = True
+        try:
+            self._rescan()
+        finally:
+            self.working = False
+            self.tick = time.monotonic()
+
+    def _rescan(self) -> None:
+        assert self.ledger is not None and self.engine is not None and self.watcher is not None
         ok = True
         for w in self.cfg.watches:
             problem = self.watcher.root_ok(w)

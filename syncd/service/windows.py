@@ -165,7 +165,7 @@ def _describe(e: Exception) -> str:
     return f"{text} ({code}){hint}" if code is not None else f"{text}{hint}"
 
 
-def handle_service_command(action: str, cfg: Config) -> str:
+def handle_service_command(action: str, cfg: Config | None) -> str:
     """Install, remove, start or stop the service; returns the line to print.
 
     `install` records `cfg.path` as the service's config and sets it to start automatically;
@@ -174,6 +174,7 @@ def handle_service_command(action: str, cfg: Config) -> str:
     name = SERVICE_NAME
     try:
         if action == "install":
+            assert cfg is not None, "install needs the config"
             try:
                 win32serviceutil.InstallService(
                     CLASS_STRING, name, SyncdService._svc_display_name_,
