@@ -130,12 +130,12 @@ class Daemon:
         self.notifier.start_watchdog(self.loop_alive)
         self.watcher = Watcher(cfg, ledger, request_rescan=self.request_rescan, wake=engine.wake)
         self.watcher.start()
+        self.working = True  # waiting for the remote and restoring are progress, not a stuck loop
         try:
             self.notifier.status("waiting for the remote")
             if not self._wait_for_remote(engine):
                 return 0
             self.notifier.status("restoring missing files")
-            self.working = True
             engine.plan(restore=True)
             n = engine.outstanding(RESTORE_OPS)
             if n:
