@@ -86,6 +86,9 @@ class Ledger:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        # SQLite has one writer; threads of this process queue here (handed over at once)
+        # instead of in SQLite's busy handler, which sleeps 1-100 ms between retries
+        self._write_lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             db = self.db
@@ -138,13 +141,14 @@ class Ledger:
     def write(self) -> Iterator[sqlite_utils.Database]:
         """One IMMEDIATE transaction."""
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with self._write_lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def _migrate(self, db: sqlite_utils.Database) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
