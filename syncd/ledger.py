@@ -250,20 +250,35 @@ class Ledger:
                 "WHERE lease_until IS NOT NULL OR state='uploading'", [now])
             return cur.rowcount
 
-    def claim(self, ops: tuple[str, ...], now: float, lease: float = 600.0, limit: int = 1) -> list[Row]:
-        """Atomically take up to `limit` due rows whose op is in `ops`."""
+    def claim(self, ops: tuple[str, ...], now: float, lease: float = 600.0, limit: int = 1,
+              batch_bytes: int = 0) -> list[Row]:
+        """Atomically take due rows whose op is in `ops`: the first due row, then (up to `limit`
+        rows in all) the next ones while their sizes add up to at most `batch_bytes`. Small files
+        are claimed a few at a time (fewer write transactions); a large one is claimed alone."""
         marks = ",".join("?" for _ in ops)
         with self.write() as w:
+            due = w.execute(
+                f"SELECT id, size FROM files WHERE state IN ('pending','failed','deleting') "
+                f"AND due_at<=? AND lease_until IS NULL AND op IN ({marks}) ORDER BY due_at LIMIT ?",
+                [now, *ops, limit]).fetchall()
+            ids: list[int] = []
+            total = 0
+            for row_id, size in due:
+                total += size or 0
+                if ids and total > batch_bytes:
+                    break
+                ids.append(row_id)
+            if not ids:
+                return []
             cur = w.execute(
                 f"UPDATE files SET lease_until=?, "
                 f"state=CASE WHEN op='put' THEN 'uploading' ELSE state END, updated_at=? "
-                f"WHERE id IN (SELECT id FROM files WHERE state IN ('pending','failed','deleting') "
-                f"AND due_at<=? AND lease_until IS NULL AND op IN ({marks}) ORDER BY due_at LIMIT ?) "
-                f"RETURNING *",
-                [now + lease, now, now, *ops, limit],
+                f"WHERE id IN ({','.join('?' for _ in ids)}) RETURNING *",
+                [now + lease, now, *ids],
             )
             cols = [d[0] for d in cur.description]
-            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            rows = {r["id"]: r for r in (dict(zip(cols, t, strict=True)) for t in cur.fetchall())}
+            return [rows[i] for i in ids]
 
     def finish(self, row: Row, **fields: Any) -> bool:
         """Apply a worker's result if nobody changed the row meanwhile; always release it.

@@ -15,6 +15,8 @@ from syncd.ledger import Ledger, Row
 
 log = logging.getLogger(__name__)
 IDLE_MAX = 1.0
+CLAIM_ROWS = 4  # small files are claimed a few at a time: fewer ledger write transactions
+CLAIM_BYTES = 1024 * 1024  # ... as long as they add up to no more than this
 
 
 class WorkerPool:
@@ -41,12 +43,16 @@ class WorkerPool:
             while not self.stop.is_set():
                 self.last_loop = time.monotonic()
                 ops = self.ops
-                rows = ledger.claim(ops, time.time(), lease=self.lease) if ops else []
+                rows = ledger.claim(ops, time.time(), lease=self.lease, limit=CLAIM_ROWS,
+                                    batch_bytes=CLAIM_BYTES) if ops else []
                 if rows:
                     with self._busy_lock:
                         self.busy += 1
                     try:
-                        for row in rows:
+                        for i, row in enumerate(rows):
+                            if i and self.stop.is_set():
+                                self._release(rows[i:])
+                                break
                             self.handler(row)
                             if self.on_done:
                                 self.on_done(row)
@@ -64,6 +70,11 @@ class WorkerPool:
                     self.wake.clear()
         finally:
             ledger.close_thread()
+
+    def _release(self, rows: list[Row]) -> None:
+        """Give back claimed rows not started (stopping): queued again as they were."""
+        for row in rows:
+            self.ledger.finish(row, state="pending" if row["state"] == "uploading" else row["state"])
 
     def start(self, ops: tuple[str, ...], *, drain: bool = False) -> None:
         self.ops = ops
