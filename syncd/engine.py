@@ -141,7 +141,7 @@ class Engine:
             return ScanStats()
         t0 = time.monotonic()
         stats = Scanner(self.ledger, watch, self.cfg.remote.prefix, settle=self.cfg.settle_seconds,
-                        missing=missing, retry_failed=retry_failed, dry_run=dry_run).run()
+                        missing=missing, retry_failed=retry_failed, dry_run=dry_run, clean_temps=True).run()
         self.scans[watch.prefix] = stats
         log.info("scanned %s: %d files (%d new, %d changed, %d unchanged), %d missing to restore, %.2fs",
                  watch.prefix or watch.path, stats.files, stats.new, stats.changed, stats.unchanged,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from syncd.config import WatchConfig
-from syncd.keys import join_key, key_problem, ledger_name, name_problem
+from syncd.keys import RESTORE_TEMP_PREFIX, join_key, key_problem, ledger_name, name_problem
 from syncd.ledger import Ledger, Row
 from syncd.patterns import Filter
 
@@ -47,10 +47,12 @@ class ScanStats:
     unreadable_dirs: list[str] = field(default_factory=list)
 
 
-def walk(root: Path, filt: Filter, follow_symlinks: bool = False, base: str = "") -> Iterator[Entry]:
+def walk(root: Path, filt: Filter, follow_symlinks: bool = False, base: str = "",
+         temps: list[str] | None = None) -> Iterator[Entry]:
     """Regular files under `root` in ledger-path order; excluded directories are pruned.
 
     `base` is the ledger path of `root` inside its watch ("" for the watch root itself).
+    `temps`, when given, collects the paths of restore temp files met on the way.
     """
     seen_dirs: set[tuple[int, int]] = set()
 
@@ -83,6 +85,8 @@ def walk(root: Path, filt: Filter, follow_symlinks: bool = False, base: str = ""
             elif st_mod.S_ISREG(s.st_mode):
                 if filt.wants(rel):
                     items.append((rel, rel, de, s, False))
+                elif temps is not None and de.name.startswith(RESTORE_TEMP_PREFIX):
+                    temps.append(de.path)
             # fifos, sockets and devices are skipped
         items.sort(key=lambda t: t[0])
         for _sort, rel, de, s, is_dir in items:
@@ -122,11 +126,15 @@ class Scanner:
     - "restore": startup (SPEC §4.5: a file missing at start is restored, never deleted remotely);
     - "delete": a rescan while running (the deletion follows `on_delete`);
     - "ignore": leave such rows alone.
+
+    `clean_temps` removes restore temp files (`.syncd-restore-*`) that a killed process left
+    behind; only at startup, before this process restores anything (the ledger lock keeps other
+    syncd processes out).
     """
 
     def __init__(self, ledger: Ledger, watch: WatchConfig, remote_prefix: str, *, settle: float,
                  missing: str = "restore", retry_failed: bool = False, dry_run: bool = False,
-                 now: float | None = None) -> None:
+                 now: float | None = None, clean_temps: bool = False) -> None:
         self.ledger = ledger
         self.watch = watch
         self.remote_prefix = remote_prefix
@@ -134,6 +142,7 @@ class Scanner:
         self.missing = missing
         self.retry_failed = retry_failed
         self.dry_run = dry_run
+        self.clean_temps = clean_temps and not dry_run
         self.now = now if now is not None else time.time()
         self.stats = ScanStats()
         self._upserts: list[Row] = []
@@ -147,7 +156,8 @@ class Scanner:
         rows = _ledger_rows(self.ledger, self.watch.prefix)
         row = next(rows, None)
         skip_prefix: str | None = None
-        for entry in walk(self.watch.path, filt, self.watch.follow_symlinks):
+        temps: list[str] | None = [] if self.clean_temps else None
+        for entry in walk(self.watch.path, filt, self.watch.follow_symlinks, temps=temps):
             # ledger rows that sort before this entry are not on disk
             while row is not None and row["path"] < entry.path:
                 if not (skip_prefix and row["path"].startswith(skip_prefix)):
@@ -169,6 +179,12 @@ class Scanner:
                 self.on_missing(row)
             row = next(rows, None)
         self.flush()
+        for path in temps or ():
+            try:
+                os.unlink(path)
+                log.info("removed %s, left behind by an interrupted restore", path)
+            except FileNotFoundError:
+                pass
         return self.stats
 
     # --- decisions ----------------------------------------------------------------------
@@ -237,7 +253,7 @@ class Scanner:
         state, op = row["state"], row["op"]
         if state == "deleted" or (state == "deleting" and op in ("delete", "trash")):
             return
-        on_remote = row["remote_sha256"] is not None or op == "get"
+        on_remote = maybe_remote(row) or op == "get"
         if not on_remote:
             if op == "put" or row["error_kind"] == "name":
                 self._forget.append(row["id"])  # vanished before it was ever uploaded
@@ -275,11 +291,18 @@ class Scanner:
         return n
 
 
+def maybe_remote(row: Row) -> bool:
+    """The remote holds this path, or may: an upload in flight, or one a crash cut off (`probe`).
+    A deletion of such a file must reach the remote too, or its object would be left behind
+    with no ledger row (and a file missing at start is restored, SPEC §4.5)."""
+    return row["remote_sha256"] is not None or bool(row["probe"]) or row["state"] == "uploading"
+
+
 def deletion_fields(row: Row, on_delete: str, now: float) -> Row:
     """The row update for a file deleted locally while running (SPEC §4.5)."""
     base = {"watch": row["watch"], "path": row["path"], "updated_at": now, "attempts": 0,
             "last_error": None, "error_kind": None}
-    if on_delete == "keep" or row["remote_sha256"] is None:
+    if on_delete == "keep" or not maybe_remote(row):
         return {**base, "state": "deleted", "op": None}
     return {**base, "state": "deleting", "op": "delete" if on_delete == "mirror" else "trash",
             "due_at": now, "queued_at": now}

@@ -215,10 +215,10 @@ class Transfers:
 
     def _vanished(self, row: Row) -> None:
         """The file went away before it could be uploaded: no upload, no error (SPEC §4.5)."""
-        if row["remote_sha256"] is None:
+        if row["remote_sha256"] is None and not row["probe"]:
             self.ledger.forget(row)
-        else:  # the remote keeps the previous version; a deletion event or rescan decides more
-            self.ledger.finish(row, state="synced", op=None, probe=0)
+        else:  # the remote keeps (or may keep, `probe`) a version; a deletion event or rescan decides
+            self.ledger.finish(row, state="synced", op=None)
 
     # --- restore ------------------------------------------------------------------------
     def _get(self, row: Row, watch: WatchConfig) -> None:
@@ -231,6 +231,12 @@ class Transfers:
 
         try:
             res = fetch(self.remote, row["key"], target, overwrite=self.overwrite, before_publish=record)
+        except RemoteError as e:
+            if e.kind == NOT_FOUND and row["probe"] and row["remote_sha256"] is None:
+                # an upload cut off by a crash that never reached the remote: nothing to restore
+                self.ledger.forget(row)
+                return
+            raise
         except FileExistsError:
             # a local file is there (or appeared meanwhile): it wins; compare it with the remote
             self.ledger.update(row["id"], state="pending", op="put", probe=1, due_at=time.time(),

@@ -13,7 +13,7 @@ from typing import Any
 
 import boto3
 
-from tests.conftest import _new_bucket, write_config
+from tests.conftest import _new_bucket, wait_for, write_config
 from tests.daemon_util import DaemonProc
 
 PREFIX = "backups/uploads"
@@ -130,6 +130,17 @@ class Rig:
         n = self.ledger_query("SELECT count(*) FROM files WHERE state IN ('pending','uploading','deleting') "
                               "OR lease_until IS NOT NULL")[0][0]
         return n == 0
+
+
+def is_ready(d: DaemonProc) -> bool:
+    """This daemon process said it is ready (its own log: the ledger's `ready` mark may be a
+    leftover of a daemon killed before)."""
+    return "ready:" in d.log()
+
+
+def wait_ready(d: DaemonProc, timeout: float = 120) -> None:
+    wait_for(lambda: is_ready(d) or not d.alive(), timeout, 0.05, "daemon ready")
+    assert d.alive(), d.log()
 
 
 def local_tree(root: Path) -> dict[str, bytes]:
