@@ -111,7 +111,8 @@ class Ledger:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=60000")
             conn.execute("PRAGMA cache_size=-256")  # KiB; rows are read once, by index: keep RSS flat
-            db = sqlite_utils.Database(conn)
+            # no sqlite-utils plugins on the ledger (and no entry-point scan at every start)
+            db = sqlite_utils.Database(conn, execute_plugins=False)
             self._local.db = db
             with self._lock:
                 self._all.append(conn)
