@@ -122,6 +122,7 @@ class Daemon:
         cfg, ledger = self.cfg, self.ledger
         remote = open_remote(cfg)
         self.engine = engine = Engine(cfg, ledger, remote, oneshot=False, stop=self.stop)
+        engine.transfers.delete_gate = self.deletes_allowed
         ledger.set_meta("ready", "0")
         engine.prepare()
         ledger.recover()
@@ -243,13 +244,22 @@ class Daemon:
         self.engine.wake.set()
         self._reconciled(self.engine, ok)
 
+    def deletes_allowed(self) -> bool:
+        """Asked by a worker before each remote deletion, so the max_deletes cap holds even when
+        workers delete faster than the supervisor ticks (SPEC §4.5)."""
+        assert self.ledger is not None
+        self._check_delete_rate()
+        return not self.ledger.get_meta("deletes_paused")
+
     def _check_delete_rate(self) -> None:
+        """More than max_deletes remote deletions queued or done within 60 s pauses them all.
+        Rows queued before the last `syncd retry --deletes` are not counted again."""
         assert self.ledger is not None
         if self.ledger.get_meta("deletes_paused"):
             return
         since = max(time.time() - DELETE_WINDOW, float(self.ledger.get_meta("deletes_released_at") or 0))
-        n = self.ledger.query("SELECT count(*) AS n FROM files WHERE state='deleting' AND queued_at>?",
-                              [since])[0]["n"]
+        n = self.ledger.query("SELECT count(*) AS n FROM files WHERE state IN ('deleting','deleted') "
+                              "AND queued_at>?", [since])[0]["n"]
         if n > self.cfg.max_deletes:
             self._pause_deletes(f"{n} remote deletions queued within {DELETE_WINDOW:.0f}s")
 

@@ -303,6 +303,7 @@ def deletion_fields(row: Row, on_delete: str, now: float) -> Row:
     base = {"watch": row["watch"], "path": row["path"], "updated_at": now, "attempts": 0,
             "last_error": None, "error_kind": None}
     if on_delete == "keep" or not maybe_remote(row):
-        return {**base, "state": "deleted", "op": None}
+        # queued_at marks remote deletions only: the max_deletes cap counts them
+        return {**base, "state": "deleted", "op": None, "queued_at": None}
     return {**base, "state": "deleting", "op": "delete" if on_delete == "mirror" else "trash",
             "due_at": now, "queued_at": now}

@@ -12,6 +12,7 @@ import stat as st_mod
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -85,6 +86,8 @@ class Transfers:
         self.oneshot = oneshot
         self.overwrite = overwrite
         self.copy_limit = int(cfg.remote.multipart_threshold_mb * 1024 * 1024)
+        # the daemon's max_deletes cap, asked before each remote deletion (None: no cap)
+        self.delete_gate: Callable[[], bool] | None = None
         self._watches = {w.prefix: w for w in cfg.watches}
 
     def handle(self, row: Row) -> None:
@@ -248,6 +251,10 @@ class Transfers:
 
     # --- remote deletion ------------------------------------------------------------------
     def _delete(self, row: Row, watch: WatchConfig, op: str) -> None:
+        if self.delete_gate is not None and not self.delete_gate():
+            # paused by max_deletes: the row stays queued until `syncd retry --deletes`
+            self.ledger.finish(row, due_at=time.time() + 1)
+            return
         key = row["key"]
         if op == "trash":
             base = join_key(self.cfg.remote.prefix, watch.prefix)
