@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from bench.scenarios import Result
 
 PEERS = ("aws", "rclone")
-LABEL = {"syncd": "syncd resync", "aws": "aws s3 sync", "rclone": "rclone sync"}
+LABEL = {"syncd": "syncd resync", "aws": "aws s3 sync", "rclone": "rclone sync",
+         "syncd-single-put": "(info) syncd, multipart_threshold_mb = 128"}
 
 
 @dataclass
@@ -37,7 +38,7 @@ def scenario_table(res: Result) -> list[str]:
         if rate_col:
             row.append(f"{res.rate(tool):,.0f}" if res.unit == "files" else f"{res.rate(tool):,.1f}")
         row += [f"{cpu:.2f}", f"{rss:.0f}"]
-        if tool == "syncd":
+        if tool.startswith("syncd"):
             row += ["", "", ""]
         else:
             row += [_r(s_wall / wall), _r(s_cpu / cpu), _r(s_rss / rss)]
@@ -148,6 +149,9 @@ def markdown(results: dict[str, Result], verdicts_: list[Verdict], header: list[
         res = results[key]
         out += ["", f"## ({key}) {res.title}", ""]
         out += scenario_table(res)
+        if "server_cpu" in res.extra:
+            out += ["", "moto server CPU per run (median): " + ", ".join(
+                f"{LABEL.get(t, t)} {statistics.median(v):.2f}s" for t, v in res.extra["server_cpu"].items())]
         if key == "e" and res.extra:
             e = res.extra
             out += ["| measure | p50 s | p99 s | max s |", "|---|---|---|---|"]

@@ -70,6 +70,12 @@ class MotoServer:
     def stored(self, bucket: str) -> dict[str, float]:
         return self.call(op="stored", bucket=bucket)
 
+    def cpu(self) -> float:
+        """CPU seconds (user + sys) the server has used so far."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mib(self) -> float:
         assert self.proc is not None
         return _vm(self.proc.pid, "VmRSS")

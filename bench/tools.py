@@ -195,7 +195,7 @@ def rclone_sync(tool: Tool, src: str, dst: str) -> list[str]:
 
 def write_syncd_config(path: Path, *, endpoint: str, bucket: str, prefix: str, watch: Path, watch_prefix: str,
                        ledger: Path, settle: float = 2.0, workers: int | None = None,
-                       log_level: str = "info") -> Path:
+                       log_level: str = "info", remote_extra: dict[str, int] | None = None) -> Path:
     lines = [
         "[syncd]",
         f'ledger = "{ledger}"',
@@ -211,6 +211,7 @@ def write_syncd_config(path: Path, *, endpoint: str, bucket: str, prefix: str, w
         f'url = "s3://{bucket}/{prefix}"',
         f'endpoint_url = "{endpoint}"',
         'region = "us-east-1"',
+        *(f"{k} = {v}" for k, v in (remote_extra or {}).items()),
         "",
         "[[watch]]",
         f'path = "{watch}"',

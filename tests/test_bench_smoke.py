@@ -1,0 +1,50 @@
+"""Smoke test of the benchmark harness (bench/): syncd alone on a tiny dataset, no peers.
+
+The full benchmark is not part of the test suite (`python bench/run.py`, see the README).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench import report, tools
+from bench.run import parse_args
+from bench.scenarios import Bench, Result, Sizes
+from bench.tools import Sample
+
+TINY = Sizes(a_files=20, a_size=512, b_files=1, b_size=1024, d_files=50, d_size=64, e_rate=20.0, e_seconds=1.0,
+             e_settle=0.3, f_small=20, f_large=50)
+
+
+def test_args() -> None:
+    a = parse_args(["--quick"])
+    assert a.rounds == 1 and a.only == "abcdefg"
+    assert parse_args(["--rounds", "5", "--only", "ac"]).rounds == 5
+
+
+def test_syncd_alone_on_a_tiny_dataset(tmp_path: Path) -> None:
+    bench = Bench({"syncd": tools.find_syncd()}, tmp_path, TINY, rounds=1, say=lambda _m: None)
+    results = {"a": bench.scenario_a(), "c": bench.scenario_c(), "g": bench.scenario_g()}
+    for res in results.values():
+        (s,) = res.samples["syncd"]
+        assert s.rc == 0 and s.wall > 0 and s.cpu > 0 and s.rss_mib > 10
+    md = report.markdown(results, report.verdicts(results), ["# t"])
+    assert "| syncd resync | 1 |" in md
+    # no peer ran: every target is skipped, none passes or fails
+    assert {v.status for v in report.verdicts(results)} == {"SKIP"}
+
+
+def test_verdicts_pass_and_fail() -> None:
+    def res(key: str, walls: dict[str, float], work: float = 100, unit: str = "files") -> Result:
+        r = Result(key, key, unit=unit, work=work)
+        for tool, wall in walls.items():
+            r.add(tool, Sample(wall=wall, cpu=wall / 2, rss_mib=50 if tool == "syncd" else 60, rc=0))
+        return r
+
+    results = {
+        "a": res("a", {"syncd": 1.0, "aws": 1.5, "rclone": 1.2}),  # 1.5x aws, 1.2x rclone
+        "c": res("c", {"syncd": 0.5, "rclone": 0.4}),  # slower than rclone
+        "g": res("g", {"syncd": 1.0, "aws": 1.0}),
+    }
+    by_n = {v.n: v.status for v in report.verdicts(results)}
+    assert by_n[1] == "PASS" and by_n[3] == "FAIL" and by_n[7] == "PASS" and by_n[2] == "SKIP"
