@@ -10,7 +10,7 @@ import logging
 import os
 import stat as st_mod
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,13 +48,15 @@ class ScanStats:
 
 
 def walk(root: Path, filt: Filter, follow_symlinks: bool = False, base: str = "",
-         temps: list[str] | None = None) -> Iterator[Entry]:
+         temps: list[str] | None = None, ancestors: Iterable[tuple[int, int]] = ()) -> Iterator[Entry]:
     """Regular files under `root` in ledger-path order; excluded directories are pruned.
 
     `base` is the ledger path of `root` inside its watch ("" for the watch root itself).
     `temps`, when given, collects the paths of restore temp files met on the way.
+    `ancestors`: (st_dev, st_ino) of the directories above `root` in the watch, so a symlink
+    that loops back to one of them is not followed when walking a subdirectory.
     """
-    seen_dirs: set[tuple[int, int]] = set()
+    seen_dirs: set[tuple[int, int]] = set(ancestors)
 
     def rec(abs_dir: str, rel_dir: str, name_bad: str | None) -> Iterator[Entry]:
         try:
@@ -105,6 +107,9 @@ def walk(root: Path, filt: Filter, follow_symlinks: bool = False, base: str = ""
                 yield Entry(path=rel, kind=FILE, size=s.st_size, mtime_ns=s.st_mtime_ns)
 
     st = os.stat(root)
+    if (st.st_dev, st.st_ino) in seen_dirs:
+        log.warning("symlink loop at %s; not followed", root)
+        return
     seen_dirs.add((st.st_dev, st.st_ino))
     yield from rec(str(root), base, None)
 

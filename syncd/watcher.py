@@ -181,11 +181,16 @@ class Watcher:
         files: dict[str, dict[str, str]] = {}  # prefix -> ledger path -> file-system path
         new_dirs: dict[str, set[str]] = {}
         gone_dirs: dict[str, set[str]] = {}
+        linked: dict[str, bool] = {}  # parent directory -> reached through a symlink (this batch)
         for prefix, ev in batch:
             w = self._watches[prefix]
             paths = [ev.src_path] + ([ev.dest_path] if getattr(ev, "dest_path", "") else [])
             for i, raw in enumerate(paths):
                 fs_path = os.fsdecode(raw)
+                if w.follow_symlinks:
+                    fs_path = canonical_path(str(w.path), fs_path)
+                elif through_symlink(str(w.path), fs_path, linked):
+                    continue  # reported through a symlinked directory, which is not followed
                 rel = self._rel(w, fs_path)
                 if rel is None:
                     continue
@@ -226,7 +231,11 @@ class Watcher:
             if not filt.dir_wanted(d):
                 continue
             try:
-                for entry in walk(w.path.joinpath(*d.split("/")), filt, w.follow_symlinks, base=d):
+                top = w.path.joinpath(*d.split("/"))
+                if not w.follow_symlinks and os.path.islink(top):
+                    continue  # a symlink to a directory: not followed (SPEC §4.9)
+                above = _idents(w.path, d) if w.follow_symlinks else ()
+                for entry in walk(top, filt, w.follow_symlinks, base=d, ancestors=above):
                     if entry.kind in (FILE, BAD_NAME):
                         files.pop(entry.path, None)
                         self._seen(sc, entry)
@@ -266,3 +275,54 @@ class Watcher:
         problem = next((p for p in map(name_problem, parts) if p), None)
         return Entry(path=rel, kind=BAD_NAME if problem else FILE, size=s.st_size, mtime_ns=s.st_mtime_ns,
                      problem=problem or "")
+
+
+def canonical_path(root: str, path: str) -> str:
+    """With follow_symlinks, watchdog reports events through symlink loops (root/a/loop/a/loop/
+    .../a/f, where a/loop -> ..): the path the scanner uses for the same file, where no
+    directory appears twice on the way down. Paths that cannot be resolved are left as they are."""
+    parts = os.path.relpath(path, root).split(os.sep)
+    if parts[0] in (os.curdir, os.pardir):
+        return path
+    try:
+        st = os.stat(root)
+    except OSError:
+        return path
+    stack = [((st.st_dev, st.st_ino), root)]
+    for i, part in enumerate(parts[:-1]):
+        nxt = os.path.join(stack[-1][1], part)
+        try:
+            st = os.stat(nxt)
+        except OSError:  # gone (a deletion) or a dangling link: keep the rest as reported
+            return os.path.join(nxt, *parts[i + 1:])
+        ident = (st.st_dev, st.st_ino)
+        back = next((k for k, (seen, _p) in enumerate(stack) if seen == ident), None)
+        if back is None:
+            stack.append((ident, nxt))
+        else:  # a loop back to a directory above: continue from there
+            del stack[back + 1:]
+    return os.path.join(stack[-1][1], parts[-1])
+
+
+def through_symlink(root: str, path: str, cache: dict[str, bool]) -> bool:
+    """Does `path` lie below a symlinked directory inside `root` (not followed)?"""
+    parent = os.path.dirname(path)
+    if parent not in cache:
+        rel = os.path.relpath(parent, root)
+        real_root = os.path.realpath(root)
+        cache[parent] = os.path.realpath(parent) != (real_root if rel == os.curdir else
+                                                     os.path.join(real_root, rel))
+    return cache[parent]
+
+
+def _idents(root: Path, rel_dir: str) -> list[tuple[int, int]]:
+    """(st_dev, st_ino) of the root and the directories between it and `rel_dir` (excluded)."""
+    out, cur = [], root
+    for part in ["", *rel_dir.split("/")[:-1]]:
+        cur = cur / part if part else cur
+        try:
+            st = os.stat(cur)
+        except OSError:
+            break
+        out.append((st.st_dev, st.st_ino))
+    return out

@@ -246,14 +246,23 @@ def test_symlink_loops_with_the_daemon(tmp_path, moto_server, figures, follow):
     os.symlink(rig.root / "c", rig.root / "b")  # b -> c -> b
     os.symlink(rig.root / "b", rig.root / "c")
     os.symlink("self", rig.root / "self")
+    write_file(tmp_path / "outside/o.txt", b"outside")
+    os.symlink(tmp_path / "outside", rig.root / "ext")  # a legitimate link out of the root
     d = rig.daemon()
     try:
         wait_ready(d)
-        write_file(rig.root / "a/live.txt", b"live")
-        wait_for(lambda: rig.rels() >= {"a/real.txt", "a/live.txt"}, timeout=30, what="uploads")
+        write_file(rig.root / "a/live.txt", b"live")  # its events come through a/loop/a/loop/...
+        (rig.root / "n").mkdir()
+        os.symlink("..", rig.root / "n/up")  # a new directory holding a loop
+        write_file(rig.root / "n/new.txt", b"new")
+        expected = {"a/real.txt", "a/live.txt", "n/new.txt"} | ({"ext/o.txt"} if follow else set())
+        wait_for(lambda: rig.rels() >= expected, timeout=30, what="uploads")
         wait_for(rig.settled, timeout=30, what="settled")
         assert d.alive() and rig.healthz()[0] == 200
     finally:
         _stop(d)
-    assert rig.rels() == {"a/real.txt", "a/live.txt"}
-    figures.add(f"hostile: symlink loops (follow_symlinks={follow})", hostile_cases=1, files_verified=2)
+    assert rig.rels() == expected
+    assert not rig.ledger_query("SELECT path FROM files WHERE path LIKE '%loop%' OR path LIKE '%up/%'")
+    assert rig.states().get("failed", 0) == 0
+    figures.add(f"hostile: symlink loops (follow_symlinks={follow})", hostile_cases=1,
+                files_verified=len(expected))
