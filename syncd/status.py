@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 from syncd.config import Config
-from syncd.ledger import STATES, Ledger
+from syncd.errors import LedgerError
+from syncd.ledger import STATES, Ledger, recovery_hint
 from syncd.lock import holder
 
 FAILURES_SHOWN = 20
@@ -55,6 +57,10 @@ def collect(cfg: Config, ledger: Ledger | None = None, now: float | None = None)
                     failures_total=total,
                 )
             watches.append(entry)
+    except sqlite3.DatabaseError as e:
+        if type(e) is not sqlite3.DatabaseError:  # locked, busy, ...: not a damaged file
+            raise
+        raise LedgerError(f"ledger {cfg.ledger} is corrupt ({e}); {recovery_hint(cfg.ledger)}") from e
     finally:
         if own and ledger is not None:
             ledger.close()

@@ -27,6 +27,7 @@ from syncd.remote.base import (
 )
 
 META_DIR = ".syncd-meta"
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, tmpfs)
 
 
 class LocalRemote:
@@ -46,7 +47,11 @@ class LocalRemote:
         return self.root.joinpath(*parts)
 
     def _meta_path(self, key: str) -> Path:
-        return self._meta.joinpath(*key.split("/")).with_name(key.rsplit("/", 1)[-1] + ".json")
+        name = key.rsplit("/", 1)[-1]
+        side = name + ".json"
+        if len(os.fsencode(side)) > NAME_MAX:  # a 255-byte name has no room for ".json"
+            side = "#" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest() + ".json"
+        return self._meta.joinpath(*key.split("/")).with_name(side)
 
     def _read_meta(self, key: str, st: os.stat_result) -> dict:
         try:
