@@ -59,11 +59,72 @@ def moto_server() -> Iterator[str]:
     server.stop()
 
 
+S3RVER_VERSION = "3.7.1"
+S3RVER_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER"}
+
+
+def _install_s3rver() -> Path:
+    """s3rver from the npm registry into a cache directory (once); skip when that cannot work."""
+    import json
+    import shutil
+    import subprocess
+
+    base = Path(os.environ.get("SYNCD_S3RVER_DIR") or Path.home() / ".cache" / "syncd-tests" / "s3rver")
+    script = base / "node_modules" / "s3rver" / "bin" / "s3rver.js"
+    pkg = base / "node_modules" / "s3rver" / "package.json"
+    if not (shutil.which("node") and shutil.which("npm")):
+        pytest.skip("s3rver (the second S3 server) needs node and npm, which are not installed")
+    if not pkg.exists() or json.loads(pkg.read_text()).get("version") != S3RVER_VERSION:
+        base.mkdir(parents=True, exist_ok=True)
+        try:
+            r = subprocess.run(["npm", "install", "--prefix", str(base), f"s3rver@{S3RVER_VERSION}", "--no-audit",
+                                "--no-fund", "--loglevel=error"], capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.SubprocessError) as e:
+            pytest.skip(f"npm install s3rver@{S3RVER_VERSION} failed: {e}")
+        if r.returncode != 0 or not script.exists():
+            pytest.skip(f"npm install s3rver@{S3RVER_VERSION} failed: {(r.stderr or r.stdout).strip()[-300:]}")
+    return script
+
+
+@pytest.fixture(scope="session")
+def s3rver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """s3rver (Node), a second, independent S3 implementation, on a free port: its endpoint URL.
+
+    Only the access key S3RVER/S3RVER works there: tests pass it in the environment of the syncd
+    run only (see `store`). `--openssl-legacy-provider`: without it, listings over 1000 keys
+    fail (PITFALLS §8).
+    """
+    import queue
+    import subprocess
+
+    script = _install_s3rver()
+    data = tmp_path_factory.mktemp("s3rver")
+    log = open(data.parent / "s3rver-server.txt", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(["node", "--openssl-legacy-provider", str(script), "-d", str(data), "-a", "127.0.0.1",
+                             "-p", "0", "-s", "--configure-bucket", "syncd-s3rver"],
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
+    line, deadline = "", time.monotonic() + 30
+    while "listening on" not in line and time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+    if "listening on" not in line:
+        proc.kill()
+        pytest.skip(f"s3rver did not start: {line.strip() or 'no output'}")
+    yield "http://" + line.rsplit(" ", 1)[1].strip()
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
 @dataclass
 class Store:
     """One remote under test: the config bits that reach it and a way to look inside."""
 
-    kind: str  # "file" | "moto" | "moto_server"
+    kind: str  # "file" | "moto" | "moto_server" | "s3rver"
     url: str
     endpoint_url: str = ""
     bucket: str = ""
@@ -110,10 +171,21 @@ def _new_bucket(client: Any) -> str:
     return name
 
 
-@pytest.fixture(params=["file", "moto", "moto_server"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """Each scenario runs against a file:// remote, moto in-process and moto over HTTP."""
+@pytest.fixture(params=["file", "moto", "moto_server", "s3rver"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
+    """Each scenario runs against a file:// remote, moto in-process, moto over HTTP and s3rver."""
     kind = request.param
+    if kind == "s3rver":
+        endpoint = request.getfixturevalue("s3rver")
+        client = boto3.client("s3", region_name="us-east-1", endpoint_url=endpoint, aws_access_key_id="S3RVER",
+                              aws_secret_access_key="S3RVER", aws_session_token=None)
+        bucket = _new_bucket(client)
+        for k, v in S3RVER_CREDENTIALS.items():  # for the syncd runs of this test (in-process)
+            monkeypatch.setenv(k, v)
+        monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+        yield Store(kind="s3rver", url=f"s3://{bucket}/backups", endpoint_url=endpoint, bucket=bucket,
+                    client=client)
+        return
     if kind == "file":
         root = tmp_path / "remote"
         yield Store(kind="file", url=f"file://{root}", root=root)

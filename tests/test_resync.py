@@ -77,6 +77,8 @@ def test_uploads_tree_byte_identical_with_metadata(store, make_env, syncd):
         head = store.client.head_object(Bucket=store.bucket, Key=key, ChecksumMode="ENABLED")
         assert head["Metadata"]["syncd-sha256"] == hashlib.sha256(data).hexdigest()
         assert head["Metadata"]["syncd-mtime-ns"] == str(mtime_ns)
+        if store.kind == "s3rver":
+            continue  # s3rver keeps no flexible checksums (the syncd-sha256 metadata is checked above)
         if len(data) >= 5 * MIB:  # multipart: a composite of per-part SHA-256 checksums
             assert head["ChecksumSHA256"]
         else:
@@ -138,6 +140,8 @@ HOSTILE = ["../x", "a/../../x", "/abs", "..\\x", "C:\\x", "nul\x00byte", "./dot"
 def test_hostile_keys_are_refused_and_nothing_escapes_the_root(store, make_env, syncd):
     if store.kind == "file":
         pytest.skip("a directory cannot hold such names; the key checks are unit-tested")
+    if store.kind == "s3rver":
+        pytest.skip("s3rver normalises or refuses such keys itself; tests/reliability covers them on moto")
     env = make_env(store)
     env.root.mkdir(parents=True)
     store.put_raw("backups/uploads/good.txt", b"good")

@@ -261,9 +261,10 @@ NAMES = {
 }
 # What each test server cannot store (not syncd's doing): moto's server answers a bare 404 to a
 # key with a newline (URL routing); s3rver stores objects as files named key + a suffix, which
-# crashes it on 255-byte names (ENAMETOOLONG).
+# crashes it on 255-byte names (ENAMETOOLONG), and ignores EncodingType=url in listings, so a
+# carriage return comes back as a newline (XML line-end normalisation).
 SERVER_LIMITS = {"moto_server": lambda rel: "\n" not in rel,
-                 "s3rver": lambda rel: len(rel.rsplit("/", 1)[-1].encode()) < 200}
+                 "s3rver": lambda rel: len(rel.rsplit("/", 1)[-1].encode()) < 200 and "\r" not in rel}
 
 
 def test_odd_names_round_trip(store, make_env, syncd, figures):
