@@ -36,9 +36,9 @@ def _content(rng: random.Random, big: bool = False) -> bytes:
 def test_daemon_rides_through_resets_stalls_and_5xx(tmp_path, moto_server, soak, seed, figures):
     s = seed("faults")
     rng = random.Random(s)
-    n_files = 400 if soak else 50
+    n_files = 400 if soak else 100
     n_big = 4 if soak else 1
-    rates = Rates(reset=0.07, stall=0.03, slowdown=0.07, internal=0.05)
+    rates = Rates(reset=0.07, stall=0.05, slowdown=0.07, internal=0.05)
     with FaultProxy(port_of(moto_server), seed=s, rates=rates, stall_seconds=2.0) as proxy:
         rig = Rig(tmp_path, proxy.url, direct=moto_server, watch={"on_delete": "mirror"},
                   remote={"multipart_threshold_mb": 5, "multipart_chunk_mb": 5})
