@@ -166,7 +166,9 @@ class Store:
 
 
 def _new_bucket(client: Any) -> str:
-    name = f"syncd-test-{os.getpid()}-{next(_bucket_ids)}"
+    # random part: this module is imported twice (as `conftest` and as `tests.conftest`), so the
+    # counter alone gave two tests the same bucket on a shared server (moto's, s3rver)
+    name = f"syncd-test-{os.getpid()}-{next(_bucket_ids)}-{os.urandom(3).hex()}"
     client.create_bucket(Bucket=name)
     return name
 
