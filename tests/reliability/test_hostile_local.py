@@ -27,6 +27,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import unicodedata
 from pathlib import Path
 
@@ -282,3 +283,44 @@ def test_odd_names_round_trip(store, make_env, syncd, figures):
     assert r.code == 0, r.err
     assert local_tree(env.root) == names
     figures.add(f"hostile: odd names ({store.kind})", hostile_cases=len(names), files_verified=len(names))
+
+
+# --- the max_deletes cap on a rescan ---------------------------------------------------------------
+
+def test_rescan_with_more_deletions_than_max_deletes_pauses_them(tmp_path, make_env, syncd, figures):
+    """Deletions the watcher missed (overflow, events lost) are found by a rescan: more than
+    max_deletes of them pause remote deletion before any happens (the daemon's own rescan)."""
+    from syncd.config import load_config
+    from syncd.daemon import Daemon
+    from syncd.engine import Engine
+    from syncd.ledger import Ledger
+    from syncd.remote import open_remote
+    from syncd.watcher import Watcher
+
+    env = file_env(make_env, tmp_path, watch={"on_delete": "mirror"}, syncd={"max_deletes": 5})
+    files = {f"r/f{i:02d}.txt": b"x" * i for i in range(12)}
+    write_tree(env.root, files)
+    assert syncd("--config", str(env.config), "resync").code == 0
+    for rel in list(files)[:8]:
+        (env.root / rel).unlink()
+    cfg = load_config(env.config)
+    d = Daemon(cfg)
+    d.ledger = Ledger(cfg.ledger)
+    try:
+        remote = open_remote(cfg)
+        d.engine = Engine(cfg, d.ledger, remote, oneshot=False)
+        d.engine.transfers.delete_gate = d.deletes_allowed
+        d.watcher = Watcher(cfg, d.ledger, request_rescan=lambda _r: None)  # not started
+        d.rescan("test")
+        assert "deletions in one rescan" in d.ledger.get_meta("deletes_paused")
+        row = d.ledger.claim(("delete",), now=time.time() + 1)[0]
+        d.engine.transfers.handle(row)  # a worker that claimed one anyway: the gate holds it
+        assert len(env.store.object_keys()) == 12
+        d.ledger.set_meta("deletes_paused", None)  # what `syncd retry --deletes` does
+        d.ledger.set_meta("deletes_released_at", str(time.time()))
+        assert d.deletes_allowed()
+        d.engine.drain(("delete",))
+        assert sorted(env.store.object_keys()) == sorted(f"uploads/{rel}" for rel in list(files)[8:])
+    finally:
+        d.ledger.close()
+    figures.add("hostile: rescan over max_deletes", hostile_cases=1, files_verified=4)
