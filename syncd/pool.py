@@ -43,7 +43,10 @@ class WorkerPool:
             while not self.stop.is_set():
                 self.last_loop = time.monotonic()
                 ops = self.ops
-                rows = ledger.claim(ops, time.time(), lease=self.lease, limit=CLAIM_ROWS,
+                # several rows at once only when every other worker is busy: with idle workers
+                # around, a second due row is theirs to take, not a wait behind this one
+                limit = CLAIM_ROWS if self.busy >= self.n - 1 else 1
+                rows = ledger.claim(ops, time.time(), lease=self.lease, limit=limit,
                                     batch_bytes=CLAIM_BYTES) if ops else []
                 if rows:
                     with self._busy_lock:
