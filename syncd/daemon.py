@@ -47,6 +47,7 @@ class Daemon:
         self.pool: WorkerPool | None = None
         self._rescan_reason: str | None = None
         self._rescan_lock = threading.Lock()
+        self._pause_lock = threading.Lock()
         self.tick = time.monotonic()
         self.working = False  # a long startup restore or rescan is progress, not a stuck loop
         self.last_reconcile_ok: bool | None = None
@@ -265,7 +266,9 @@ class Daemon:
 
     def _pause_deletes(self, why: str) -> None:
         assert self.ledger is not None
-        if not self.ledger.get_meta("deletes_paused"):
+        with self._pause_lock:  # workers may all hit the cap at once: one log line, one reason
+            if self.ledger.get_meta("deletes_paused"):
+                return
             log.error("pausing remote deletions: %s exceeds max_deletes=%d; check the watch, then run "
                       "`syncd retry --deletes` to release them", why, self.cfg.max_deletes)
             self.ledger.set_meta("deletes_paused", why)

@@ -176,7 +176,7 @@ def test_kill_9_loop_while_an_app_writes(tmp_path, moto_server, soak, seed, figu
     rng = random.Random(s + 1)
     kills = 100 if soak else 20
     rig = Rig(tmp_path, moto_server, watch={"on_delete": "mirror"},
-              syncd={"settle_seconds": 0.2, "health_listen": ""},
+              syncd={"settle_seconds": 0.2, "health_listen": "", "max_deletes": 1_000_000},  # capped elsewhere
               remote={"multipart_threshold_mb": 5, "multipart_chunk_mb": 5})
     writer = Writer(rig.root, s, big=soak)
     recorded: set[str] = set()  # tombstones seen in the ledger before some kill
