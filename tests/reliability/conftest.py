@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             _session["passed"] += 1
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The README figures are only rewritten by a run of the whole suite (no -k, every file)."""
+    here = Path(__file__).parent
+    ran = {Path(str(item.path)).name for item in session.items if Path(str(item.path)).parent == here}
+    every = {p.name for p in here.glob("test_*.py")}
+    _session["complete"] = ran == every and not session.config.getoption("keyword") \
+        and not session.config.getoption("markexpr")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     if FIGURES.empty():
         return
@@ -66,5 +76,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
                   f"verified: {d['files_verified']}; lost: {d['files_lost']}")
     tr.write_line("seeds: " + " ".join(f"SYNCD_SEED_{k.upper()}={v}" for k, v in d["seeds"].items()))
     if is_soak(config):
+        if not _session.get("complete"):
+            tr.write_line("not writing the report: only a part of tests/reliability ran")
+            return
         for p in write_report(d):
             tr.write_line(f"wrote {p}")
