@@ -6,13 +6,15 @@ Setup installs missing peers (awscli: pip into bench/.venv, else apt; rclone: ap
 with a line saying so. Each scenario starts a fresh moto server on 127.0.0.1, generates seeded
 data in a temp dir, and runs the tools alternately for N rounds (default 3; `--quick`: small
 sizes, 1 round). Prints medians, ratios (syncd / peer) and PASS/FAIL per target, and writes
-bench/results/latest.md. `--publish` also copies it to bench/RESULTS.md and puts the summary
-table in README.md's Performance section.
+bench/results/latest.md (every sample: latest.json). `--publish` also copies the report to
+bench/RESULTS.md and puts the summary table in README.md's Performance section.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import platform
 import re
@@ -120,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         f"{args.rounds} round(s), medians), {elapsed / 60:.1f} min, "
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {machine()}; client and moto server share the cores",
-        "- tools: " + "; ".join(f"{t.name} {t.version}" for t in found.values()),
+        "- tools: " + "; ".join(t.version if t.version.startswith(t.name.split()[0]) else f"{t.name} {t.version}"
+                                for t in found.values()),
         f"- peers skipped: {', '.join(sorted({'aws', 'rclone'} - set(found))) or 'none'}",
         "- syncd config: defaults (workers 8, checksum sha256) with settle_seconds "
         f"{sizes.e_settle}; rclone `--checksum --fast-list --transfers {tools.RCLONE_TRANSFERS}`; "
@@ -130,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     md = report.markdown(results, verdicts, header)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(md)
+    args.out.with_suffix(".json").write_text(json.dumps(raw(results), indent=1))
     say("")
     for v in verdicts:
         say(f"{v.status:4}  {v.n}. {v.text}: {v.detail}")
@@ -139,6 +143,13 @@ def run(args: argparse.Namespace) -> int:
     if args.publish:
         publish(md, report.summary_table(results, verdicts), header)
     return 1 if failed else 0
+
+
+def raw(results: dict[str, Result]) -> dict:
+    """Every sample of every run, for a closer look than the medians."""
+    return {k: {"title": r.title, "unit": r.unit, "work": r.work, "extra": r.extra,
+                "samples": {t: [dataclasses.asdict(s) for s in v] for t, v in r.samples.items()}}
+            for k, r in results.items()}
 
 
 def publish(md: str, summary: str, header: list[str]) -> None:
