@@ -254,21 +254,24 @@ class Ledger:
     def claim(self, ops: tuple[str, ...], now: float, lease: float = 600.0, limit: int = 1,
               batch_bytes: int = 0) -> list[Row]:
         """Atomically take due rows whose op is in `ops`: the first due row, then (up to `limit`
-        rows in all) the next ones while their sizes add up to at most `batch_bytes`. Small files
-        are claimed a few at a time (fewer write transactions); a large one is claimed alone."""
+        rows in all) the next uploads while their sizes add up to at most `batch_bytes`. Small
+        uploads are claimed a few at a time (fewer write transactions); a large file, a restore
+        or a deletion is claimed alone (restores in parallel, as before)."""
         marks = ",".join("?" for _ in ops)
         with self.write() as w:
             due = w.execute(
-                f"SELECT id, size FROM files WHERE state IN ('pending','failed','deleting') "
+                f"SELECT id, size, op FROM files WHERE state IN ('pending','failed','deleting') "
                 f"AND due_at<=? AND lease_until IS NULL AND op IN ({marks}) ORDER BY due_at LIMIT ?",
                 [now, *ops, limit]).fetchall()
             ids: list[int] = []
             total = 0
-            for row_id, size in due:
+            for row_id, size, op in due:
                 total += size or 0
-                if ids and total > batch_bytes:
+                if ids and (op != "put" or total > batch_bytes):
                     break
                 ids.append(row_id)
+                if op != "put":
+                    break
             if not ids:
                 return []
             cur = w.execute(
