@@ -7,6 +7,7 @@ Who retries: botocore is set to a single attempt; syncd's ledger owns every retr
 from __future__ import annotations
 
 import base64
+import email.utils
 import hashlib
 import logging
 import mimetypes
@@ -17,6 +18,8 @@ from typing import Any, BinaryIO
 
 import boto3
 import botocore.exceptions as bexc
+import botocore.session
+from botocore.utils import parse_timestamp
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config as BotoConfig
 
@@ -106,6 +109,22 @@ def map_error(e: BaseException, action: str, target: str = "") -> RemoteError:
                        action=action)
 
 
+def fast_timestamp(value: Any) -> datetime:
+    """botocore's timestamp parser, with the formats S3 sends parsed by the standard library.
+
+    botocore hands every timestamp (each listed object's LastModified, each GET's Last-Modified)
+    to dateutil's generic parser: about 50 us each, 5 s of CPU for a 100,000-object listing."""
+    if isinstance(value, str):
+        try:
+            if value.endswith("GMT"):  # RFC 7231 date in a header
+                return email.utils.parsedate_to_datetime(value)
+            if value.endswith("Z") and "T" in value:  # ISO 8601 in a listing
+                return datetime.fromisoformat(value)
+        except (TypeError, ValueError):
+            pass
+    return parse_timestamp(value)
+
+
 def _b64(hexdigest: str) -> str:
     return base64.b64encode(bytes.fromhex(hexdigest)).decode()
 
@@ -115,8 +134,11 @@ class S3Remote:
         self.cfg = cfg
         self.bucket = cfg.bucket
         self.name = f"s3://{cfg.bucket}/{cfg.prefix}".rstrip("/")
-        session = session or boto3.session.Session(profile_name=cfg.profile or None,
-                                                   region_name=cfg.region or None)
+        if session is None:
+            core = botocore.session.get_session()
+            core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=fast_timestamp)
+            session = boto3.session.Session(botocore_session=core, profile_name=cfg.profile or None,
+                                            region_name=cfg.region or None)
         s3opts = {"addressing_style": "path"} if cfg.endpoint_url else {}
         self.client = session.client(
             "s3",
