@@ -110,11 +110,14 @@ def verdicts(results: dict[str, Result]) -> list[Verdict]:
     e = results.get("e")
     text = "(e) latency p50 <= settle + 0.3 s and p99 <= settle + 1.0 s"
     if e is not None and e.extra:
-        st, h = e.extra["settle"], e.extra["head"]
-        ok = h["p50"] <= st + 0.3 and h["p99"] <= st + 1.0 and e.extra["readable"] == e.extra["files"]
+        # the server's own clock says when each object became readable; the HEAD polls confirm
+        # every one was (their figures add poll interval and the poller's own lag on a busy box)
+        st, sv, h = e.extra["settle"], e.extra["stored"], e.extra["head"]
+        ok = sv["p50"] <= st + 0.3 and sv["p99"] <= st + 1.0 and e.extra["readable"] == e.extra["files"]
         v.append(Verdict(5, text, "PASS" if ok else "FAIL",
-                         f"p50 {h['p50']:.3f}s, p99 {h['p99']:.3f}s (settle {st}s; "
-                         f"{e.extra['readable']}/{e.extra['files']} readable)"))
+                         f"p50 {sv['p50']:.3f}s, p99 {sv['p99']:.3f}s (settle {st}s; "
+                         f"{e.extra['readable']}/{e.extra['files']} confirmed by HEAD, "
+                         f"HEAD p50 {h['p50']:.3f}s p99 {h['p99']:.3f}s)"))
     else:
         v.append(Verdict(5, text, "SKIP", "not run"))
 
@@ -155,7 +158,8 @@ def markdown(results: dict[str, Result], verdicts_: list[Verdict], header: list[
         if key == "e" and res.extra:
             e = res.extra
             out += ["| measure | p50 s | p99 s | max s |", "|---|---|---|---|"]
-            for label, k in (("close -> readable (HEAD poll)", "head"), ("close -> stored (server clock)", "stored")):
+            for label, k in (("close -> stored, readable (server clock; the verdict)", "stored"),
+                             ("close -> a HEAD poll saw it (every 25 ms)", "head")):
                 out.append(f"| {label} | {e[k]['p50']:.3f} | {e[k]['p99']:.3f} | {e[k]['max']:.3f} |")
             out += ["", f"{e['readable']}/{e['files']} files readable; daemon CPU {e['daemon_cpu_s']:.1f}s "
                         f"({e['daemon_cpu_s'] / max(1, e['files']) * 1000:.2f} ms/file); daemon VmHWM "

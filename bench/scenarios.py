@@ -390,7 +390,7 @@ class Bench:
 
 
 POLL = 0.025  # seconds between HEADs of one object
-POLLERS = 2
+POLLERS = 4
 # moto does not check signatures, but an unsigned request is anonymous and denied
 FAKE_AUTH = {"Authorization": "AWS4-HMAC-SHA256 Credential=testing/20250101/us-east-1/s3/aws4_request, "
                               "SignedHeaders=host, Signature=00", "x-amz-date": "20250101T000000Z"}
