@@ -180,7 +180,7 @@ class Transfers:
             src = self.ledger.find_remote_copy(sha, row["id"])
             if src is not None:
                 try:
-                    self.remote.copy(src["key"], key, sha256=sha, mtime_ns=st.st_mtime_ns)
+                    self.remote.copy(src["key"], key, sha256=sha, mtime_ns=st.st_mtime_ns, expect_sha256=sha)
                     copied = True
                 except RemoteError as e:
                     if e.kind not in (NOT_FOUND,):

@@ -81,8 +81,9 @@ class Remote(Protocol):
     def get(self, key: str, dest: BinaryIO) -> Fetched:
         """Write the object's bytes into `dest`. RemoteError(NOT_FOUND) when missing."""
 
-    def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int) -> None:
-        """Server-side copy; RemoteError(NOT_FOUND) when `src` is gone."""
+    def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int, expect_sha256: str | None = None) -> None:
+        """Server-side copy; RemoteError(NOT_FOUND) when `src` is gone, or, with `expect_sha256`,
+        when `src` no longer holds that content (then `dst` may hold anything: upload it)."""
 
     def delete(self, key: str) -> None:
         """Remove `key`; a missing key is not an error."""

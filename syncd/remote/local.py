@@ -164,11 +164,19 @@ class LocalRemote:
                           mtime_ns=meta.get("mtime_ns", st.st_mtime_ns))
         return Fetched(info=info, server_verified=False)
 
-    def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int) -> None:
+    def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int, expect_sha256: str | None = None) -> None:
         sp = self._path(src)
         if not sp.is_file():
             raise RemoteError(NOT_FOUND, f"no object {src}", code="NoSuchKey")
-        self.put(dst, sp, size=sp.stat().st_size, sha256=sha256, mtime_ns=mtime_ns)
+        # the metadata is always the hash of what is copied (checked while copying, by `put`)
+        want = expect_sha256 or hashlib.sha256(sp.read_bytes()).hexdigest()
+        try:
+            self.put(dst, sp, size=sp.stat().st_size, sha256=want, mtime_ns=mtime_ns)
+        except RemoteError as e:
+            if e.kind == INTEGRITY:
+                raise RemoteError(NOT_FOUND, f"{src} changed before it could be copied",
+                                  code="SourceChanged") from e
+            raise
 
     def delete(self, key: str) -> None:
         for p in (self._path(key), self._meta_path(key)):

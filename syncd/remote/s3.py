@@ -254,15 +254,32 @@ class S3Remote:
             raise map_error(e, "s3:GetObject", key) from e
         return Fetched(info=self._info(key, resp), server_verified=bool(verified))
 
-    def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int) -> None:
+    def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int, expect_sha256: str | None = None) -> None:
         extra = self._extra(dst, sha256, mtime_ns)
         if self.cfg.checksum == "sha256":
             extra["ChecksumAlgorithm"] = "SHA256"
+        etag = ""
+        if expect_sha256:
+            # the source is another file's key, which may be overwritten right now: copy only the
+            # content we asked for (CopySourceIfMatch; and the copy's ETag, for stores that
+            # ignore the condition)
+            info = self.head(src)
+            if info is None or info.sha256 != expect_sha256:
+                raise _source_changed(src)
+            etag = info.etag
+            if etag:
+                extra["CopySourceIfMatch"] = f'"{etag}"'
         try:
-            self.client.copy_object(Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src},
-                                    MetadataDirective="REPLACE", **extra)
+            resp = self.client.copy_object(Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src},
+                                           MetadataDirective="REPLACE", **extra)
         except Exception as e:
-            raise map_error(e, "s3:PutObject", f"{src} -> {dst}") from e
+            err = map_error(e, "s3:PutObject", f"{src} -> {dst}")
+            if err.code == "PreconditionFailed":
+                raise _source_changed(src) from e
+            raise err from e
+        copied = str(resp.get("CopyObjectResult", {}).get("ETag", "")).strip('"')
+        if etag and copied and copied != etag and self.cfg.sse != "aws:kms":  # KMS ETags are not MD5s
+            raise _source_changed(src)  # the caller uploads, which overwrites `dst`
 
     def delete(self, key: str) -> None:
         try:
@@ -277,6 +294,11 @@ class S3Remote:
             self._tm.shutdown()
         except Exception:  # noqa: BLE001 - never fail a stop on a transfer-manager quirk
             log.debug("transfer manager shutdown failed", exc_info=True)
+
+
+def _source_changed(src: str) -> RemoteError:
+    return RemoteError(NOT_FOUND, f"{src} changed before it could be copied", code="SourceChanged",
+                       action="s3:GetObject")
 
 
 def _md5_file(path: Path) -> bytes:

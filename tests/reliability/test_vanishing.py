@@ -118,3 +118,35 @@ def test_restore_temp_left_by_a_kill_is_removed_at_next_start(env, syncd, figure
     assert not stale.exists()
     assert env.store.object_keys() == ["uploads/d/real.bin"]
     figures.add("hostile: restore temp left by a kill", hostile_cases=1, files_verified=1)
+
+
+def test_copy_source_overwritten_meanwhile_is_not_copied(store, make_env, syncd, monkeypatch, figures):
+    """A new file whose content is already remote (a rename, a duplicate) becomes a server-side
+    copy of that key; if the key is overwritten right then (its own file changed and was
+    uploaded), the copy must not carry the new content under the old checksum."""
+    from syncd.ledger import Ledger as LedgerClass
+    from syncd.remote import open_remote
+
+    env = make_env(store)
+    env.root.mkdir(parents=True)
+    (env.root / "first.bin").write_bytes(b"same content")
+    assert syncd("--config", str(env.config), "resync").code == 0
+    (env.root / "second.bin").write_bytes(b"same content")
+    other = env.tmp / "other.bin"
+    other.write_bytes(b"first.bin's next version, uploaded just now")
+    real = LedgerClass.find_remote_copy
+
+    def find_then_overwrite(self, sha256, exclude_id):
+        src = real(self, sha256, exclude_id)
+        if src is not None:  # first.bin's key gets another content before the copy
+            remote = open_remote(load_config(env.config))
+            remote.put(src["key"], other, size=other.stat().st_size,
+                       sha256=fsutil.sha256_file(other), mtime_ns=other.stat().st_mtime_ns)
+            remote.close()
+        return src
+
+    monkeypatch.setattr(LedgerClass, "find_remote_copy", find_then_overwrite)
+    r = syncd("--config", str(env.config), "resync")
+    assert r.code == 0, r.err
+    assert store.read(f"{env.prefix}/second.bin") == b"same content"
+    figures.add(f"hostile: copy source overwritten ({store.kind})", hostile_cases=1, files_verified=1)
