@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     bench = Bench(found, work, sizes, args.rounds, say=say)
     results: dict[str, Result] = {}
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     failed: list[str] = []
     steps = [("a", bench.scenario_a), ("b", bench.scenario_b), ("c", bench.scenario_c),
@@ -121,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         f"- command: `{cmd.strip()}` ({'QUICK: small sizes, indicative only' if args.quick else 'full sizes'}, "
         f"{args.rounds} round(s), medians), {elapsed / 60:.1f} min, "
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {machine()}; client and moto server share the cores",
+        f"- machine: {machine()}; client and moto server share the cores; load average "
+        f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above 1-2, other work competed)",
         "- tools: " + "; ".join(t.version if t.version.startswith(t.name.split()[0]) else f"{t.name} {t.version}"
                                 for t in found.values()),
         f"- peers skipped: {', '.join(sorted({'aws', 'rclone'} - set(found))) or 'none'}",
