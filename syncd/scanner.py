@@ -305,7 +305,8 @@ def maybe_remote(row: Row) -> bool:
 
 def deletion_fields(row: Row, on_delete: str, now: float) -> Row:
     """The row update for a file deleted locally while running (SPEC §4.5)."""
-    base = {"watch": row["watch"], "path": row["path"], "updated_at": now, "attempts": 0,
+    # the key too: if a worker dropped the row meanwhile (its file vanished), this re-creates it
+    base = {"watch": row["watch"], "path": row["path"], "key": row["key"], "updated_at": now, "attempts": 0,
             "last_error": None, "error_kind": None}
     if on_delete == "keep" or not maybe_remote(row):
         # queued_at marks remote deletions only: the max_deletes cap counts them

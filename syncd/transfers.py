@@ -256,6 +256,9 @@ class Transfers:
             self.ledger.finish(row, due_at=time.time() + 1)
             return
         key = row["key"]
+        if not key:  # nothing of this row ever had a key: nothing remote to delete
+            self.ledger.finish(row, state="deleted", op=None, attempts=0, last_error=None, error_kind=None)
+            return
         if op == "trash":
             base = join_key(self.cfg.remote.prefix, watch.prefix)
             try:

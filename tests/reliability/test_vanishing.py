@@ -150,3 +150,30 @@ def test_copy_source_overwritten_meanwhile_is_not_copied(store, make_env, syncd,
     assert r.code == 0, r.err
     assert store.read(f"{env.prefix}/second.bin") == b"same content"
     figures.add(f"hostile: copy source overwritten ({store.kind})", hostile_cases=1, files_verified=1)
+
+
+def test_deletion_recorded_for_a_row_a_worker_just_dropped(env, syncd, figures):
+    """The recorder reads a row being uploaded; the worker finds the file gone and drops the row;
+    the recorder then writes the deletion: it re-creates the row, which must carry its key (a
+    keyless 'deleting' row failed forever with ParamValidationError)."""
+    env.root.mkdir(parents=True)
+    (env.root / "gone.bin").write_bytes(b"x")
+    cfg = load_config(env.config)
+    ledger = Ledger(cfg.ledger)
+    try:
+        ledger.ensure_watch("uploads", str(env.root))
+        sc = Scanner(ledger, cfg.watches[0], cfg.remote.prefix, settle=0, missing="delete")
+        sc.run()  # queues gone.bin
+        row = ledger.claim(("put",), now=9e9)[0]  # a worker takes it ('uploading')
+        (env.root / "gone.bin").unlink()
+        stale = ledger.get("uploads", "gone.bin")
+        ledger.forget(row)  # the worker: vanished before upload
+        sc.on_missing(stale)  # the recorder, with what it read before
+        sc.flush()
+        assert ledger.get("uploads", "gone.bin")["key"] == "uploads/gone.bin"
+    finally:
+        ledger.close()
+    r = syncd("--config", str(env.config), "resync")
+    assert r.code == 0, r.err
+    assert rows(env)["gone.bin"] == ("deleted", None)
+    figures.add("hostile: deletion racing a dropped row", hostile_cases=1)
