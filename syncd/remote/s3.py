@@ -19,9 +19,9 @@ from typing import Any, BinaryIO
 import boto3
 import botocore.exceptions as bexc
 import botocore.session
-from botocore.utils import parse_timestamp
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config as BotoConfig
+from botocore.utils import parse_timestamp
 
 from syncd.config import RemoteConfig
 from syncd.fsutil import CHUNK
