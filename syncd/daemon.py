@@ -16,6 +16,7 @@ from typing import Any
 
 from syncd.config import Config
 from syncd.engine import RESTORE_OPS, UPLOAD_OPS, Engine
+from syncd.errors import RemoteUnavailable
 from syncd.ledger import Ledger
 from syncd.lock import LedgerLock
 from syncd.pool import WorkerPool
@@ -138,7 +139,8 @@ class Daemon:
             if not self._wait_for_remote(engine):
                 return 0
             self.notifier.status("restoring missing files")
-            engine.plan(restore=True)
+            if not self._plan(engine):
+                return 0
             n = engine.outstanding(RESTORE_OPS)
             if n:
                 log.info("restoring %d missing files", n)
@@ -173,6 +175,21 @@ class Daemon:
                 attempt += 1
                 engine.stats.remote_failed(e.cause)
                 engine.causes.report(f"remote not usable: {e.cause}", engine.remote.name, logging.ERROR)
+                self.stop.wait(backoff(attempt))
+        return False
+
+    def _plan(self, engine: Engine) -> bool:
+        """The startup plan; a remote that refuses the listing (denied, credentials) is reported
+        and retried like any remote problem: `run` never exits because of the remote."""
+        attempt = 0
+        while not self.stop.is_set():
+            try:
+                engine.plan(restore=True)
+                return not self.stop.is_set()
+            except RemoteUnavailable as e:
+                attempt += 1
+                engine.stats.remote_failed(str(e))
+                engine.causes.report(f"startup listing failed: {e}", engine.remote.name, logging.ERROR)
                 self.stop.wait(backoff(attempt))
         return False
 
