@@ -25,6 +25,7 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("SYNCD_CONFIG", None)
 
 import itertools  # noqa: E402
+import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -260,6 +261,13 @@ def make_env(tmp_path: Path) -> Callable[..., Env]:
         return Env(tmp=tmp_path, store=store, config=cfg, root=root, ledger=Path(s["ledger"]))
 
     return make
+
+
+def free_port() -> int:
+    """A port nothing listens on right now, on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-
 import boto3
 import pytest
 
-from tests.conftest import write_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port, write_config
 
 
 def test_nothing_listening_at_the_endpoint_exits_3(tmp_path, syncd):

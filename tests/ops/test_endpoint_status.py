@@ -13,15 +13,9 @@ import boto3
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import _new_bucket, wait_for, write_config
+from tests.conftest import _new_bucket, free_port, wait_for, write_config
 from tests.daemon_util import DaemonProc, write_file
 from tests.ops.test_check_iam import iam_user  # noqa: F401 - fixture
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> tuple[int, str]:

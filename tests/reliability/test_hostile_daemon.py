@@ -15,13 +15,15 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.daemon_util import write_file
-from tests.reliability.util import PREFIX, Rig, local_tree, restore_temps, wait_ready
-
-
-def _stop(d) -> None:
-    code = d.stop(timeout=30)
-    assert code == 0, d.log()
-    assert "Traceback" not in d.log(), d.log()
+from tests.reliability.util import (
+    PREFIX,
+    Rig,
+    local_tree,
+    restore_temps,
+    start_until_ready,
+    stop_clean,
+    wait_ready,
+)
 
 
 def outside_snapshot(rig: Rig) -> set[str]:
@@ -59,7 +61,7 @@ def test_escaping_keys_at_daemon_start_are_refused_and_others_restored(tmp_path,
         assert rig.healthz()[0] == 200
         assert "refusing remote key" in d.log()
     finally:
-        _stop(d)
+        stop_clean(d)
     assert outside_snapshot(rig) == before
     assert not list(outside.iterdir())
     assert set(local_tree(rig.root)) == {*good, "file.txt"}
@@ -108,17 +110,13 @@ def test_odd_names_round_trip_through_the_daemon(tmp_path, moto_server, figures)
         assert "not valid UTF-8" in reasons and "longer than 1024 bytes" in reasons, st["failures"]
         assert rig.healthz()[0] == 200
     finally:
-        _stop(d)
+        stop_clean(d)
     # NFC and NFD are two files and two keys
     assert len({unicodedata.normalize("NFC", "café.txt"), unicodedata.normalize("NFD", "café.txt")}
                & rig.rels()) == 2
     for rel in NAMES:
         (rig.root / rel).unlink()
-    d = rig.daemon()
-    try:
-        wait_ready(d)
-    finally:
-        _stop(d)
+    start_until_ready(rig)
     assert {rel: (rig.root / rel).read_bytes() for rel in NAMES} == NAMES
     assert Path(os.fsdecode(bad)).read_bytes() == b"not utf-8"
     assert (rig.root / too_long_key).read_bytes() == b"too long"
@@ -156,7 +154,7 @@ def test_watch_root_vanishing_or_replaced_never_deletes_remotely(tmp_path, moto_
         del expected["r/f0.txt"]
         wait_for(lambda: rig.rels() == set(expected), timeout=30, what="working again")
     finally:
-        _stop(d)
+        stop_clean(d)
     assert not rig.check(expected)
     figures.add("hostile: watch root vanished and replaced", hostile_cases=2, files_verified=len(expected))
 
@@ -191,7 +189,7 @@ def test_mass_deletion_pauses_at_max_deletes_until_released(tmp_path, moto_serve
                  what="deletions released")
         wait_for(lambda: rig.healthz()[0] == 200, timeout=30, what="healthy")
     finally:
-        _stop(d)
+        stop_clean(d)
     figures.add("hostile: mass deletion over max_deletes", hostile_cases=1, files_verified=len(files) - 20 + 1)
 
 
@@ -230,7 +228,7 @@ def test_100_mb_burst_of_appends_and_rewrites(tmp_path, moto_server, soak, seed,
         assert d.alive()
         assert rig.healthz()[0] == 200
     finally:
-        _stop(d)
+        stop_clean(d)
     print(f"{writes} writes, {written / 1e6:.0f} MB")
     figures.add("hostile: 100 MB burst of events", hostile_cases=1, files_written=len(names), writes=writes,
                 files_verified=len(names))
@@ -260,7 +258,7 @@ def test_symlink_loops_with_the_daemon(tmp_path, moto_server, figures, follow):
         wait_for(rig.settled, timeout=30, what="settled")
         assert d.alive() and rig.healthz()[0] == 200
     finally:
-        _stop(d)
+        stop_clean(d)
     assert rig.rels() == expected
     assert not rig.ledger_query("SELECT path FROM files WHERE path LIKE '%loop%' OR path LIKE '%up/%'")
     assert rig.states().get("failed", 0) == 0

@@ -14,7 +14,15 @@ import boto3
 from tests.conftest import S3RVER_CREDENTIALS, wait_for
 from tests.daemon_util import write_file
 from tests.reliability.faultproxy import KINDS, FaultProxy, Rates
-from tests.reliability.util import Rig, local_tree, port_of, restore_temps, wait_ready
+from tests.reliability.util import (
+    Rig,
+    local_tree,
+    port_of,
+    restore_temps,
+    start_until_ready,
+    stop_clean,
+    wait_ready,
+)
 
 ENV = {**S3RVER_CREDENTIALS, "AWS_SESSION_TOKEN": ""}
 
@@ -23,12 +31,6 @@ def s3rver_rig(tmp_path, s3rver, endpoint=None, **kw) -> Rig:
     client = boto3.client("s3", endpoint_url=s3rver, region_name="us-east-1", aws_access_key_id="S3RVER",
                           aws_secret_access_key="S3RVER")
     return Rig(tmp_path, endpoint or s3rver, client=client, env=ENV, **kw)
-
-
-def _stop(d) -> None:
-    code = d.stop(timeout=30)
-    assert code == 0, d.log()
-    assert "Traceback" not in d.log(), d.log()
 
 
 def test_daemon_on_s3rver_create_kill_restart_restore_delete(tmp_path, s3rver, seed, figures):
@@ -59,15 +61,11 @@ def test_daemon_on_s3rver_create_kill_restart_restore_delete(tmp_path, s3rver, s
         wait_for(lambda: rig.rels() == set(expected), timeout=60, what="mirrored deletion and rename")
         assert rig.healthz()[0] == 200
     finally:
-        _stop(d)
+        stop_clean(d)
     lost = ["s/d2/f002.bin", "s/big.bin"]
     for rel in lost:
         (rig.root / rel).unlink()
-    d = rig.daemon()
-    try:
-        wait_ready(d)
-    finally:
-        _stop(d)
+    start_until_ready(rig)
     assert local_tree(rig.root) == expected
     assert not restore_temps(rig.root)
     problems = rig.check(expected)
@@ -90,7 +88,7 @@ def test_daemon_on_s3rver_through_faults(tmp_path, s3rver, seed, figures):
                 write_file(rig.root / rel, data)
             wait_for(lambda: rig.matches(expected), timeout=180, interval=1, what=f"uploads via faults (seed {s})")
         finally:
-            _stop(d)
+            stop_clean(d)
         counts = proxy.counts()
     problems = rig.check(expected)
     figures.add("s3rver: daemon through the fault proxy", faults=counts, files_written=len(expected),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import sqlite3
 import urllib.error
 import urllib.request
@@ -13,16 +12,15 @@ from typing import Any
 
 import boto3
 
-from tests.conftest import _new_bucket, wait_for, write_config
+from tests.conftest import (
+    _new_bucket,
+    free_port,  # noqa: F401 - re-exported for the reliability tests
+    wait_for,
+    write_config,
+)
 from tests.daemon_util import DaemonProc
 
 PREFIX = "backups/uploads"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_of(url: str) -> int:
@@ -150,3 +148,19 @@ def local_tree(root: Path) -> dict[str, bytes]:
 
 def restore_temps(root: Path) -> list[Path]:
     return [p for p in root.rglob(".syncd-restore-*")]
+
+
+def stop_clean(d: DaemonProc) -> None:
+    """Stop with SIGTERM: exit 0 and no traceback in its log."""
+    code = d.stop(timeout=30)
+    assert code == 0, d.log()
+    assert "Traceback" not in d.log(), d.log()
+
+
+def start_until_ready(rig: Rig) -> None:
+    """One more daemon start (the startup restore runs), then a clean stop."""
+    d = rig.daemon()
+    try:
+        wait_ready(d)
+    finally:
+        stop_clean(d)
