@@ -16,6 +16,16 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def read_small(path: str | os.PathLike[str], limit: int) -> bytes | None:
+    """A file's bytes when it holds at most `limit` of them, else None (stream it instead).
+
+    Small uploads are read once: hashed and sent from the same buffer, so what is sent is
+    exactly what was hashed, and the body needs no `Expect: 100-continue` round trip."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    return data if len(data) <= limit else None
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a rename in `path` durable (no-op on Windows, which cannot open directories)."""
     if sys.platform == "win32":  # pragma: no cover

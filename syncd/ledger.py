@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlite_utils
 
@@ -37,6 +37,7 @@ SCHEMA_VERSION = 2
 STATES = ("pending", "uploading", "synced", "failed", "deleting", "deleted")
 QUEUE_STATES = ("pending", "failed", "deleting")
 Row = dict[str, Any]
+T = TypeVar("T")
 
 
 def _migrate_1(db: sqlite_utils.Database) -> None:
@@ -78,6 +79,23 @@ def recovery_hint(path: Path) -> str:
             f"mv '{path}' '{path}.corrupt' && syncd resync")
 
 
+class _Work:
+    """One caller's piece of a group commit."""
+
+    __slots__ = ("fn", "value", "error", "done")
+
+    def __init__(self, fn: Callable[[sqlite_utils.Database], Any]) -> None:
+        self.fn = fn
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 class Ledger:
     """Thread-safe handle on the ledger file; each thread gets its own connection."""
 
@@ -89,6 +107,9 @@ class Ledger:
         # SQLite has one writer; threads of this process queue here (handed over at once)
         # instead of in SQLite's busy handler, which sleeps 1-100 ms between retries
         self._write_lock = threading.RLock()
+        self._group = threading.Condition()  # group commit: see `_grouped`
+        self._group_queue: list[_Work] = []
+        self._group_leading = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             db = self.db
@@ -150,6 +171,44 @@ class Ledger:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+    def _grouped(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run `fn` in a write transaction shared with the calls other threads make meanwhile.
+
+        Group commit: workers finishing and claiming at the same time share one COMMIT (one
+        fsync) instead of queueing for one each. The first caller leads: it takes everything
+        queued, runs each piece in its own savepoint (one failing piece does not undo the
+        others) and commits; callers arriving meanwhile form the next group. Every caller
+        returns only once its work is committed, exactly as with `write()`."""
+        work = _Work(fn)
+        with self._group:
+            self._group_queue.append(work)
+            while self._group_leading and not work.done:
+                self._group.wait()
+            if work.done:
+                return work.result()
+            self._group_leading = True
+            batch, self._group_queue = self._group_queue, []
+        try:
+            with self.write() as w:
+                for item in batch:
+                    w.execute("SAVEPOINT piece")
+                    try:
+                        item.value = item.fn(w)
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller it belongs to
+                        w.execute("ROLLBACK TO piece")
+                        item.error = e
+                    w.execute("RELEASE piece")
+        except BaseException as e:  # noqa: BLE001 - the commit failed: nothing of the group stands
+            for item in batch:
+                item.error, item.value = e, None
+        finally:
+            with self._group:
+                for item in batch:
+                    item.done = True
+                self._group_leading = False
+                self._group.notify_all()
+        return work.result()
 
     def _migrate(self, db: sqlite_utils.Database) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -258,7 +317,8 @@ class Ledger:
         uploads are claimed a few at a time (fewer write transactions); a large file, a restore
         or a deletion is claimed alone (restores in parallel, as before)."""
         marks = ",".join("?" for _ in ops)
-        with self.write() as w:
+
+        def take(w: sqlite_utils.Database) -> list[Row]:
             due = w.execute(
                 f"SELECT id, size, op FROM files WHERE state IN ('pending','failed','deleting') "
                 f"AND due_at<=? AND lease_until IS NULL AND op IN ({marks}) ORDER BY due_at LIMIT ?",
@@ -284,6 +344,8 @@ class Ledger:
             rows = {r["id"]: r for r in (dict(zip(cols, t, strict=True)) for t in cur.fetchall())}
             return [rows[i] for i in ids]
 
+        return self._grouped(take)
+
     def finish(self, row: Row, **fields: Any) -> bool:
         """Apply a worker's result if nobody changed the row meanwhile; always release it.
 
@@ -293,25 +355,31 @@ class Ledger:
         now = time.time()
         fields.setdefault("updated_at", now)
         sets = ", ".join(f"{k}=?" for k in fields)
-        with self.write() as w:
+
+        def apply(w: sqlite_utils.Database) -> bool:
             cur = w.execute(f"UPDATE files SET {sets}, lease_until=NULL WHERE id=? AND gen=?",
                             [*fields.values(), row["id"], row["gen"]])
             if cur.rowcount:
                 return True
             extra = {"remote_sha256": fields["remote_sha256"]} if "remote_sha256" in fields else {}
-            sets = "".join(f", {k}=?" for k in extra)
+            keep = "".join(f", {k}=?" for k in extra)
             w.execute(
                 f"UPDATE files SET lease_until=NULL, state=CASE WHEN state='uploading' THEN 'pending' "
-                f"ELSE state END{sets} WHERE id=?", [*extra.values(), row["id"]])
+                f"ELSE state END{keep} WHERE id=?", [*extra.values(), row["id"]])
             return False
+
+        return self._grouped(apply)
 
     def forget(self, row: Row) -> bool:
         """Drop a row if nobody changed it meanwhile (a file that vanished before it was ever uploaded)."""
-        with self.write() as w:
+
+        def drop(w: sqlite_utils.Database) -> bool:
             cur = w.execute("DELETE FROM files WHERE id=? AND gen=?", [row["id"], row["gen"]])
             if not cur.rowcount:
                 w.execute("UPDATE files SET lease_until=NULL WHERE id=?", [row["id"]])
             return bool(cur.rowcount)
+
+        return self._grouped(drop)
 
     def requeue_failed(self, watch: str | None = None, path: str | None = None) -> int:
         """`syncd retry`: failed rows are due now with a fresh attempt count.

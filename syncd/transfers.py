@@ -6,6 +6,7 @@ row did not change meanwhile; errors are classified by `syncd.retry` in one plac
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat as st_mod
@@ -27,6 +28,9 @@ from syncd.retry import decide
 
 log = logging.getLogger(__name__)
 MAX_LISTED_FAILURES = 1000
+# Read once into memory, hashed and sent from there (per worker). Also the smallest duplicate
+# sent as a server-side copy: below it one PUT is cheaper than the HEAD + COPY a copy takes.
+SMALL_FILE = 1024 * 1024
 
 
 @dataclass
@@ -166,7 +170,8 @@ class Transfers:
                                due_at=now + settle if changed else settles_at)
             return
         try:
-            sha = fsutil.sha256_file(path)
+            data = fsutil.read_small(path, SMALL_FILE) if st.st_size <= SMALL_FILE else None
+            sha = hashlib.sha256(data).hexdigest() if data is not None else fsutil.sha256_file(path)
         except FileNotFoundError:
             self._vanished(row)
             return
@@ -176,7 +181,7 @@ class Transfers:
             self.stats.add(already_remote=1)
             return
         copied = False
-        if st.st_size < self.copy_limit and st.st_size > 0:
+        if SMALL_FILE < st.st_size < self.copy_limit:
             src = self.ledger.find_remote_copy(sha, row["id"])
             if src is not None:
                 try:
@@ -187,7 +192,7 @@ class Transfers:
                         raise
         if not copied:
             try:
-                self.remote.put(key, path, size=st.st_size, sha256=sha, mtime_ns=st.st_mtime_ns)
+                self.remote.put(key, path, size=st.st_size, sha256=sha, mtime_ns=st.st_mtime_ns, data=data)
             except RemoteError as e:
                 if e.kind == LOCAL and not os.path.lexists(path):
                     self._vanished(row)  # deleted between hashing and sending: no upload, no error

@@ -84,3 +84,49 @@ def test_finish_does_not_overwrite_an_outside_change(tmp_path):
     assert (after["state"], after["op"], after["remote_sha256"], after["lease_until"]) == (
         "deleting", "delete", "abc", None)
     led.close()
+
+
+def test_concurrent_finishes_share_commits_and_a_failing_one_undoes_only_itself(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    led = Ledger(tmp_path / "l.db")
+    led.upsert_many([{"watch": "w", "path": f"f{i}", "state": "pending", "op": "put", "due_at": 0}
+                     for i in range(200)])
+    rows = led.claim(("put",), time.time(), limit=200, batch_bytes=1 << 30)
+    assert len(rows) == 200
+    commits = 0
+    real_write = Ledger.write
+
+    def counted(self):
+        nonlocal commits
+        commits += 1
+        return real_write(self)
+
+    monkeypatch.setattr(Ledger, "write", counted)
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def worker(mine: list[dict]) -> None:
+        start.wait()
+        for row in mine:
+            try:
+                if row["path"] == "f13":  # a piece that fails inside the shared transaction
+                    led.finish(row, no_such_column=1)
+                else:
+                    assert led.finish(row, state="synced", op=None, remote_sha256=row["path"])
+            except sqlite3.OperationalError as e:
+                errors.append(e)
+        led.close_thread()
+
+    threads = [threading.Thread(target=worker, args=(rows[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 1 and "no_such_column" in str(errors[0])
+    states = {r["path"]: (r["state"], r["remote_sha256"], r["lease_until"]) for r in led.query("SELECT * FROM files")}
+    assert states.pop("f13")[:2] == ("uploading", None)  # its failed piece left it as claimed
+    assert all(v == ("synced", k, None) for k, v in states.items())
+    assert commits < 200  # grouped: fewer transactions than finishes (one each without grouping)
+    led.close()

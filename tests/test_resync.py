@@ -41,13 +41,18 @@ def counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     from syncd.remote.s3 import S3Remote
 
     counts = {"hash": 0, "put": 0}
-    real_hash = fsutil.sha256_file
+    real_hash, real_read = fsutil.sha256_file, fsutil.read_small
 
     def hash_counted(path):
         counts["hash"] += 1
         return real_hash(path)
 
+    def read_counted(path, limit):  # a small file is read once and hashed from memory
+        counts["hash"] += 1
+        return real_read(path, limit)
+
     monkeypatch.setattr(fsutil, "sha256_file", hash_counted)
+    monkeypatch.setattr(fsutil, "read_small", read_counted)
     for cls in (LocalRemote, S3Remote):
         for name in ("put", "copy"):
             real = getattr(cls, name)

@@ -75,8 +75,11 @@ class Remote(Protocol):
     def head(self, key: str) -> ObjectInfo | None:
         """Object info with metadata, or None when the key does not exist."""
 
-    def put(self, key: str, path: Path, *, size: int, sha256: str, mtime_ns: int) -> None:
-        """Upload the file at `path` as `key`, with its checksum verified by the server."""
+    def put(self, key: str, path: Path, *, size: int, sha256: str, mtime_ns: int,
+            data: bytes | None = None) -> None:
+        """Upload the file at `path` as `key`, with its checksum verified by the server.
+
+        `data`: the file's bytes when the caller already read them (small files): sent as is."""
 
     def get(self, key: str, dest: BinaryIO) -> Fetched:
         """Write the object's bytes into `dest`. RemoteError(NOT_FOUND) when missing."""

@@ -129,15 +129,20 @@ class LocalRemote:
         return ObjectInfo(key=key, size=st.st_size, sha256=meta.get("sha256"),
                           mtime_ns=meta.get("mtime_ns", st.st_mtime_ns))
 
-    def put(self, key: str, path: Path, *, size: int, sha256: str, mtime_ns: int) -> None:
+    def put(self, key: str, path: Path, *, size: int, sha256: str, mtime_ns: int,
+            data: bytes | None = None) -> None:
         target = self._path(key)
         digest = hashlib.sha256()
 
         def fill(f: BinaryIO) -> None:
-            with open(path, "rb") as src:
-                while chunk := src.read(CHUNK):
-                    digest.update(chunk)
-                    f.write(chunk)
+            if data is not None:
+                digest.update(data)
+                f.write(data)
+            else:
+                with open(path, "rb") as src:
+                    while chunk := src.read(CHUNK):
+                        digest.update(chunk)
+                        f.write(chunk)
             # the "server-side" check: what arrived must hash to what the client announced
             if digest.hexdigest() != sha256:
                 raise RemoteError(INTEGRITY, f"checksum mismatch for {key} (file changed while uploading)",

@@ -11,6 +11,7 @@ import email.utils
 import hashlib
 import logging
 import mimetypes
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -19,9 +20,9 @@ from typing import Any, BinaryIO
 import boto3
 import botocore.exceptions as bexc
 import botocore.session
-from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from boto3.s3.transfer import TransferConfig, TransferManager, create_transfer_manager
 from botocore.config import Config as BotoConfig
-from botocore.utils import parse_timestamp
+from botocore.utils import determine_content_length, parse_timestamp
 
 from syncd.config import RemoteConfig
 from syncd.fsutil import CHUNK
@@ -45,6 +46,7 @@ from syncd.remote.base import (
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 PART_CONCURRENCY = 4
+SMALL_BODY = 1024 * 1024  # sent without `Expect: 100-continue`
 
 _CRED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                "TokenRefreshRequired", "ExpiredTokenException", "InvalidClientTokenId",
@@ -156,18 +158,31 @@ class S3Remote:
                 s3=s3opts,
             ),
         )
+        # Expect: 100-continue spares a large body a trip to a server that refuses it; a small one
+        # only gains a round trip (and the server a reply) per file
+        self.client.meta.events.register("before-sign.s3.PutObject", _no_expect_for_small_bodies)
         self.threshold = int(cfg.multipart_threshold_mb * MIB)
-        self._tm = create_transfer_manager(
-            self.client,
-            TransferConfig(multipart_threshold=self.threshold, multipart_chunksize=int(cfg.multipart_chunk_mb * MIB),
-                           max_concurrency=PART_CONCURRENCY * max(1, min(workers, 4)), use_threads=True),
-        )
+        self._transfer = TransferConfig(multipart_threshold=self.threshold,
+                                        multipart_chunksize=int(cfg.multipart_chunk_mb * MIB),
+                                        max_concurrency=PART_CONCURRENCY * max(1, min(workers, 4)), use_threads=True)
+        self._tm_lock = threading.Lock()
+        self._tm_made: TransferManager | None = None
+
+    @property
+    def _tm(self) -> TransferManager:
+        """The multipart uploader, made at the first large file: its event handlers run on every
+        request of the shared client, and a run of small files needs none of it."""
+        with self._tm_lock:
+            if self._tm_made is None:
+                self._tm_made = create_transfer_manager(self.client, self._transfer)
+            return self._tm_made
 
     # --- helpers ------------------------------------------------------------------------
     def _extra(self, key: str, sha256: str, mtime_ns: int) -> dict[str, Any]:
         args: dict[str, Any] = {"Metadata": {META_SHA: sha256, META_MTIME: str(mtime_ns)}}
         ctype, _ = mimetypes.guess_type(key, strict=False)
-        args["ContentType"] = ctype or "application/octet-stream"
+        if ctype:  # like `aws s3 sync`: an unknown type is left to the store (binary/octet-stream)
+            args["ContentType"] = ctype
         if self.cfg.storage_class:
             args["StorageClass"] = self.cfg.storage_class
         if self.cfg.sse:
@@ -221,10 +236,11 @@ class S3Remote:
             raise err from e
         return self._info(key, resp)
 
-    def put(self, key: str, path: Path, *, size: int, sha256: str, mtime_ns: int) -> None:
+    def put(self, key: str, path: Path, *, size: int, sha256: str, mtime_ns: int,
+            data: bytes | None = None) -> None:
         extra = self._extra(key, sha256, mtime_ns)
         try:
-            if size >= self.threshold:
+            if data is None and size >= self.threshold:
                 if self.cfg.checksum == "sha256":
                     # per-part SHA-256, verified by the server part by part (a composite checksum)
                     extra["ChecksumAlgorithm"] = "SHA256"
@@ -234,7 +250,11 @@ class S3Remote:
                 extra["ChecksumAlgorithm"] = "SHA256"
                 extra["ChecksumSHA256"] = _b64(sha256)
             elif self.cfg.checksum == "md5":
-                extra["ContentMD5"] = base64.b64encode(_md5_file(path)).decode()
+                md5 = hashlib.md5(data, usedforsecurity=False).digest() if data is not None else _md5_file(path)
+                extra["ContentMD5"] = base64.b64encode(md5).decode()
+            if data is not None:  # bytes: no `Expect: 100-continue` round trip (botocore adds it for files)
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
+                return
             with open(path, "rb") as body:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=size, **extra)
         except Exception as e:
@@ -290,10 +310,19 @@ class S3Remote:
                 raise err from e
 
     def close(self) -> None:
+        with self._tm_lock:
+            tm, self._tm_made = self._tm_made, None
+        if tm is None:
+            return
         try:
-            self._tm.shutdown()
+            tm.shutdown()
         except Exception:  # noqa: BLE001 - never fail a stop on a transfer-manager quirk
             log.debug("transfer manager shutdown failed", exc_info=True)
+
+
+def _no_expect_for_small_bodies(request: Any, **_: Any) -> None:
+    if request.headers.get("Expect") and (determine_content_length(request.body) or 0) <= SMALL_BODY:
+        del request.headers["Expect"]
 
 
 def _source_changed(src: str) -> RemoteError:

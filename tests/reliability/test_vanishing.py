@@ -4,6 +4,7 @@ the bucket without a ledger row (it would never be deleted nor restored)."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from syncd.config import load_config
 from syncd.ledger import Ledger
 from syncd.remote.local import LocalRemote
 from syncd.scanner import Scanner
+from syncd.transfers import SMALL_FILE
 from tests.conftest import Store
 
 
@@ -45,14 +47,14 @@ def test_vanishes_between_scan_and_hash(env, syncd, monkeypatch, figures):
     (env.root / "d").mkdir(parents=True)
     (env.root / "d/flash.bin").write_bytes(b"gone soon")
     (env.root / "d/stays.bin").write_bytes(b"stays")
-    real = fsutil.sha256_file
+    real = fsutil.read_small
 
-    def hash_after_delete(path):
+    def read_after_delete(path, limit):
         if str(path).endswith("flash.bin"):
             Path(path).unlink(missing_ok=True)
-        return real(path)
+        return real(path, limit)
 
-    monkeypatch.setattr(fsutil, "sha256_file", hash_after_delete)
+    monkeypatch.setattr(fsutil, "read_small", read_after_delete)
     r = syncd("--config", str(env.config), "resync")
     assert r.code == 0, r.err
     assert env.store.object_keys() == ["uploads/d/stays.bin"]
@@ -129,16 +131,19 @@ def test_copy_source_overwritten_meanwhile_is_not_copied(store, make_env, syncd,
 
     env = make_env(store)
     env.root.mkdir(parents=True)
-    (env.root / "first.bin").write_bytes(b"same content")
+    same = os.urandom(SMALL_FILE + 1)  # smaller duplicates are uploaded, not copied
+    (env.root / "first.bin").write_bytes(same)
     assert syncd("--config", str(env.config), "resync").code == 0
-    (env.root / "second.bin").write_bytes(b"same content")
+    (env.root / "second.bin").write_bytes(same)
     other = env.tmp / "other.bin"
     other.write_bytes(b"first.bin's next version, uploaded just now")
     real = LedgerClass.find_remote_copy
+    copies: list[str] = []
 
     def find_then_overwrite(self, sha256, exclude_id):
         src = real(self, sha256, exclude_id)
         if src is not None:  # first.bin's key gets another content before the copy
+            copies.append(src["key"])
             remote = open_remote(load_config(env.config))
             remote.put(src["key"], other, size=other.stat().st_size,
                        sha256=fsutil.sha256_file(other), mtime_ns=other.stat().st_mtime_ns)
@@ -148,7 +153,8 @@ def test_copy_source_overwritten_meanwhile_is_not_copied(store, make_env, syncd,
     monkeypatch.setattr(LedgerClass, "find_remote_copy", find_then_overwrite)
     r = syncd("--config", str(env.config), "resync")
     assert r.code == 0, r.err
-    assert store.read(f"{env.prefix}/second.bin") == b"same content"
+    assert copies, "the duplicate was not sent as a copy"
+    assert store.read(f"{env.prefix}/second.bin") == same
     figures.add(f"hostile: copy source overwritten ({store.kind})", hostile_cases=1, files_verified=1)
 
 
