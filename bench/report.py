@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from bench.scenarios import Result
 
 PEERS = ("aws", "rclone")
-LABEL = {"syncd": "syncd resync", "aws": "aws s3 sync", "rclone": "rclone sync",
-         "syncd-single-put": "(info) syncd, multipart_threshold_mb = 128"}
+LABEL = {"syncd": "syncd resync", "aws": "aws s3 sync", "rclone": "rclone sync"}
 
 
 @dataclass

@@ -35,7 +35,6 @@ from bench.tools import (
 )
 
 MIB = 1024 * 1024
-SYNCD_SINGLE = "syncd-single-put"  # (b) only, not a target: syncd with multipart_threshold_mb = 128
 PREFIX = "bench"  # syncd: remote url s3://BUCKET/bench, watch prefix "data"
 WATCH_PREFIX = "data"
 KEY_PREFIX = f"{PREFIX}/{WATCH_PREFIX}"
@@ -118,10 +117,6 @@ class Bench:
     def push(self, name: str, srv: MotoServer, bucket: str, src: Path, run_dir: Path, log: Path,
              fresh: bool = False) -> Sample:
         """Upload (or no-op sync) `src` to s3://bucket/bench/data with one tool."""
-        if name == SYNCD_SINGLE:  # informational: syncd sending 64 MiB files in one PUT, as rclone does
-            cfg = self.syncd_config(srv, bucket, src, run_dir, fresh=fresh,
-                                    remote_extra={"multipart_threshold_mb": 128})
-            return measure([*self.tools["syncd"].argv, "--config", str(cfg), "resync"], env=bench_env(), log=log)
         tool = self.tools[name]
         if name == "syncd":
             cfg = self.syncd_config(srv, bucket, src, run_dir, fresh=fresh)
@@ -147,11 +142,10 @@ class Bench:
             raise RuntimeError(f"{what}: {got} objects in s3://{bucket}/{KEY_PREFIX}, expected {want}")
 
     # --- (a), (b): first upload ---------------------------------------------------------------
-    def first_upload(self, key: str, title: str, src: Path, n: int, unit: str, work: float,
-                     variants: tuple[str, ...] = ()) -> Result:
+    def first_upload(self, key: str, title: str, src: Path, n: int, unit: str, work: float) -> Result:
         res = Result(key, title, unit=unit, work=work)
         for r in range(self.rounds):
-            for name in self.order(r) + list(variants):
+            for name in self.order(r):
                 srv = self.server()
                 try:
                     bucket = f"{key}-{name}-{r}"
@@ -177,7 +171,7 @@ class Bench:
         s = self.sizes
         src = data.make_tree(self.work / "b-data", s.b_files, s.b_size, seed=2)
         return self.first_upload("b", f"first upload, {s.b_files} x {s.b_size // MIB} MiB", src, s.b_files,
-                                 "MiB", s.b_files * s.b_size / MIB, variants=(SYNCD_SINGLE,))
+                                 "MiB", s.b_files * s.b_size / MIB)
 
     # --- (c): no-op resync of (a) -------------------------------------------------------------
     def scenario_c(self) -> Result:

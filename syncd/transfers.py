@@ -181,7 +181,7 @@ class Transfers:
             self.stats.add(already_remote=1)
             return
         copied = False
-        if SMALL_FILE < st.st_size < self.copy_limit:
+        if SMALL_FILE < st.st_size <= self.copy_limit:
             src = self.ledger.find_remote_copy(sha, row["id"])
             if src is not None:
                 try:

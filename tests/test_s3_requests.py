@@ -50,3 +50,25 @@ def test_small_puts_skip_expect_continue_large_ones_keep_it_and_types_are_guesse
     assert "Content-Type" not in puts["small"]  # unknown type: the store's default, as `aws s3 sync`
     got = store.client.get_object(Bucket=store.bucket, Key=f"{env.prefix}/large.bin")["Body"].read()
     assert got == large
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+def test_multipart_only_above_the_threshold_and_bodies_hashed_once(store, make_env, syncd, wire):
+    env = make_env(store, remote={"multipart_threshold_mb": 5, "multipart_chunk_mb": 5})
+    env.root.mkdir(parents=True)
+    exact, above = os.urandom(5 * 1024 * 1024), os.urandom(5 * 1024 * 1024 + 1)
+    (env.root / "exact.bin").write_bytes(exact)
+    (env.root / "above.bin").write_bytes(above)
+    r = syncd("--config", str(env.config), "resync")
+    assert r.code == 0, r.err
+    exact_reqs = [(m, url) for m, url, _ in wire if "exact.bin" in url]
+    above_reqs = [(m, url) for m, url, _ in wire if "above.bin" in url]
+    assert len(exact_reqs) == 1 and exact_reqs[0][0] == "PUT" and "uploadId" not in exact_reqs[0][1]
+    assert any(m == "POST" and "uploads" in url for m, url in above_reqs)  # multipart
+    assert sum("partNumber" in url for _, url in above_reqs) == 2
+    for _, url, h in wire:
+        if ".bin" in url and "partNumber" in url or url.endswith("exact.bin"):
+            # the signed SHA-256 checksum header protects the body; the signature does not hash it again
+            assert h.get("X-Amz-Content-SHA256") == "UNSIGNED-PAYLOAD" and h.get("x-amz-checksum-sha256")
+    for name, data in (("exact.bin", exact), ("above.bin", above)):
+        assert store.client.get_object(Bucket=store.bucket, Key=f"{env.prefix}/{name}")["Body"].read() == data

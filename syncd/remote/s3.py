@@ -141,7 +141,11 @@ class S3Remote:
             core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=fast_timestamp)
             session = boto3.session.Session(botocore_session=core, profile_name=cfg.profile or None,
                                             region_name=cfg.region or None)
-        s3opts = {"addressing_style": "path"} if cfg.endpoint_url else {}
+        s3opts: dict[str, Any] = {"addressing_style": "path"} if cfg.endpoint_url else {}
+        if cfg.checksum == "sha256":
+            # every body syncd sends carries a signed SHA-256 header the server checks: signing
+            # the body too (botocore does over plain http) would only hash each file twice more
+            s3opts["payload_signing_enabled"] = False
         self.client = session.client(
             "s3",
             endpoint_url=cfg.endpoint_url or None,
@@ -162,7 +166,7 @@ class S3Remote:
         # only gains a round trip (and the server a reply) per file
         self.client.meta.events.register("before-sign.s3.PutObject", _no_expect_for_small_bodies)
         self.threshold = int(cfg.multipart_threshold_mb * MIB)
-        self._transfer = TransferConfig(multipart_threshold=self.threshold,
+        self._transfer = TransferConfig(multipart_threshold=self.threshold + 1,
                                         multipart_chunksize=int(cfg.multipart_chunk_mb * MIB),
                                         max_concurrency=PART_CONCURRENCY * max(1, min(workers, 4)), use_threads=True)
         self._tm_lock = threading.Lock()
@@ -240,7 +244,7 @@ class S3Remote:
             data: bytes | None = None) -> None:
         extra = self._extra(key, sha256, mtime_ns)
         try:
-            if data is None and size >= self.threshold:
+            if data is None and size > self.threshold:  # *larger* than the threshold, as rclone's upload_cutoff
                 if self.cfg.checksum == "sha256":
                     # per-part SHA-256, verified by the server part by part (a composite checksum)
                     extra["ChecksumAlgorithm"] = "SHA256"
