@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 
@@ -72,3 +73,20 @@ def test_multipart_only_above_the_threshold_and_bodies_hashed_once(store, make_e
             assert h.get("X-Amz-Content-SHA256") == "UNSIGNED-PAYLOAD" and h.get("x-amz-checksum-sha256")
     for name, data in (("exact.bin", exact), ("above.bin", above)):
         assert store.client.get_object(Bucket=store.bucket, Key=f"{env.prefix}/{name}")["Body"].read() == data
+
+
+@pytest.mark.parametrize("store", ["moto", "moto_server"], indirect=True)
+@pytest.mark.parametrize("size", [10, 3 * 1024 * 1024])  # one exact read / chunked reads
+def test_restore_refuses_an_object_that_does_not_match_its_sha256(store, make_env, syncd, size):
+    env = make_env(store)
+    env.root.mkdir(parents=True)
+    good = os.urandom(size)
+    store.client.put_object(Bucket=store.bucket, Key=f"{env.prefix}/bad.bin", Body=good,
+                            Metadata={"syncd-sha256": "0" * 64, "syncd-mtime-ns": "1"})
+    store.client.put_object(Bucket=store.bucket, Key=f"{env.prefix}/good.bin", Body=good,
+                            Metadata={"syncd-sha256": hashlib.sha256(good).hexdigest(), "syncd-mtime-ns": "1"})
+    r = syncd("--config", str(env.config), "resync")
+    assert r.code == 1
+    assert "does not match its syncd-sha256" in r.out + r.err
+    assert (env.root / "good.bin").read_bytes() == good
+    assert sorted(p.name for p in env.root.iterdir()) == ["good.bin"]  # no partial or temp file

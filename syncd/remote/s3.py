@@ -272,8 +272,13 @@ class S3Remote:
             verified = any(resp.get(k) for k in ("ChecksumSHA256", "ChecksumCRC32", "ChecksumCRC32C",
                                                  "ChecksumSHA1", "ChecksumCRC64NVME")) and \
                 resp.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
-            for chunk in body.iter_chunks(CHUNK):
-                dest.write(chunk)
+            if int(resp.get("ContentLength") or 0) <= CHUNK:
+                # one exact-size read: a read(CHUNK) allocates (and zeroes) a 1 MiB buffer per call,
+                # which cost more than the download for small files
+                dest.write(body.read())
+            else:
+                for chunk in body.iter_chunks(CHUNK):
+                    dest.write(chunk)
         except Exception as e:
             raise map_error(e, "s3:GetObject", key) from e
         return Fetched(info=self._info(key, resp), server_verified=bool(verified))
