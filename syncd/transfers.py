@@ -198,7 +198,6 @@ class Transfers:
                     self._vanished(row)  # deleted between hashing and sending: no upload, no error
                     return
                 raise
-        self.stats.add(uploaded=1, upload_bytes=st.st_size, copied=int(copied))
         try:
             after = os.stat(path) if watch.follow_symlinks else os.lstat(path)
             changed = (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns)
@@ -207,8 +206,10 @@ class Transfers:
         if changed:  # written to while uploading: queue it again; the remote ends with the last content
             self.ledger.finish(row, state="pending", remote_sha256=sha, size=after.st_size,
                                mtime_ns=after.st_mtime_ns, due_at=time.time() + self.cfg.settle_seconds)
-            return
-        self._synced(row, sha, st)
+        else:
+            self._synced(row, sha, st)
+        # counted once the ledger has it: /metrics never shows an upload its file counts lack
+        self.stats.add(uploaded=1, upload_bytes=st.st_size, copied=int(copied))
 
     def _remote_has(self, key: str, sha: str) -> bool:
         info = self.remote.head(key)

@@ -1,4 +1,4 @@
-"""S3 remote (boto3): one shared client, s3transfer for multipart, server-verified checksums.
+"""S3 remote (botocore): one shared client, s3transfer for multipart, server-verified checksums.
 
 Who retries: botocore is set to a single attempt; syncd's ledger owns every retry (backoff in
 `syncd.retry`), so attempts never multiply across layers (PITFALLS §2).
@@ -17,13 +17,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import boto3
 import botocore.exceptions as bexc
 import botocore.session
-from boto3.s3.transfer import TransferConfig, TransferManager, create_transfer_manager
 from botocore.config import Config as BotoConfig
 from botocore.utils import determine_content_length, parse_timestamp
 
+from syncd import __version__
 from syncd.config import RemoteConfig
 from syncd.fsutil import CHUNK
 from syncd.remote.base import (
@@ -137,16 +136,20 @@ class S3Remote:
         self.bucket = cfg.bucket
         self.name = f"s3://{cfg.bucket}/{cfg.prefix}".rstrip("/")
         if session is None:
-            core = botocore.session.get_session()
-            core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=fast_timestamp)
-            session = boto3.session.Session(botocore_session=core, profile_name=cfg.profile or None,
-                                            region_name=cfg.region or None)
+            # a botocore session, not boto3's: boto3 imports s3transfer and its resource layer at
+            # once (a third of the start-up time of a one-shot resync) and syncd needs neither
+            # for a client; s3transfer is imported at the first multipart upload
+            session = botocore.session.get_session()
+            session.user_agent_name, session.user_agent_version = "syncd", __version__
+            session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=fast_timestamp)
+            if cfg.profile:
+                session.set_config_variable("profile", cfg.profile)
         s3opts: dict[str, Any] = {"addressing_style": "path"} if cfg.endpoint_url else {}
         if cfg.checksum == "sha256":
             # every body syncd sends carries a signed SHA-256 header the server checks: signing
             # the body too (botocore does over plain http) would only hash each file twice more
             s3opts["payload_signing_enabled"] = False
-        self.client = session.client(
+        self.client = session.create_client(
             "s3",
             endpoint_url=cfg.endpoint_url or None,
             region_name=cfg.region or None,
@@ -166,19 +169,22 @@ class S3Remote:
         # only gains a round trip (and the server a reply) per file
         self.client.meta.events.register("before-sign.s3.PutObject", _no_expect_for_small_bodies)
         self.threshold = int(cfg.multipart_threshold_mb * MIB)
-        self._transfer = TransferConfig(multipart_threshold=self.threshold + 1,
-                                        multipart_chunksize=int(cfg.multipart_chunk_mb * MIB),
-                                        max_concurrency=PART_CONCURRENCY * max(1, min(workers, 4)), use_threads=True)
+        self._part_size = int(cfg.multipart_chunk_mb * MIB)
+        self._part_concurrency = PART_CONCURRENCY * max(1, min(workers, 4))
         self._tm_lock = threading.Lock()
-        self._tm_made: TransferManager | None = None
+        self._tm_made: Any = None
 
     @property
-    def _tm(self) -> TransferManager:
-        """The multipart uploader, made at the first large file: its event handlers run on every
-        request of the shared client, and a run of small files needs none of it."""
+    def _tm(self) -> Any:
+        """s3transfer's multipart uploader, made at the first large file: its event handlers run
+        on every request of the shared client, and a run of small files needs none of it."""
         with self._tm_lock:
             if self._tm_made is None:
-                self._tm_made = create_transfer_manager(self.client, self._transfer)
+                from s3transfer.manager import TransferConfig, TransferManager
+
+                self._tm_made = TransferManager(self.client, TransferConfig(
+                    multipart_threshold=self.threshold + 1, multipart_chunksize=self._part_size,
+                    max_request_concurrency=self._part_concurrency))
             return self._tm_made
 
     # --- helpers ------------------------------------------------------------------------
