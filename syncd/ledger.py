@@ -14,8 +14,9 @@ the row waits for:
   from a listing): the worker asks the remote (HEAD) before it sends anything.
 
 Writes use `BEGIN IMMEDIATE` (a deferred read-then-write fails at once in WAL mode, PITFALLS
-§6) and `synchronous=FULL` (the ledger drives restores and tombstones). One connection per
-thread.
+§6) and `synchronous=FULL` (the ledger drives restores and tombstones), all on one writer
+connection; workers' concurrent claims and results share commits (group commit). Reads use one
+connection per thread.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from syncd.errors import LedgerError
 SCHEMA_VERSION = 2
 STATES = ("pending", "uploading", "synced", "failed", "deleting", "deleted")
 QUEUE_STATES = ("pending", "failed", "deleting")
+BATCHED = ("put", "get")  # claimed a few small files at a time
 Row = dict[str, Any]
 T = TypeVar("T")
 
@@ -97,7 +99,8 @@ class _Work:
 
 
 class Ledger:
-    """Thread-safe handle on the ledger file; each thread gets its own connection."""
+    """Thread-safe handle on the ledger file: each thread reads through its own connection;
+    every write goes through one writer connection."""
 
     def __init__(self, path: str | os.PathLike[str], *, check: bool = True) -> None:
         self.path = Path(path)
@@ -107,6 +110,7 @@ class Ledger:
         # SQLite has one writer; threads of this process queue here (handed over at once)
         # instead of in SQLite's busy handler, which sleeps 1-100 ms between retries
         self._write_lock = threading.RLock()
+        self._wdb: sqlite_utils.Database | None = None
         self._group = threading.Condition()  # group commit: see `_grouped`
         self._group_queue: list[_Work] = []
         self._group_leading = False
@@ -124,20 +128,33 @@ class Ledger:
             raise LedgerError(f"ledger {self.path} is corrupt ({e}); {recovery_hint(self.path)}") from e
 
     # --- connections ------------------------------------------------------------------
+    def _connect(self, cache_kib: int) -> sqlite_utils.Database:
+        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=60000")
+        conn.execute(f"PRAGMA cache_size=-{cache_kib}")
+        with self._lock:
+            self._all.append(conn)
+        # no sqlite-utils plugins on the ledger (and no entry-point scan at every start)
+        return sqlite_utils.Database(conn, execute_plugins=False)
+
     @property
     def db(self) -> sqlite_utils.Database:
+        """The calling thread's connection, for reads (rows are read once, by index: a small
+        cache keeps RSS flat)."""
         db = getattr(self._local, "db", None)
         if db is None:
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=60000")
-            conn.execute("PRAGMA cache_size=-256")  # KiB; rows are read once, by index: keep RSS flat
-            # no sqlite-utils plugins on the ledger (and no entry-point scan at every start)
-            db = sqlite_utils.Database(conn, execute_plugins=False)
-            self._local.db = db
-            with self._lock:
-                self._all.append(conn)
+            db = self._local.db = self._connect(cache_kib=256)
         return db
+
+    def _writer(self) -> sqlite_utils.Database:
+        """The one connection every write goes through (under `_write_lock`). Its page cache
+        stays valid from one transaction to the next: a connection whose cache another one's
+        commit invalidated re-reads the pages it touches (70 reads per restored file with one
+        writing connection per worker)."""
+        if self._wdb is None:
+            self._wdb = self._connect(cache_kib=2048)
+        return self._wdb
 
     def close_thread(self) -> None:
         """Close the calling thread's connection (worker threads call this when they end)."""
@@ -150,7 +167,7 @@ class Ledger:
             self._local.db = None
 
     def close(self) -> None:
-        with self._lock:
+        with self._write_lock, self._lock:
             for c in self._all:
                 try:
                     c.close()
@@ -158,12 +175,14 @@ class Ledger:
                     pass
             self._all.clear()
         self._local = threading.local()
+        self._wdb = None
 
     @contextmanager
     def write(self) -> Iterator[sqlite_utils.Database]:
-        """One IMMEDIATE transaction."""
-        db = self.db
+        """One IMMEDIATE transaction, on the writer connection (read inside it through the
+        connection it yields: other connections do not see its changes before the commit)."""
         with self._write_lock:
+            db = self._writer()
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -313,9 +332,9 @@ class Ledger:
     def claim(self, ops: tuple[str, ...], now: float, lease: float = 600.0, limit: int = 1,
               batch_bytes: int = 0) -> list[Row]:
         """Atomically take due rows whose op is in `ops`: the first due row, then (up to `limit`
-        rows in all) the next uploads while their sizes add up to at most `batch_bytes`. Small
-        uploads are claimed a few at a time (fewer write transactions); a large file, a restore
-        or a deletion is claimed alone (restores in parallel, as before)."""
+        rows in all) the next uploads or restores while their sizes add up to at most
+        `batch_bytes`. Small files are claimed a few at a time (fewer write transactions); a
+        large file or a deletion is claimed alone."""
         marks = ",".join("?" for _ in ops)
 
         def take(w: sqlite_utils.Database) -> list[Row]:
@@ -327,10 +346,10 @@ class Ledger:
             total = 0
             for row_id, size, op in due:
                 total += size or 0
-                if ids and (op != "put" or total > batch_bytes):
+                if ids and (op not in BATCHED or total > batch_bytes):
                     break
                 ids.append(row_id)
-                if op != "put":
+                if op not in BATCHED:
                     break
             if not ids:
                 return []

@@ -68,3 +68,16 @@ def test_service_is_windows_only(tmp_path, syncd):
                        watches=[{"path": str(tmp_path / "w")}])
     r = syncd("--config", str(cfg), "service", "install")
     assert r.code == 2 and "Windows-only" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_unknown_aws_profile_is_a_config_error_naming_the_key(tmp_path, syncd, monkeypatch):
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    cfg = write_config(tmp_path / "s.toml", remote={"url": "s3://bkt/p", "profile": "nope",
+                                                    "endpoint_url": f"http://127.0.0.1:{free_port()}"},
+                       watches=[{"path": str(tmp_path / "w")}], syncd={"ledger": str(tmp_path / "l.db")})
+    for command in ("resync", "check"):
+        r = syncd("--config", str(cfg), command)
+        assert r.code == 2, (command, r.err)
+        lines = r.err.strip().splitlines()
+        assert len(lines) == 1 and "remote.profile" in lines[0] and "'nope'" in lines[0]

@@ -24,6 +24,7 @@ from botocore.utils import determine_content_length, parse_timestamp
 
 from syncd import __version__
 from syncd.config import RemoteConfig
+from syncd.errors import ConfigError
 from syncd.fsutil import CHUNK
 from syncd.remote.base import (
     CREDENTIALS,
@@ -131,25 +132,40 @@ def _b64(hexdigest: str) -> str:
 
 
 class S3Remote:
-    def __init__(self, cfg: RemoteConfig, *, workers: int = 8, session: Any = None) -> None:
+    def __init__(self, cfg: RemoteConfig, *, workers: int = 8) -> None:
         self.cfg = cfg
         self.bucket = cfg.bucket
         self.name = f"s3://{cfg.bucket}/{cfg.prefix}".rstrip("/")
-        if session is None:
-            # a botocore session, not boto3's: boto3 imports s3transfer and its resource layer at
-            # once (a third of the start-up time of a one-shot resync) and syncd needs neither
-            # for a client; s3transfer is imported at the first multipart upload
-            session = botocore.session.get_session()
-            session.user_agent_name, session.user_agent_version = "syncd", __version__
-            session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=fast_timestamp)
-            if cfg.profile:
-                session.set_config_variable("profile", cfg.profile)
+        # a botocore session, not boto3's: boto3 imports s3transfer and its resource layer at
+        # once (a third of the start-up time of a one-shot resync) and syncd needs neither for
+        # a client; s3transfer is imported at the first multipart upload
+        session = botocore.session.get_session()
+        session.user_agent_name, session.user_agent_version = "syncd", __version__
+        session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=fast_timestamp)
+        if cfg.profile:
+            session.set_config_variable("profile", cfg.profile)
         s3opts: dict[str, Any] = {"addressing_style": "path"} if cfg.endpoint_url else {}
         if cfg.checksum == "sha256":
             # every body syncd sends carries a signed SHA-256 header the server checks: signing
             # the body too (botocore does over plain http) would only hash each file twice more
             s3opts["payload_signing_enabled"] = False
-        self.client = session.create_client(
+        try:
+            self.client = self._client(session, cfg, s3opts, workers)
+        except bexc.ProfileNotFound as e:
+            raise ConfigError(f"remote.profile: no AWS profile {cfg.profile!r} in the AWS config or "
+                              f"credentials files ({e})") from e
+        # Expect: 100-continue spares a large body a trip to a server that refuses it; a small one
+        # only gains a round trip (and the server a reply) per file
+        self.client.meta.events.register("before-sign.s3.PutObject", _no_expect_for_small_bodies)
+        self.threshold = int(cfg.multipart_threshold_mb * MIB)
+        self._part_size = int(cfg.multipart_chunk_mb * MIB)
+        self._part_concurrency = PART_CONCURRENCY * max(1, min(workers, 4))
+        self._tm_lock = threading.Lock()
+        self._tm_made: Any = None
+
+    @staticmethod
+    def _client(session: Any, cfg: RemoteConfig, s3opts: dict[str, Any], workers: int) -> Any:
+        return session.create_client(
             "s3",
             endpoint_url=cfg.endpoint_url or None,
             region_name=cfg.region or None,
@@ -165,14 +181,6 @@ class S3Remote:
                 s3=s3opts,
             ),
         )
-        # Expect: 100-continue spares a large body a trip to a server that refuses it; a small one
-        # only gains a round trip (and the server a reply) per file
-        self.client.meta.events.register("before-sign.s3.PutObject", _no_expect_for_small_bodies)
-        self.threshold = int(cfg.multipart_threshold_mb * MIB)
-        self._part_size = int(cfg.multipart_chunk_mb * MIB)
-        self._part_concurrency = PART_CONCURRENCY * max(1, min(workers, 4))
-        self._tm_lock = threading.Lock()
-        self._tm_made: Any = None
 
     @property
     def _tm(self) -> Any:
