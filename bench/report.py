@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from bench.scenarios import Result
 
 PEERS = ("aws", "rclone")
-LABEL = {"syncd": "syncd resync", "aws": "aws s3 sync", "rclone": "rclone sync"}
+LABEL = {"syncd": "syncd resync", "aws": "aws s3 sync", "rclone": "rclone sync",
+         "ceiling": "(info) bare botocore PUT loop, 8 threads, syncd's headers"}
 
 
 @dataclass

@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from bench.tools import (
 )
 
 MIB = 1024 * 1024
+CEILING = "ceiling"  # (a) only, not a target: bench/ceiling.py, the same PUTs without syncd around them
 PREFIX = "bench"  # syncd: remote url s3://BUCKET/bench, watch prefix "data"
 WATCH_PREFIX = "data"
 KEY_PREFIX = f"{PREFIX}/{WATCH_PREFIX}"
@@ -117,6 +119,9 @@ class Bench:
     def push(self, name: str, srv: MotoServer, bucket: str, src: Path, run_dir: Path, log: Path,
              fresh: bool = False) -> Sample:
         """Upload (or no-op sync) `src` to s3://bucket/bench/data with one tool."""
+        if name == CEILING:
+            return measure([sys.executable, str(Path(__file__).with_name("ceiling.py")), srv.endpoint, bucket,
+                            KEY_PREFIX, str(src)], env=bench_env(), log=log)
         tool = self.tools[name]
         if name == "syncd":
             cfg = self.syncd_config(srv, bucket, src, run_dir, fresh=fresh)
@@ -142,10 +147,11 @@ class Bench:
             raise RuntimeError(f"{what}: {got} objects in s3://{bucket}/{KEY_PREFIX}, expected {want}")
 
     # --- (a), (b): first upload ---------------------------------------------------------------
-    def first_upload(self, key: str, title: str, src: Path, n: int, unit: str, work: float) -> Result:
+    def first_upload(self, key: str, title: str, src: Path, n: int, unit: str, work: float,
+                     info: tuple[str, ...] = ()) -> Result:
         res = Result(key, title, unit=unit, work=work)
         for r in range(self.rounds):
-            for name in self.order(r):
+            for name in self.order(r) + list(info):
                 srv = self.server()
                 try:
                     bucket = f"{key}-{name}-{r}"
@@ -165,7 +171,7 @@ class Bench:
     def scenario_a(self) -> Result:
         s = self.sizes
         return self.first_upload("a", f"first upload, {s.a_files:,} x {s.a_size // 1024} KiB", self.a_data(),
-                                 s.a_files, "files", s.a_files)
+                                 s.a_files, "files", s.a_files, info=(CEILING,))
 
     def scenario_b(self) -> Result:
         s = self.sizes

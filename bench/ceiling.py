@@ -1,0 +1,58 @@
+"""The server's ceiling for scenario (a): a bare botocore `put_object` loop, no ledger, no scan.
+
+    python bench/ceiling.py ENDPOINT BUCKET KEY_PREFIX SRC_DIR [THREADS]
+
+Sends every file under SRC_DIR as KEY_PREFIX/<relative path> from THREADS threads (default 8,
+syncd's default workers), with the headers syncd sends (SHA-256 checksum, `syncd-*` metadata,
+guessed Content-Type, no `Expect: 100-continue`). Shown next to syncd in (a) as information:
+how fast the same requests go with nothing else around them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import mimetypes
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import botocore.session
+from botocore.config import Config
+
+
+def main(argv: list[str]) -> int:
+    endpoint, bucket, prefix, src = argv[:4]
+    threads = int(argv[4]) if len(argv) > 4 else 8
+    client = botocore.session.get_session().create_client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1",
+        config=Config(max_pool_connections=threads + 4, retries={"total_max_attempts": 1},
+                      request_checksum_calculation="when_required", response_checksum_validation="when_required",
+                      s3={"addressing_style": "path", "payload_signing_enabled": False}))
+
+    def no_expect(request, **_) -> None:
+        if "Expect" in request.headers:
+            del request.headers["Expect"]
+
+    client.meta.events.register("before-sign.s3.PutObject", no_expect)
+    root = Path(src)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+
+    def put(path: Path) -> None:
+        data = path.read_bytes()
+        digest = hashlib.sha256(data)
+        ctype = mimetypes.guess_type(path.name, strict=False)[0]
+        extra = {"ContentType": ctype} if ctype else {}
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(root).as_posix()}", Body=data,
+                          ChecksumAlgorithm="SHA256", ChecksumSHA256=base64.b64encode(digest.digest()).decode(),
+                          Metadata={"syncd-sha256": digest.hexdigest(),
+                                    "syncd-mtime-ns": str(os.stat(path).st_mtime_ns)}, **extra)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(put, files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
