@@ -205,21 +205,18 @@ class Scanner:
         row.update(extra)
         self._upserts.append(row)
 
-    def on_new(self, entry: Entry) -> None:
-        if entry.kind == BAD_NAME:
-            self.stats.bad_names += 1
-            self._fail_name(entry, entry.problem)
-            return
-        problem = key_problem(self.key(entry.path))
+    def on_new(self, entry: Entry, *, known_bad: bool = False) -> None:
+        problem = entry.problem if entry.kind == BAD_NAME else key_problem(self.key(entry.path))
         if problem:
             self.stats.bad_names += 1
-            self._fail_name(entry, problem)
+            self._fail_name(entry, problem, warn=not known_bad)
             return
         self.stats.new += 1
         self._queue_put(entry, probe=0)
 
-    def _fail_name(self, entry: Entry, problem: str) -> None:
-        log.warning("cannot sync %s/%s: %s", self.watch.prefix, entry.path, problem)
+    def _fail_name(self, entry: Entry, problem: str, *, warn: bool = True) -> None:
+        if warn:  # once per file: not again at each write to a file already failed for its name
+            log.warning("cannot sync %s/%s: %s", self.watch.prefix, entry.path, problem)
         self._upserts.append({"watch": self.watch.prefix, "path": entry.path, "size": entry.size,
                               "mtime_ns": entry.mtime_ns, "state": "failed", "op": None, "key": None,
                               "last_error": problem, "error_kind": "name", "updated_at": self.now,
@@ -230,7 +227,7 @@ class Scanner:
         state, op = row["state"], row["op"]
         if entry.kind == BAD_NAME or row["error_kind"] == "name":
             if not same:
-                self.on_new(entry)
+                self.on_new(entry, known_bad=row["error_kind"] == "name")
             return
         if state == "synced" and same:
             self.stats.unchanged += 1

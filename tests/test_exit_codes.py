@@ -81,3 +81,26 @@ def test_unknown_aws_profile_is_a_config_error_naming_the_key(tmp_path, syncd, m
         assert r.code == 2, (command, r.err)
         lines = r.err.strip().splitlines()
         assert len(lines) == 1 and "remote.profile" in lines[0] and "'nope'" in lines[0]
+
+
+def test_the_command_exits_with_its_code_and_all_its_output(tmp_path):
+    """`python -m syncd` (and the `syncd` script) skip the interpreter's teardown: the exit code
+    and every line written must still come through."""
+    import json
+    import subprocess
+    import sys
+
+    good = write_config(tmp_path / "s.toml", remote={"url": f"file://{tmp_path / 'remote'}"},
+                        watches=[{"path": str(tmp_path / "w")}], syncd={"ledger": str(tmp_path / "l.db")})
+    (tmp_path / "w").mkdir()
+    for i in range(50):
+        (tmp_path / "w" / f"f{i}.txt").write_text(str(i))
+    r = subprocess.run([sys.executable, "-m", "syncd", "--config", str(good), "resync"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("uploaded 50, restored 0, unchanged 0, failed 0")
+    r = subprocess.run([sys.executable, "-m", "syncd", "--config", str(good), "status", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["watches"][0]["counts"]["synced"] == 50
+    r = subprocess.run([sys.executable, "-m", "syncd", "--config", str(tmp_path / "missing.toml"), "status"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("syncd: error:") and len(r.stderr.strip().splitlines()) == 1

@@ -73,3 +73,22 @@ def test_unreadable_directory_leaves_its_rows_alone(tmp_path, monkeypatch):
     assert s.deletions == 0 and s.unreadable_dirs == ["locked/"]
     assert led.get("w", "locked/a.txt")["state"] == "synced"
     led.close()
+
+
+def test_a_bad_name_is_warned_about_once_not_at_every_change(tmp_path, caplog):
+    import logging
+    import os
+
+    w = watch(tmp_path)
+    bad = w.path / "back\\slash.txt"  # a name that cannot become a portable key
+    led = Ledger(tmp_path / "l.db")
+    with caplog.at_level(logging.WARNING, logger="syncd.scanner"):
+        for i in range(3):  # written to again and again
+            bad.write_text("x" * (i + 1))
+            os.utime(bad, ns=(i * 10**9, i * 10**9))
+            assert Scanner(led, w, "", settle=0).run().bad_names == 1
+    warnings = [r for r in caplog.records if "back\\slash.txt" in r.getMessage()]
+    assert len(warnings) == 1
+    (row,) = led.query("SELECT state, error_kind, size FROM files")
+    assert (row["state"], row["error_kind"], row["size"]) == ("failed", "name", 3)  # the row follows the file
+    led.close()
