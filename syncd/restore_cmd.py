@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,13 +13,14 @@ from pathlib import Path
 
 from syncd.config import Config
 from syncd.engine import RESTORE_OPS, Engine, remote_files
-from syncd.keys import UnsafeKey, join_key
+from syncd.keys import RESTORE_TEMP_PREFIX, UnsafeKey, join_key
 from syncd.ledger import Ledger
 from syncd.remote.base import Remote, RemoteError
 from syncd.restore import fetch, safe_target
 from syncd.retry import call as retry_call
 
 log = logging.getLogger(__name__)
+STALE_TEMP_SECONDS = 60.0
 
 
 @dataclass
@@ -34,6 +36,24 @@ class RestoreSummary:
         if self.dry_run:
             return f"dry run: would restore {self.would_restore}, skipped {self.skipped}, failed {self.failed}"
         return f"restored {self.restored}, skipped {self.skipped}, failed {self.failed}"
+
+
+def clean_stale_temps(dirs: Iterable[Path]) -> int:
+    """Remove the restore temps a killed `restore --to` left in the directories it writes to
+    again (in-place restores have theirs removed by the next scan). A temp whose inode changed
+    within STALE_TEMP_SECONDS may belong to a restore running now: it stays."""
+    now, removed = time.time(), 0
+    for d in dirs:
+        try:
+            with os.scandir(d) as entries:
+                for de in entries:
+                    if (de.name.startswith(RESTORE_TEMP_PREFIX) and de.is_file(follow_symlinks=False)
+                            and now - de.stat(follow_symlinks=False).st_ctime > STALE_TEMP_SECONDS):
+                        os.unlink(de.path)
+                        removed += 1
+        except OSError:  # not there yet (nothing to clean) or unreadable (the restore will say)
+            continue
+    return removed
 
 
 def restore_in_place(cfg: Config, ledger: Ledger, remote: Remote, *, globs: Iterable[str] = (),
@@ -121,6 +141,8 @@ def restore_to(cfg: Config, remote: Remote, to_dir: Path, *, globs: Iterable[str
                 objects = retry_call(listing)
             except RemoteError as e:
                 raise unavailable(remote, e) from e
+            if not dry_run:
+                clean_stale_temps({root.joinpath(*rel.split("/")[:-1]) for rel, _obj in objects})
             futures = [ex.submit(one, root, rel, obj.key) for rel, obj in objects]
             for f in futures:
                 f.result()

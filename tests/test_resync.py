@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from syncd import fsutil
+from tests.conftest import Store
 
 MIB = 1024 * 1024
 
@@ -243,3 +244,21 @@ def test_names_that_cannot_be_keys_are_failed_not_skipped(store, make_env, syncd
     st = json.loads(r.out)["watches"][0]
     assert st["counts"]["failed"] == 1
     assert st["failures"][0]["path"] == "bad-\\xff.txt"
+
+
+def test_restore_to_removes_the_temps_a_killed_restore_left(tmp_path, make_env, syncd, monkeypatch):
+    from syncd import restore_cmd
+
+    env = make_env(Store(kind="file", url=f"file://{tmp_path / 'remote'}", root=tmp_path / "remote"))
+    (env.root / "p").mkdir(parents=True)
+    (env.root / "p/a.txt").write_bytes(b"a")
+    assert syncd("--config", str(env.config), "resync").code == 0
+    out = env.tmp / "copy"
+    (out / "uploads/p").mkdir(parents=True)
+    (out / "uploads/p/.syncd-restore-killed").write_bytes(b"half")  # what kill -9 leaves
+    # a temp written within the last STALE_TEMP_SECONDS may be another restore's, still running
+    assert restore_cmd.clean_stale_temps([out / "uploads/p"]) == 0
+    monkeypatch.setattr(restore_cmd, "STALE_TEMP_SECONDS", -1.0)  # this one is old enough
+    r = syncd("--config", str(env.config), "restore", "--to", str(out))
+    assert r.code == 0, r.err
+    assert tree(out) == {"uploads/p/a.txt": b"a"}
