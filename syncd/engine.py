@@ -20,7 +20,7 @@ from syncd.keys import UnsafeKey, is_reserved, join_key, rel_from_key
 from syncd.ledger import Ledger, Row
 from syncd.logs import CauseLog
 from syncd.patterns import Filter, matches_any
-from syncd.pool import WorkerPool
+from syncd.pool import Wake, WorkerPool
 from syncd.remote.base import (
     CREDENTIALS,
     DENIED,
@@ -109,7 +109,7 @@ class Engine:
         self.on_progress = on_progress
         self.refused: list[tuple[str, str]] = []
         self.scans: dict[str, ScanStats] = {}
-        self.wake = threading.Event()
+        self.wake = Wake()
 
     # --- steps ----------------------------------------------------------------------------
     def prepare(self, *, create: bool = True) -> None:

@@ -1,7 +1,7 @@
 """Worker threads that claim rows from the ledger and hand them to a handler.
 
 Workers only talk through the ledger: they claim due rows atomically and write the outcome back.
-A `wake` event lets producers (the watcher) cut a worker's idle wait short.
+A `Wake` lets producers (the watcher, other workers) cut a worker's idle wait short.
 """
 
 from __future__ import annotations
@@ -19,15 +19,38 @@ CLAIM_ROWS = 4  # small files are claimed a few at a time: fewer ledger write tr
 CLAIM_BYTES = 1024 * 1024  # ... as long as they add up to no more than this
 
 
+class Wake:
+    """A wake-up that is never lost: `wait_after(seen)` returns at once if `set()` was called
+    since `seen = wake.seen()`. (A shared Event is: a worker woken first clears it just before
+    another, between its last look at the queue and its wait, starts waiting: that one slept a
+    full IDLE_MAX at the end of every drain it lost this race in.)"""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._count = 0
+
+    def set(self) -> None:
+        with self._cond:
+            self._count += 1
+            self._cond.notify_all()
+
+    def seen(self) -> int:
+        return self._count
+
+    def wait_after(self, seen: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._count != seen, timeout)
+
+
 class WorkerPool:
     def __init__(self, ledger: Ledger, handler: Callable[[Row], None], workers: int, *,
-                 stop: threading.Event | None = None, wake: threading.Event | None = None,
+                 stop: threading.Event | None = None, wake: Wake | None = None,
                  on_done: Callable[[Row], None] | None = None, lease: float = 900.0) -> None:
         self.ledger = ledger
         self.handler = handler
         self.n = workers
         self.stop = stop or threading.Event()
-        self.wake = wake or threading.Event()
+        self.wake = wake or Wake()
         self.on_done = on_done
         self.lease = lease
         self._threads: list[threading.Thread] = []
@@ -42,6 +65,7 @@ class WorkerPool:
         try:
             while not self.stop.is_set():
                 self.last_loop = time.monotonic()
+                seen = self.wake.seen()  # before looking at the queue: no wake-up after it is lost
                 ops = self.ops
                 # several rows at once only when every other worker is busy: with idle workers
                 # around, a second due row is theirs to take, not a wait behind this one
@@ -69,8 +93,7 @@ class WorkerPool:
                     return
                 nd = ledger.next_due(ops) if ops else None
                 wait = IDLE_MAX if nd is None else min(IDLE_MAX, max(0.01, nd - time.time()))
-                if self.wake.wait(wait):
-                    self.wake.clear()
+                self.wake.wait_after(seen, wait)
         finally:
             ledger.close_thread()
 

@@ -36,6 +36,7 @@ from syncd.config import Config, WatchConfig
 from syncd.keys import name_problem, rel_path
 from syncd.ledger import Ledger
 from syncd.patterns import Filter
+from syncd.pool import Wake
 from syncd.scanner import BAD_NAME, FILE, Entry, Scanner, walk
 
 log = logging.getLogger(__name__)
@@ -70,11 +71,11 @@ class _OverflowLog(logging.Handler):
 
 class Watcher:
     def __init__(self, cfg: Config, ledger: Ledger, *, request_rescan: Callable[[str], None],
-                 wake: threading.Event | None = None) -> None:
+                 wake: Wake | None = None) -> None:
         self.cfg = cfg
         self.ledger = ledger
         self.request_rescan = request_rescan
-        self.wake = wake or threading.Event()
+        self.wake = wake or Wake()
         self.q: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._observers: list = []

@@ -130,3 +130,14 @@ def test_concurrent_finishes_share_commits_and_a_failing_one_undoes_only_itself(
     assert all(v == ("synced", k, None) for k, v in states.items())
     assert commits < 200  # grouped: fewer transactions than finishes (one each without grouping)
     led.close()
+
+
+def test_a_wake_set_between_looking_and_waiting_is_not_lost():
+    from syncd.pool import Wake
+
+    wake = Wake()
+    seen = wake.seen()
+    wake.set()  # another worker finished right after this one looked at the queue...
+    wake.set()  # ...and a second waiter would have cleared a plain Event here
+    assert wake.wait_after(seen, timeout=5.0) is True  # returns at once, not after the timeout
+    assert wake.wait_after(wake.seen(), timeout=0.01) is False
