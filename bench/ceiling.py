@@ -21,6 +21,8 @@ from pathlib import Path
 import botocore.session
 from botocore.config import Config
 
+from syncd.remote.s3 import no_expect_for_small_bodies
+
 
 def main(argv: list[str]) -> int:
     endpoint, bucket, prefix, src = argv[:4]
@@ -31,11 +33,7 @@ def main(argv: list[str]) -> int:
                       request_checksum_calculation="when_required", response_checksum_validation="when_required",
                       s3={"addressing_style": "path", "payload_signing_enabled": False}))
 
-    def no_expect(request, **_) -> None:
-        if "Expect" in request.headers:
-            del request.headers["Expect"]
-
-    client.meta.events.register("before-sign.s3.PutObject", no_expect)
+    client.meta.events.register("before-sign.s3.PutObject", no_expect_for_small_bodies)  # as syncd does
     root = Path(src)
     files = sorted(p for p in root.rglob("*") if p.is_file())
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from syncd.config import Config
@@ -163,34 +164,31 @@ class Daemon:
             self._shutdown(remote)
 
     def _wait_for_remote(self, engine: Engine) -> bool:
-        attempt = 0
-        while not self.stop.is_set():
-            try:
-                engine.probe()
-                if attempt:
-                    log.info("remote %s is reachable again", engine.remote.name)
-                    engine.causes.clear()
-                return True
-            except RemoteError as e:
-                attempt += 1
-                engine.stats.remote_failed(e.cause)
-                engine.causes.report(f"remote not usable: {e.cause}", engine.remote.name, logging.ERROR)
-                self.stop.wait(backoff(attempt))
-        return False
+        return self._until_remote_works(engine, engine.probe, "remote not usable")
 
     def _plan(self, engine: Engine) -> bool:
         """The startup plan; a remote that refuses the listing (denied, credentials) is reported
         and retried like any remote problem: `run` never exits because of the remote."""
+        return self._until_remote_works(engine, lambda: engine.plan(restore=True), "startup listing failed")
+
+    def _until_remote_works(self, engine: Engine, step: Callable[[], object], what: str) -> bool:
+        """Run `step` until it gets past the remote, reporting each failure and backing off;
+        False when stopped first."""
         attempt = 0
         while not self.stop.is_set():
             try:
-                engine.plan(restore=True)
-                return not self.stop.is_set()
-            except RemoteUnavailable as e:
+                step()
+            except (RemoteError, RemoteUnavailable) as e:
                 attempt += 1
-                engine.stats.remote_failed(str(e))
-                engine.causes.report(f"startup listing failed: {e}", engine.remote.name, logging.ERROR)
+                cause = e.cause if isinstance(e, RemoteError) else str(e)
+                engine.stats.remote_failed(cause)
+                engine.causes.report(f"{what}: {cause}", engine.remote.name, logging.ERROR)
                 self.stop.wait(backoff(attempt))
+                continue
+            if attempt:
+                log.info("remote %s is reachable again", engine.remote.name)
+                engine.causes.clear()
+            return not self.stop.is_set()
         return False
 
     def _ops(self) -> tuple[str, ...]:

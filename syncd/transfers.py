@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 from syncd import fsutil
 from syncd.config import Config, WatchConfig
+from syncd.fsutil import SMALL_FILE
 from syncd.keys import UnsafeKey, join_key
 from syncd.ledger import Ledger, Row
 from syncd.logs import CauseLog
@@ -28,9 +29,6 @@ from syncd.retry import decide
 
 log = logging.getLogger(__name__)
 MAX_LISTED_FAILURES = 1000
-# Read once into memory, hashed and sent from there (per worker). Also the smallest duplicate
-# sent as a server-side copy: below it one PUT is cheaper than the HEAD + COPY a copy takes.
-SMALL_FILE = 1024 * 1024
 
 
 @dataclass
@@ -181,7 +179,7 @@ class Transfers:
             self.stats.add(already_remote=1)
             return
         copied = False
-        if SMALL_FILE < st.st_size <= self.copy_limit:
+        if SMALL_FILE < st.st_size <= self.copy_limit:  # smaller: one PUT beats a copy's HEAD + COPY
             src = self.ledger.find_remote_copy(sha, row["id"])
             if src is not None:
                 try:

@@ -25,7 +25,7 @@ from botocore.utils import determine_content_length, parse_timestamp
 from syncd import __version__
 from syncd.config import RemoteConfig
 from syncd.errors import ConfigError
-from syncd.fsutil import CHUNK
+from syncd.fsutil import CHUNK, SMALL_FILE
 from syncd.remote.base import (
     CREDENTIALS,
     DENIED,
@@ -46,7 +46,6 @@ from syncd.remote.base import (
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 PART_CONCURRENCY = 4
-SMALL_BODY = 1024 * 1024  # sent without `Expect: 100-continue`
 
 _CRED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                "TokenRefreshRequired", "ExpiredTokenException", "InvalidClientTokenId",
@@ -150,37 +149,33 @@ class S3Remote:
             # the body too (botocore does over plain http) would only hash each file twice more
             s3opts["payload_signing_enabled"] = False
         try:
-            self.client = self._client(session, cfg, s3opts, workers)
+            self.client = session.create_client(
+                "s3",
+                endpoint_url=cfg.endpoint_url or None,
+                region_name=cfg.region or None,
+                config=BotoConfig(
+                    max_pool_connections=workers * PART_CONCURRENCY + 4,
+                    connect_timeout=10,
+                    read_timeout=60,
+                    retries={"mode": "standard", "total_max_attempts": 1},
+                    # syncd asks for the checksum it wants explicitly (SHA-256 or Content-MD5); the SDK's
+                    # default CRC32 breaks many S3-compatible stores (PITFALLS §2).
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                    s3=s3opts,
+                ),
+            )
         except bexc.ProfileNotFound as e:
             raise ConfigError(f"remote.profile: no AWS profile {cfg.profile!r} in the AWS config or "
                               f"credentials files ({e})") from e
         # Expect: 100-continue spares a large body a trip to a server that refuses it; a small one
         # only gains a round trip (and the server a reply) per file
-        self.client.meta.events.register("before-sign.s3.PutObject", _no_expect_for_small_bodies)
+        self.client.meta.events.register("before-sign.s3.PutObject", no_expect_for_small_bodies)
         self.threshold = int(cfg.multipart_threshold_mb * MIB)
         self._part_size = int(cfg.multipart_chunk_mb * MIB)
         self._part_concurrency = PART_CONCURRENCY * max(1, min(workers, 4))
         self._tm_lock = threading.Lock()
         self._tm_made: Any = None
-
-    @staticmethod
-    def _client(session: Any, cfg: RemoteConfig, s3opts: dict[str, Any], workers: int) -> Any:
-        return session.create_client(
-            "s3",
-            endpoint_url=cfg.endpoint_url or None,
-            region_name=cfg.region or None,
-            config=BotoConfig(
-                max_pool_connections=workers * PART_CONCURRENCY + 4,
-                connect_timeout=10,
-                read_timeout=60,
-                retries={"mode": "standard", "total_max_attempts": 1},
-                # syncd asks for the checksum it wants explicitly (SHA-256 or Content-MD5); the SDK's
-                # default CRC32 breaks many S3-compatible stores (PITFALLS §2).
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-                s3=s3opts,
-            ),
-        )
 
     @property
     def _tm(self) -> Any:
@@ -270,7 +265,7 @@ class S3Remote:
             elif self.cfg.checksum == "md5":
                 md5 = hashlib.md5(data, usedforsecurity=False).digest() if data is not None else _md5_file(path)
                 extra["ContentMD5"] = base64.b64encode(md5).decode()
-            if data is not None:  # bytes: no `Expect: 100-continue` round trip (botocore adds it for files)
+            if data is not None:  # already read (a small file): sent from memory
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
                 return
             with open(path, "rb") as body:
@@ -343,8 +338,9 @@ class S3Remote:
             log.debug("transfer manager shutdown failed", exc_info=True)
 
 
-def _no_expect_for_small_bodies(request: Any, **_: Any) -> None:
-    if request.headers.get("Expect") and (determine_content_length(request.body) or 0) <= SMALL_BODY:
+def no_expect_for_small_bodies(request: Any, **_: Any) -> None:
+    """botocore event handler (before-sign): no `Expect: 100-continue` on a small body."""
+    if request.headers.get("Expect") and (determine_content_length(request.body) or 0) <= SMALL_FILE:
         del request.headers["Expect"]
 
 

@@ -12,10 +12,10 @@ import pytest
 
 from syncd import fsutil
 from syncd.config import load_config
+from syncd.fsutil import SMALL_FILE
 from syncd.ledger import Ledger
 from syncd.remote.local import LocalRemote
 from syncd.scanner import Scanner
-from syncd.transfers import SMALL_FILE
 from tests.conftest import Store
 
 
