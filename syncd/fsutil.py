@@ -9,7 +9,7 @@ from pathlib import Path
 
 CHUNK = 1024 * 1024
 # A file up to this size is read into memory whole: hashed and sent from one buffer (per
-# worker), sent without `Expect: 100-continue`, and uploaded rather than server-side copied.
+# worker), and sent without `Expect: 100-continue`.
 SMALL_FILE = 1024 * 1024
 
 

@@ -179,7 +179,7 @@ class Transfers:
             self.stats.add(already_remote=1)
             return
         copied = False
-        if SMALL_FILE < st.st_size <= self.copy_limit:  # smaller: one PUT beats a copy's HEAD + COPY
+        if 0 < st.st_size <= self.copy_limit:  # renames and duplicates: a server-side copy (SPEC §4.8)
             src = self.ledger.find_remote_copy(sha, row["id"])
             if src is not None:
                 try:

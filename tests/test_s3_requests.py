@@ -90,3 +90,18 @@ def test_restore_refuses_an_object_that_does_not_match_its_sha256(store, make_en
     assert "does not match its syncd-sha256" in r.out + r.err
     assert (env.root / "good.bin").read_bytes() == good
     assert sorted(p.name for p in env.root.iterdir()) == ["good.bin"]  # no partial or temp file
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+def test_a_small_duplicate_is_a_server_side_copy(store, make_env, syncd, wire):
+    """SPEC §4.8: content already remote is copied on the server, whatever its size."""
+    env = make_env(store)
+    env.root.mkdir(parents=True)
+    (env.root / "first.txt").write_bytes(b"same bytes")
+    assert syncd("--config", str(env.config), "resync").code == 0
+    (env.root / "renamed.txt").write_bytes(b"same bytes")
+    wire.clear()
+    assert syncd("--config", str(env.config), "resync").code == 0
+    puts = [h for method, url, h in wire if method == "PUT" and url.split("?")[0].endswith("renamed.txt")]
+    assert len(puts) == 1 and "x-amz-copy-source" in {k.lower() for k in puts[0]}
+    assert store.read(f"{env.prefix}/renamed.txt") == b"same bytes"

@@ -131,7 +131,7 @@ def test_copy_source_overwritten_meanwhile_is_not_copied(store, make_env, syncd,
 
     env = make_env(store)
     env.root.mkdir(parents=True)
-    same = os.urandom(SMALL_FILE + 1)  # smaller duplicates are uploaded, not copied
+    same = os.urandom(SMALL_FILE + 1)  # streamed from the file, not from memory
     (env.root / "first.bin").write_bytes(same)
     assert syncd("--config", str(env.config), "resync").code == 0
     (env.root / "second.bin").write_bytes(same)
