@@ -112,7 +112,6 @@ def _serve() -> None:
     os.environ.setdefault("MOTO_ACCOUNT_ID", ACCOUNT)
     import hashlib
     import logging
-
     import threading
 
     from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app

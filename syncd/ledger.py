@@ -330,9 +330,10 @@ class Ledger:
             return cur.rowcount
 
     def claim(self, ops: tuple[str, ...], now: float, lease: float = 600.0, limit: int = 1,
-              batch_bytes: int = 0) -> list[Row]:
+              batch_bytes: int = 0, share: int = 1) -> list[Row]:
         """Atomically take due rows whose op is in `ops`: the first due row, then (up to `limit`
-        rows in all) the next uploads or restores while their sizes add up to at most
+        rows in all, and no more than a `share`-th of what is due, so that `share` workers all
+        get some) the next uploads or restores while their sizes add up to at most
         `batch_bytes`. Small files are claimed a few at a time (fewer write transactions); a
         large file or a deletion is claimed alone."""
         marks = ",".join("?" for _ in ops)
@@ -341,10 +342,10 @@ class Ledger:
             due = w.execute(
                 f"SELECT id, size, op FROM files WHERE state IN ('pending','failed','deleting') "
                 f"AND due_at<=? AND lease_until IS NULL AND op IN ({marks}) ORDER BY due_at LIMIT ?",
-                [now, *ops, limit]).fetchall()
+                [now, *ops, limit * share]).fetchall()
             ids: list[int] = []
             total = 0
-            for row_id, size, op in due:
+            for row_id, size, op in due[:max(1, -(-len(due) // share))]:
                 total += size or 0
                 if ids and (op not in BATCHED or total > batch_bytes):
                     break

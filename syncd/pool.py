@@ -15,7 +15,7 @@ from syncd.ledger import Ledger, Row
 
 log = logging.getLogger(__name__)
 IDLE_MAX = 1.0
-CLAIM_ROWS = 4  # small files are claimed a few at a time: fewer ledger write transactions
+CLAIM_ROWS = 16  # small files are claimed several at a time: fewer ledger write transactions
 CLAIM_BYTES = 1024 * 1024  # ... as long as they add up to no more than this
 
 
@@ -56,8 +56,6 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self.ops: tuple[str, ...] = ()
         self.drain = False
-        self.busy = 0
-        self._busy_lock = threading.Lock()
         self.last_loop = time.monotonic()  # for watchdog pings: proof the loop is alive
 
     def _loop(self) -> None:
@@ -67,25 +65,18 @@ class WorkerPool:
                 self.last_loop = time.monotonic()
                 seen = self.wake.seen()  # before looking at the queue: no wake-up after it is lost
                 ops = self.ops
-                # several rows at once only when every other worker is busy: with idle workers
-                # around, a second due row is theirs to take, not a wait behind this one
-                limit = CLAIM_ROWS if self.busy >= self.n - 1 else 1
-                rows = ledger.claim(ops, time.time(), lease=self.lease, limit=limit,
-                                    batch_bytes=CLAIM_BYTES) if ops else []
+                # a fair share of what is due, up to CLAIM_ROWS: with few rows due, a second one
+                # is another worker's to take, not a wait behind this one
+                rows = ledger.claim(ops, time.time(), lease=self.lease, limit=CLAIM_ROWS,
+                                    batch_bytes=CLAIM_BYTES, share=self.n) if ops else []
                 if rows:
-                    with self._busy_lock:
-                        self.busy += 1
-                    try:
-                        for i, row in enumerate(rows):
-                            if i and self.stop.is_set():
-                                self._release(rows[i:])
-                                break
-                            self.handler(row)
-                            if self.on_done:
-                                self.on_done(row)
-                    finally:
-                        with self._busy_lock:
-                            self.busy -= 1
+                    for i, row in enumerate(rows):
+                        if i and self.stop.is_set():
+                            self._release(rows[i:])
+                            break
+                        self.handler(row)
+                        if self.on_done:
+                            self.on_done(row)
                     # idle workers re-check at once: the queue may be drained, or a retry queued
                     self.wake.set()
                     continue

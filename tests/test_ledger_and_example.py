@@ -72,6 +72,30 @@ def test_claims_are_exclusive(tmp_path):
     led.close()
 
 
+def test_a_claim_takes_a_fair_share_of_what_is_due_within_its_bytes(tmp_path):
+    import time
+
+    led = Ledger(tmp_path / "l.db")
+    led.upsert_many([{"watch": "w", "path": f"f{i:03}", "state": "pending", "op": "put", "due_at": i, "size": 10}
+                     for i in range(108)])
+    led.update(led.get("w", "f030")["id"], size=1 << 20)
+
+    def take() -> list[str]:
+        return [r["path"] for r in led.claim(("put",), time.time(), limit=16, batch_bytes=1 << 20, share=8)]
+
+    assert take() == [f"f{i:03}" for i in range(14)]  # ceil(108 / 8): a long queue goes in batches
+    assert take() == [f"f{i:03}" for i in range(14, 26)]  # ceil(94 / 8)
+    assert take() == [f"f{i:03}" for i in range(26, 30)]  # the 1 MiB file would pass the bytes
+    assert take() == ["f030"]
+    due = lambda: led.query("SELECT count(*) AS n FROM files WHERE lease_until IS NULL")[0]["n"]  # noqa: E731
+    while due() > 8:
+        take()
+    left = due()
+    assert [len(take()) for _ in range(left)] == [1] * left  # no more due than workers: one each
+    assert take() == []
+    led.close()
+
+
 def test_finish_does_not_overwrite_an_outside_change(tmp_path):
     import time
 
