@@ -1,4 +1,4 @@
-"""The server's ceiling for scenario (a): a bare botocore `put_object` loop, no ledger, no scan.
+"""The ceiling for syncd's requests in scenario (a): a bare botocore `put_object` loop, no ledger, no scan.
 
     python bench/ceiling.py ENDPOINT BUCKET KEY_PREFIX SRC_DIR [THREADS]
 

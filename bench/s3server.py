@@ -1,8 +1,8 @@
 """A fresh moto S3 server on 127.0.0.1 in a child process, with a fast seeding side door.
 
-`MotoServer().start()` runs this file as a script. The child serves S3 over HTTP (moto's
-`ThreadedMotoServer`, request logging off) and reads commands on stdin, one JSON object per
-line, answering one JSON line on stdout:
+`MotoServer().start()` runs this file as a script. The child serves S3 over HTTP (moto's S3
+app alone on werkzeug's threaded server, objects in memory, request logging off) and reads
+commands on stdin, one JSON object per line, answering one JSON line on stdout:
 
 - `{"op": "bucket", "name": B}`: create bucket B.
 - `{"op": "seed", "bucket": B, "prefix": P, "root": DIR}`: store every file under DIR as
@@ -111,7 +111,7 @@ def _vm(pid: int, field: str) -> float:
 def _serve() -> None:
     os.environ.setdefault("MOTO_ACCOUNT_ID", ACCOUNT)
     # objects stay in memory: moto spools bodies above ~5 MiB to temp files, and the disk's
-    # writeback made (b)'s server time bimodal (1.1 or 1.3 s for the same upload, either tool)
+    # writeback made (b)'s server time bimodal (1.1 or 1.3 s for the same upload, whichever tool)
     os.environ.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(1 << 30))
     import hashlib
     import logging

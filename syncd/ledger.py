@@ -21,6 +21,7 @@ connection per thread.
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import threading
@@ -343,9 +344,10 @@ class Ledger:
                 f"SELECT id, size, op FROM files WHERE state IN ('pending','failed','deleting') "
                 f"AND due_at<=? AND lease_until IS NULL AND op IN ({marks}) ORDER BY due_at LIMIT ?",
                 [now, *ops, limit * share]).fetchall()
+            fair = max(1, math.ceil(len(due) / share))
             ids: list[int] = []
             total = 0
-            for row_id, size, op in due[:max(1, -(-len(due) // share))]:
+            for row_id, size, op in due[:fair]:
                 total += size or 0
                 if ids and (op not in BATCHED or total > batch_bytes):
                     break
