@@ -44,6 +44,8 @@ class WatchConfig:
     restore: bool = True
     follow_symlinks: bool = False
     observer: str = "native"
+    mode: str = "backup"  # backup | shared (several hosts write this prefix, SPEC §4.12)
+    upload_on_close: bool = True  # a file its writer closed is due at once (SPEC §4.1)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class RemoteConfig:
     multipart_threshold_mb: int = 64
     multipart_chunk_mb: int = 16
     checksum: str = "sha256"
+    events_queue: str = ""  # SQS queue URL receiving the bucket's S3 event notifications
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ class Config:
     max_backlog_age: float = 900.0
     max_deletes: int = 1000
     healthcheck_url: str = ""
+    remote_rescan_interval: float = 3600.0  # seconds between listings while running; 0 = start only
+    serve_files: bool = False  # GET /files/<watch prefix>/<path> (SPEC §6)
+    lazy_restore: bool = False  # READY after the local scan; the restore runs behind it
     extra: dict[str, Any] = field(default_factory=dict)
 
     def watch(self, prefix: str) -> WatchConfig:
@@ -203,13 +209,15 @@ def _real(p: Path) -> Path:
 
 _SYNCD_KEYS = {
     "ledger", "log_level", "log_format", "settle_seconds", "workers", "rescan_interval",
-    "health_listen", "max_backlog_age", "max_deletes", "healthcheck_url",
+    "health_listen", "max_backlog_age", "max_deletes", "healthcheck_url", "remote_rescan_interval",
+    "serve_files", "lazy_restore",
 }
 _REMOTE_KEYS = {
     "url", "endpoint_url", "region", "profile", "storage_class", "sse", "sse_kms_key_id",
-    "multipart_threshold_mb", "multipart_chunk_mb", "checksum",
+    "multipart_threshold_mb", "multipart_chunk_mb", "checksum", "events_queue",
 }
-_WATCH_KEYS = {"path", "prefix", "include", "exclude", "on_delete", "restore", "follow_symlinks", "observer"}
+_WATCH_KEYS = {"path", "prefix", "include", "exclude", "on_delete", "restore", "follow_symlinks", "observer",
+               "mode", "upload_on_close"}
 
 
 def _parse_remote(ctx: _Ctx, t: dict[str, Any], base: Path) -> RemoteConfig:
@@ -227,6 +235,7 @@ def _parse_remote(ctx: _Ctx, t: dict[str, Any], base: Path) -> RemoteConfig:
         "multipart_threshold_mb": ctx.take(t, "remote", "multipart_threshold_mb", (int, float), 64),
         "multipart_chunk_mb": ctx.take(t, "remote", "multipart_chunk_mb", (int, float), 16),
         "checksum": ctx.choice(t, "remote", "checksum", ("sha256", "md5", "none"), "sha256"),
+        "events_queue": ctx.take(t, "remote", "events_queue", str, ""),
     }
     if opts["multipart_chunk_mb"] < 5:
         raise ctx.fail("remote.multipart_chunk_mb", "must be at least 5 (the S3 minimum part size)")
@@ -234,6 +243,8 @@ def _parse_remote(ctx: _Ctx, t: dict[str, Any], base: Path) -> RemoteConfig:
         raise ctx.fail("remote.multipart_threshold_mb", "must be greater than 0")
     if opts["sse_kms_key_id"] and opts["sse"] != "aws:kms":
         raise ctx.fail("remote.sse_kms_key_id", 'needs sse = "aws:kms"')
+    if opts["events_queue"] and urlsplit(opts["events_queue"]).scheme not in ("http", "https"):
+        raise ctx.fail("remote.events_queue", "must be the queue's URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)")
     if opts["endpoint_url"]:
         ep = urlsplit(opts["endpoint_url"])
         if ep.scheme not in ("http", "https") or not ep.netloc:
@@ -304,6 +315,8 @@ def _parse_watch(ctx: _Ctx, t: Any, i: int, base: Path) -> WatchConfig:
         restore=ctx.take(t, name, "restore", bool, True),
         follow_symlinks=ctx.take(t, name, "follow_symlinks", bool, False),
         observer=ctx.choice(t, name, "observer", ("native", "polling"), "native"),
+        mode=ctx.choice(t, name, "mode", ("backup", "shared"), "backup"),
+        upload_on_close=ctx.take(t, name, "upload_on_close", bool, True),
     )
 
 
@@ -380,6 +393,9 @@ def parse_config(data: dict[str, Any], file: Path) -> Config:
     hc = ctx.take(s, "syncd", "healthcheck_url", str, "")
     if hc and urlsplit(hc).scheme not in ("http", "https"):
         raise ctx.fail("syncd.healthcheck_url", "must be an http:// or https:// URL")
+    remote_rescan = float(ctx.take(s, "syncd", "remote_rescan_interval", (int, float), 3600))
+    if remote_rescan < 0:
+        raise ctx.fail("syncd.remote_rescan_interval", "must not be negative (0 = only at start)")
     ledger = _resolve(base, ctx.take(s, "syncd", "ledger", str, "syncd-ledger.db"))
     for i, w in enumerate(watches):
         if _contains(_real(w.path), _real(ledger.parent)):
@@ -405,4 +421,7 @@ def parse_config(data: dict[str, Any], file: Path) -> Config:
         max_backlog_age=backlog,
         max_deletes=max_deletes,
         healthcheck_url=hc,
+        remote_rescan_interval=remote_rescan,
+        serve_files=ctx.take(s, "syncd", "serve_files", bool, False),
+        lazy_restore=ctx.take(s, "syncd", "lazy_restore", bool, False),
     )

@@ -1,16 +1,22 @@
-"""The daemon's HTTP endpoint (SPEC §6): GET /healthz, /status, /metrics.
+"""The daemon's HTTP endpoint (SPEC §6): routing and the access rule.
 
-One thread serves requests one at a time (they are cheap reads), so it holds one ledger
-connection. Metrics are collected at scrape time from the ledger and the run's counters.
+GET /healthz, /status and /metrics answer anyone who can reach the address. Everything else
+(`/`, `/files/`, the POST actions) answers loopback clients, or others carrying
+`Authorization: Bearer $SYNCD_HTTP_TOKEN` (`trusted`). Each request runs in its own thread (a
+slow `/files/` download must not block a health check) and closes its ledger connection when it
+ends. Metrics are collected at scrape time from the ledger and the run's counters.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import logging
+import os
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -67,38 +73,103 @@ class _Collector:
         yield GaugeMetricFamily("syncd_healthy", "1 when /healthz answers 200", value=1 if ok else 0)
 
 
-def _handler(daemon: Daemon, registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "syncd"
+TOKEN_ENV = "SYNCD_HTTP_TOKEN"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-            log.debug("http: " + format, *args)
 
-        def _send(self, code: int, body: bytes, ctype: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
+def trusted(client_ip: str, authorization: str | None, env: dict[str, str] | None = None) -> bool:
+    """SPEC §6: loopback clients, or anyone carrying the bearer token of $SYNCD_HTTP_TOKEN
+    (never from the config file). Without the variable only loopback is trusted."""
+    try:
+        if ipaddress.ip_address(client_ip.split("%", 1)[0]).is_loopback:
+            return True
+    except ValueError:
+        pass
+    token = (os.environ if env is None else env).get(TOKEN_ENV, "")
+    if not token or not authorization:
+        return False
+    scheme, _, given = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes requests; the daemon and the metrics registry are set on the server."""
+
+    server_version = "syncd"
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("http: " + format, *args)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        finally:
+            ledger = self.server.daemon.ledger
+            if ledger is not None:
+                ledger.close_thread()  # one connection per request thread, closed with it
+
+    @property
+    def route(self) -> str:
+        return self.path.split("?", 1)[0]
+
+    def trusted(self) -> bool:
+        return trusted(self.client_address[0], self.headers.get("Authorization"))
+
+    def send_body(self, code: int, body: bytes, ctype: str, *, head: bool = False,
+                  headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if not head:
             self.wfile.write(body)
 
-        def do_GET(self) -> None:  # noqa: N802 - stdlib name
-            path = self.path.split("?", 1)[0]
-            try:
-                if path == "/healthz":
-                    ok, reason = daemon.health()
-                    self._send(200 if ok else 503, (reason + "\n").encode(), "text/plain; charset=utf-8")
-                elif path == "/status":
-                    data = collect(daemon.cfg, daemon.ledger)
-                    self._send(200, json.dumps(data).encode(), "application/json")
-                elif path == "/metrics":
-                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-                else:
-                    self._send(404, b"not found: try /healthz, /status or /metrics\n", "text/plain")
-            except Exception as e:  # noqa: BLE001 - a scrape must never take the daemon down
-                log.exception("http %s failed", path)
-                self._send(500, f"error: {e}\n".encode(), "text/plain")
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_body(code, body, ctype, head=self.command == "HEAD")
 
-    return Handler
+    def refuse(self) -> None:
+        self._send(403, f"forbidden: only loopback clients, or a Bearer token when ${TOKEN_ENV} "
+                        f"is set\n".encode(), "text/plain; charset=utf-8")
+
+    def do_HEAD(self) -> None:  # noqa: N802 - stdlib name
+        self.do_GET()
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        daemon, path = self.server.daemon, self.route
+        try:
+            if path == "/healthz":
+                ok, reason = daemon.health()
+                self._send(200 if ok else 503, (reason + "\n").encode(), "text/plain; charset=utf-8")
+            elif path == "/status":
+                data = collect(daemon.cfg, daemon.ledger)
+                self._send(200, json.dumps(data).encode(), "application/json")
+            elif path == "/metrics":
+                self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+            elif not self.trusted():
+                self.refuse()
+            else:
+                self._send(404, b"not found: try /healthz, /status or /metrics\n", "text/plain")
+        except Exception as e:  # noqa: BLE001 - a request must never take the daemon down
+            log.exception("http %s failed", path)
+            self._send(500, f"error: {e}\n".encode(), "text/plain")
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        if not self.trusted():
+            self.refuse()
+            return
+        self._send(404, b"not found\n", "text/plain")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], daemon: Daemon, registry: CollectorRegistry) -> None:
+        self.daemon = daemon
+        self.registry = registry
+        super().__init__(address, Handler)
 
 
 class HttpEndpoint:
@@ -110,7 +181,7 @@ class HttpEndpoint:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(daemon))
         try:
-            self.server = HTTPServer((host, int(port)), _handler(daemon, self.registry))
+            self.server = _Server((host, int(port)), daemon, self.registry)
         except OSError as e:
             raise ConfigError(f"syncd.health_listen = {listen!r} cannot be bound: {e.strerror or e}; "
                               f"choose a free address or set it to \"\"") from e
@@ -127,11 +198,7 @@ class HttpEndpoint:
         log.info("health endpoint on http://%s:%d/healthz", *self.address)
 
     def _serve(self) -> None:
-        try:
-            self.server.serve_forever(poll_interval=0.5)
-        finally:
-            if self.daemon.ledger is not None:
-                self.daemon.ledger.close_thread()
+        self.server.serve_forever(poll_interval=0.5)
 
     def stop(self) -> None:
         if self._thread is not None:
