@@ -146,3 +146,37 @@ def test_the_container_config_and_dockerfile_refer_to_real_things() -> None:
         if line.startswith("COPY "):
             for src in line.split()[1:-1]:
                 assert (repo / src).exists(), src
+
+
+@needs_bash
+def test_a_killed_syncd_run_still_gets_the_final_upload(tmp_path: Path) -> None:
+    """`syncd run` killed (kill -9, the OOM killer): the entrypoint stops the app and still runs
+    the last `resync --no-restore`, so what was queued, and what the app wrote while stopping,
+    reaches the remote before the container (and its disk) is gone."""
+    import os
+
+    from syncd.lock import holder
+
+    remote = tmp_path / "remote"
+    env, root, ledger = setup(tmp_path, {"url": f"file://{remote}"})
+    report = tmp_path / "app-report.json"
+    log = open(tmp_path / "entrypoint.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT), sys.executable, str(tmp_path / "app.py"), str(root),
+                             str(report)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: report.exists() or proc.poll() is not None, 60, what="the app to start")
+        run_pid = wait_for(lambda: holder(ledger).get("role") == "run" and holder(ledger)["pid"], 60,
+                           what="`syncd run` to hold the ledger")
+        os.kill(int(run_pid), signal.SIGKILL)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    out = (tmp_path / "entrypoint.log").read_text()
+    assert rc != 0, out  # the container ends so that the orchestrator restarts it
+    assert "syncd exited" in out, out
+    # written by the app when the entrypoint stopped it, after `run` was dead
+    assert (remote / "uploads" / "last-words.txt").read_bytes() == b"bye", out
+    assert (remote / "uploads" / "new.txt").read_bytes() == b"written while running", out

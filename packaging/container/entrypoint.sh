@@ -6,7 +6,8 @@
 # 1. `syncd resync --no-upload`: the app's files come back from the remote before it starts.
 # 2. The app and `syncd run` side by side; either one ending ends the container.
 # 3. SIGTERM/SIGINT go to the app first; once it has exited (it writes nothing more), syncd
-#    is stopped and a last `syncd resync --no-restore` uploads what was still pending.
+#    is stopped and a last `syncd resync --no-restore` uploads what was still pending. If
+#    `syncd run` dies first (kill -9, OOM), the app is stopped and the same last upload runs.
 #
 # Environment: SYNCD_BIN (default: syncd), SYNCD_CONFIG (read by syncd itself),
 # SYNCD_REQUIRE_RESTORE=0 to start the app even when the remote cannot be reached.
@@ -93,17 +94,21 @@ done
 
 # 3. stop
 if [ -z "$app_rc" ]; then
-    # syncd does not exit over remote problems; if it ended, new files are no longer kept
-    # safe, so the container ends and the orchestrator restarts it (restoring first)
+    # syncd does not exit over remote problems; if it ended (kill -9, the OOM killer), new
+    # files are no longer kept safe, so the container ends and the orchestrator restarts it
+    # (restoring first). What syncd had queued is still on this disk: uploaded below.
     log "syncd exited (status $syncd_rc); stopping the app"
     kill -TERM "$app_pid" 2>/dev/null
     wait_pid "$app_pid"
-    exit $(( syncd_rc == 0 ? 1 : syncd_rc ))
+    rc=$(( syncd_rc == 0 ? 1 : syncd_rc ))
+else
+    [ "$stopping" = 1 ] || log "the app exited (status $app_rc); stopping syncd"
+    kill -TERM "$syncd_pid" 2>/dev/null
+    wait_pid "$syncd_pid"
+    rc=$app_rc
 fi
-[ "$stopping" = 1 ] || log "the app exited (status $app_rc); stopping syncd"
-kill -TERM "$syncd_pid" 2>/dev/null
-wait_pid "$syncd_pid"
-# files the app wrote in its last seconds: `run` stops without starting new uploads
+# files the app wrote in its last seconds, and whatever a dead `run` left queued: `run`
+# stops without starting new uploads, and the disk goes with the container
 "$syncd" resync --no-restore & current=$!
 wait_pid "$current" || log "the last upload failed (exit $?); see the lines above"
-exit "$app_rc"
+exit "$rc"
