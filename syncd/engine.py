@@ -84,6 +84,10 @@ def remote_files(remote: Remote, base: str, watch: WatchConfig, globs: Iterable[
 
 def unavailable(remote: Remote, err: RemoteError) -> RemoteUnavailable:
     """The one-line message for a remote that cannot be used at all, with what to do."""
+    if remote.name.startswith("file://"):
+        return RemoteUnavailable(
+            f"remote {remote.name} cannot be used: {err}; check that syncd's user can create and "
+            f"write that directory (under systemd, list it in ReadWritePaths=)")
     hint = {
         UNREACHABLE: "check remote.endpoint_url and the network",
         CREDENTIALS: "check the AWS credentials (environment, remote.profile, instance role)",

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -30,12 +31,54 @@ META_DIR = ".syncd-meta"
 NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, tmpfs)
 
 
+STALE_TEMP = 60.0  # seconds untouched before a temp of a killed upload is removed
+
+
 class LocalRemote:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.name = f"file://{self.root.as_posix()}"
         self._meta = self.root / META_DIR
         self._tmp = self._meta / ".tmp"
+        self._owner: tuple[int, int] | None = None
+
+    def _adopt(self, path: Path) -> None:
+        """Give what root creates to the remote directory's owner: `syncd check` or a `resync`
+        run as root must not leave directories the service's own user cannot write into."""
+        if self._owner is None or not hasattr(os, "chown"):
+            return
+        try:
+            os.chown(path, *self._owner)
+        except OSError:
+            pass
+
+    def _mkdirs(self, d: Path) -> None:
+        """`mkdir -p`, each directory it creates adopted (see `_adopt`)."""
+        missing = []
+        while not d.is_dir() and d != d.parent:
+            missing.append(d)
+            d = d.parent
+        for m in reversed(missing):
+            try:
+                m.mkdir()
+            except FileExistsError:
+                continue
+            self._adopt(m)
+
+    def _clean_stale_temps(self) -> None:
+        """A killed upload leaves its temp in .syncd-meta/.tmp; remove those untouched for a
+        while (a live upload keeps writing its own)."""
+        try:
+            entries = list(os.scandir(self._tmp))
+        except OSError:
+            return
+        now = time.time()
+        for de in entries:
+            try:
+                if de.name.startswith("put-") and now - de.stat(follow_symlinks=False).st_mtime > STALE_TEMP:
+                    os.unlink(de.path)
+            except OSError:
+                continue
 
     # --- paths ------------------------------------------------------------------------
     def _path(self, key: str) -> Path:
@@ -64,7 +107,7 @@ class LocalRemote:
         return meta
 
     def _atomic_write(self, target: Path, fill, mtime_ns: int | None) -> None:
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._mkdirs(self._tmp)
         fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="put-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -73,7 +116,8 @@ class LocalRemote:
                 os.fsync(f.fileno())
             if mtime_ns is not None:
                 os.utime(tmp, ns=(mtime_ns, mtime_ns))
-            target.parent.mkdir(parents=True, exist_ok=True)
+            self._mkdirs(target.parent)
+            self._adopt(Path(tmp))
             os.replace(tmp, target)
             fsync_dir(target.parent)
         except BaseException:
@@ -97,6 +141,10 @@ class LocalRemote:
                                   code="NoSuchDirectory") from e
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise RemoteError(UNREACHABLE, f"remote directory {self.root} is not writable", code="AccessDenied")
+        st = os.stat(self.root)
+        if hasattr(os, "geteuid") and os.geteuid() == 0 and st.st_uid != 0:
+            self._owner = (st.st_uid, st.st_gid)
+        self._clean_stale_temps()
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         start = self.root
