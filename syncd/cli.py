@@ -50,13 +50,50 @@ class Ctx:
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
+CONFIG_HELP = "config file (else $SYNCD_CONFIG, ./syncd.toml, /etc/syncd/syncd.toml)"
+VERBOSE_HELP = "debug logging (every transfer) and tracebacks"
+QUIET_HELP = "only errors"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", metavar="PATH", help="config file (else $SYNCD_CONFIG, ./syncd.toml, "
-              "/etc/syncd/syncd.toml)")
-@click.option("-v", "--verbose", count=True, help="debug logging and tracebacks")
-@click.option("-q", "--quiet", is_flag=True, help="only errors")
+def _late_option(ctx: click.Context, param: click.Parameter, value: object) -> None:
+    """`--config`, `-v` and `-q` given after the command (SPEC §3): they update the group's
+    settings, which are only read when the command first needs the config."""
+    c = ctx.find_object(Ctx)
+    if c is None or not value:
+        return
+    if param.name == "config_path":
+        c.config_path = str(value)
+    elif param.name == "verbose":
+        c.verbose += int(value)  # type: ignore[call-overload]
+        _state["verbose"] = c.verbose
+    elif param.name == "quiet":
+        c.quiet = True
+
+
+def _late_options() -> list[click.Parameter]:
+    return [
+        click.Option(["--config", "config_path"], metavar="PATH", help=CONFIG_HELP, expose_value=False,
+                     callback=_late_option),
+        click.Option(["-v", "--verbose"], count=True, help=VERBOSE_HELP, expose_value=False,
+                     callback=_late_option),
+        click.Option(["-q", "--quiet"], is_flag=True, help=QUIET_HELP, expose_value=False,
+                     callback=_late_option),
+    ]
+
+
+class _Group(click.Group):
+    """Every command also accepts the global options after its name (`syncd resync -v`), as
+    rclone and aws-cli users type them; commands added later get them too."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.extend(_late_options())
+        super().add_command(cmd, name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH", help=CONFIG_HELP)
+@click.option("-v", "--verbose", count=True, help=VERBOSE_HELP)
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 @click.version_option(package_name="syncd")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, verbose: int, quiet: bool) -> None:
@@ -86,18 +123,32 @@ def locked_ledger(cfg: Config, role: str) -> Iterator:
         lock.release()
 
 
-def _progress(c: Ctx):
-    """A progress bar on a terminal; nothing but log lines otherwise."""
-    if c.quiet or not sys.stderr.isatty():
-        return None
+@contextmanager
+def _progress(c: Ctx, *, show: bool = True) -> Iterator:
+    """A progress bar on a terminal (None otherwise: log lines only). While it shows, log lines
+    are written above it (tqdm's logging redirect) instead of breaking it."""
+    if not show or c.quiet or not sys.stderr.isatty():
+        yield None
+        return
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    return tqdm(total=0, unit="file", file=sys.stderr, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=0, unit="file", file=sys.stderr, dynamic_ncols=True, leave=False)
+    try:
+        with logging_redirect_tqdm():
+            yield bar
+    finally:
+        bar.close()
+
+
+def _print_plan(kind: str, path: str) -> None:
+    """A dry run's line per file (SPEC §3): `upload PATH`, `restore PATH`, `delete PATH`."""
+    click.echo(f"{kind} {path}")
 
 
 def _print_failures(failures: list[tuple[str, str]], total: int) -> None:
     for what, why in failures[:MAX_LISTED]:
-        click.echo(f"failed: {what}: {why}", err=True)
+        click.echo(logs.journal_line(f"failed: {what}: {why}"), err=True)
     if total > MAX_LISTED:
         click.echo(f"... and {total - MAX_LISTED} more (see `syncd status`)", err=True)
 
@@ -152,19 +203,20 @@ def resync(c: Ctx, dry_run: bool, no_restore: bool, no_upload: bool, verify: boo
     cfg = c.cfg
     with locked_ledger(cfg, "resync") as ledger:
         remote = open_remote(cfg)
-        bar = _progress(c)
         try:
-            def total(n: int) -> None:
-                if bar is not None:
-                    bar.total = n
-                    bar.refresh()
+            with _progress(c, show=not dry_run) as bar:
+                def total(n: int) -> None:
+                    if bar is not None:
+                        bar.total = n
+                        bar.refresh()
 
-            engine = Engine(cfg, ledger, remote, oneshot=True, on_progress=bar.update if bar else None)
-            summary = engine.reconcile(restore=not no_restore, upload=not no_upload, verify=verify,
-                                       dry_run=dry_run, on_total=total)
+                # `is not None`: a bar whose total is still 0 is falsy (PITFALLS §9)
+                engine = Engine(cfg, ledger, remote, oneshot=True,
+                                on_progress=bar.update if bar is not None else None,
+                                on_plan=_print_plan if dry_run else None)
+                summary = engine.reconcile(restore=not no_restore, upload=not no_upload, verify=verify,
+                                           dry_run=dry_run, on_total=total)
         finally:
-            if bar is not None:
-                bar.close()
             remote.close()
     _print_failures(summary.failures, summary.failed)
     click.echo(summary.line())
@@ -195,11 +247,12 @@ def restore(c: Ctx, to_dir: str | None, overwrite: bool, dry_run: bool, globs: t
     remote = open_remote(cfg)
     try:
         if to_dir:
-            summary = restore_to(cfg, remote, Path(to_dir), globs=globs, overwrite=overwrite, dry_run=dry_run)
+            summary = restore_to(cfg, remote, Path(to_dir), globs=globs, overwrite=overwrite, dry_run=dry_run,
+                                 on_plan=_print_plan)
         else:
-            with locked_ledger(cfg, "restore") as ledger:
+            with locked_ledger(cfg, "restore") as ledger, _progress(c, show=not dry_run) as bar:
                 summary = restore_in_place(cfg, ledger, remote, globs=globs, overwrite=overwrite,
-                                           dry_run=dry_run, progress=_progress(c))
+                                           dry_run=dry_run, progress=bar, on_plan=_print_plan)
     finally:
         remote.close()
     _print_failures(summary.failures, summary.failed)
@@ -337,12 +390,13 @@ def main(argv: list[str] | None = None) -> None:
     except SyncdError as e:
         if _state["verbose"]:
             traceback.print_exc()
-        click.echo(f"syncd: error: {e}", err=True)
+        click.echo(logs.journal_line(f"syncd: error: {e}"), err=True)
         sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if _state["verbose"]:
             traceback.print_exc()
-        click.echo(f"syncd: internal error: {type(e).__name__}: {e} (run with -v for details)", err=True)
+        click.echo(logs.journal_line(f"syncd: internal error: {type(e).__name__}: {e} (run with -v for details)"),
+                   err=True)
         sys.exit(1)
 
 

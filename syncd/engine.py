@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from syncd import refusals
 from syncd.config import Config, WatchConfig
 from syncd.errors import RemoteUnavailable
 from syncd.keys import UnsafeKey, is_reserved, join_key, rel_from_key
@@ -31,7 +32,7 @@ from syncd.remote.base import (
     RemoteError,
 )
 from syncd.retry import call as retry_call
-from syncd.scanner import Scanner, ScanStats
+from syncd.scanner import PlanHook, Scanner, ScanStats
 from syncd.transfers import Stats, Transfers
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,15 @@ class Summary:
     failed: int = 0
     would_upload: int = 0
     would_restore: int = 0
+    would_delete: int = 0
     dry_run: bool = False
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     def line(self) -> str:
         if self.dry_run:
+            deletes = f"would delete {self.would_delete}, " if self.would_delete else ""
             return (f"dry run: would upload {self.would_upload}, would restore {self.would_restore}, "
-                    f"unchanged {self.unchanged}, failed {self.failed}")
+                    f"{deletes}unchanged {self.unchanged}, failed {self.failed}")
         return (f"uploaded {self.uploaded}, restored {self.restored}, unchanged {self.unchanged}, "
                 f"failed {self.failed}")
 
@@ -76,6 +79,7 @@ def remote_files(remote: Remote, base: str, watch: WatchConfig, globs: Iterable[
         except UnsafeKey as e:
             log.error("refusing remote key %r: %s", obj.key, e)
             refused.append((obj.key, f"unsafe key: {e}"))
+            refusals.count(refusals.UNSAFE_KEY)
             continue
         if is_reserved(rel) or not filt.wants(rel) or (globs and not matches_any(globs, rel)):
             continue
@@ -100,7 +104,8 @@ def unavailable(remote: Remote, err: RemoteError) -> RemoteUnavailable:
 class Engine:
     def __init__(self, cfg: Config, ledger: Ledger, remote: Remote, *, oneshot: bool = True,
                  stop: threading.Event | None = None, overwrite: bool = False,
-                 on_progress: Callable[[int], None] | None = None) -> None:
+                 on_progress: Callable[[int], None] | None = None,
+                 on_plan: Callable[[str, str], None] | None = None) -> None:
         self.cfg = cfg
         self.ledger = ledger
         self.remote = remote
@@ -111,8 +116,11 @@ class Engine:
         self.transfers = Transfers(cfg, ledger, remote, self.stats, self.causes, oneshot=oneshot,
                                    overwrite=overwrite)
         self.on_progress = on_progress
+        self.on_plan = on_plan  # (kind, "watch/path"): told every file a dry run would transfer
+        self.plan_kinds = {"upload", "restore", "delete"}
         self.refused: list[tuple[str, str]] = []
         self.scans: dict[str, ScanStats] = {}
+        self.reuploads = 0  # synced files whose object `--verify` found missing or different
         self.wake = Wake()
 
     # --- steps ----------------------------------------------------------------------------
@@ -139,13 +147,23 @@ class Engine:
     def key_base(self, watch: WatchConfig) -> str:
         return join_key(self.cfg.remote.prefix, watch.prefix)
 
+    def planned(self, kind: str, watch: str, rel: str) -> None:
+        """One file the plan would transfer: `kind` is "upload", "restore" or "delete". The scan
+        and the remote listing call it for each decision, so a dry run names every file."""
+        if self.on_plan is not None and kind in self.plan_kinds:
+            self.on_plan(kind, join_key(watch, rel))
+
+    def _plan_hook(self) -> PlanHook | None:
+        return self.planned if self.on_plan is not None else None
+
     def scan(self, watch: WatchConfig, *, missing: str, retry_failed: bool = False,
              dry_run: bool = False) -> ScanStats:
         if not watch.path.is_dir():
             return ScanStats()
         t0 = time.monotonic()
         stats = Scanner(self.ledger, watch, self.cfg.remote.prefix, settle=self.cfg.settle_seconds,
-                        missing=missing, retry_failed=retry_failed, dry_run=dry_run, clean_temps=True).run()
+                        missing=missing, retry_failed=retry_failed, dry_run=dry_run, clean_temps=True,
+                        on_plan=self._plan_hook()).run()
         self.scans[watch.prefix] = stats
         log.info("scanned %s: %d files (%d new, %d changed, %d unchanged), %d missing to restore, %.2fs",
                  watch.prefix or watch.path, stats.files, stats.new, stats.changed, stats.unchanged,
@@ -213,6 +231,7 @@ class Engine:
                 continue
             if not restore or (row is not None and row["op"] == "get" and row["state"] == "pending"):
                 continue
+            self.planned("restore", watch.prefix, rel)
             upserts.append({"watch": watch.prefix, "path": rel, "key": key, "size": size, "state": "pending",
                             "op": "get", "due_at": now, "queued_at": now, "updated_at": now, "attempts": 0,
                             "last_error": None, "error_kind": None})
@@ -234,6 +253,7 @@ class Engine:
             if info is None or info.sha256 != row["remote_sha256"]:
                 with lock:
                     bad.append(row["id"])
+                    self.planned("upload", watch.prefix, row["path"])
 
         try:
             with ThreadPoolExecutor(self.cfg.workers) as ex:
@@ -275,17 +295,21 @@ class Engine:
                 if not dry_run:
                     self.ledger.set_watch(w.prefix, listed_at=time.time())
             if verify:
-                self.verify(w, dry_run=dry_run)
+                self.reuploads += self.verify(w, dry_run=dry_run)
         return from_listing
 
     def reconcile(self, *, restore: bool = True, upload: bool = True, verify: bool = False,
                   dry_run: bool = False, on_total: Callable[[int], None] | None = None) -> Summary:
         """The one-shot startup: check remote -> restore missing -> upload what changed."""
         self.check_remote()
+        if not upload:  # --no-upload: queued uploads and deletions wait for the next run
+            self.plan_kinds -= {"upload", "delete"}
         from_listing = self.plan(restore=restore, verify=verify, dry_run=dry_run)
         summary = Summary(dry_run=dry_run)
         if dry_run:
-            summary.would_upload = sum(s.new + s.changed for s in self.scans.values())
+            if upload:
+                summary.would_upload = self.reuploads + sum(s.new + s.changed for s in self.scans.values())
+                summary.would_delete = sum(s.to_delete for s in self.scans.values())
             summary.would_restore = from_listing + sum(s.to_restore for s in self.scans.values())
             return self.summarize(summary)
         if on_total:

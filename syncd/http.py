@@ -22,13 +22,18 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from syncd import refusals
 from syncd.errors import ConfigError
+from syncd.remote import base as remote_base
 from syncd.status import collect
 
 if TYPE_CHECKING:
     from syncd.daemon import Daemon
 
 log = logging.getLogger(__name__)
+FAILURE_REASONS = (remote_base.TRANSIENT, remote_base.UNREACHABLE, remote_base.DENIED, remote_base.CREDENTIALS,
+                   remote_base.NO_BUCKET, remote_base.NOT_FOUND, remote_base.INTEGRITY, remote_base.INVALID,
+                   remote_base.LOCAL, *refusals.REASONS)
 
 
 class _Collector:
@@ -56,8 +61,15 @@ class _Collector:
                                   value=stats.uploaded)
         yield CounterMetricFamily("syncd_upload_bytes", "Bytes uploaded", value=stats.upload_bytes)
         yield CounterMetricFamily("syncd_restores", "Files restored from the remote", value=stats.restored)
-        fails = CounterMetricFamily("syncd_failures", "Failed transfer attempts by reason", labels=["reason"])
-        for reason, n in sorted(stats.fail_reasons.items()):
+        fails = CounterMetricFamily("syncd_failures", "Failed transfer attempts and refused names by reason",
+                                    labels=["reason"])
+        # every known reason from the start: a series that appears only with the first failure
+        # defeats `rate()` and `increase()` alerts (PromQL sees no change from nothing to 1)
+        counts = dict.fromkeys(FAILURE_REASONS, 0)
+        counts.update(stats.fail_reasons)
+        for reason, n in refusals.counts().items():
+            counts[reason] = counts.get(reason, 0) + n
+        for reason, n in sorted(counts.items()):
             fails.add_metric([reason], n)
         yield fails
         now = time.time()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -26,13 +29,57 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, ensure_ascii=False)
 
 
+def syslog_priority(levelno: int) -> int:
+    """The syslog priority journald files a line under: 3 error, 4 warning, 6 info, 7 debug."""
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+def to_journal(stream=None) -> bool:
+    """Is `stream` (stderr) connected to journald? systemd sets JOURNAL_STREAM to the
+    `device:inode` of the stream it connected; a redirected stderr no longer matches."""
+    want = os.environ.get("JOURNAL_STREAM", "")
+    if not want:
+        return False
+    try:
+        st = os.fstat((stream or sys.stderr).fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or not a real file (pytest's capture)
+        return False
+    return want == f"{st.st_dev}:{st.st_ino}"
+
+
+class JournalPrefix(logging.Formatter):
+    """Prefixes each line with `<N>` (sd-daemon(3)): journald strips it and files the line under
+    that priority, so `journalctl -p warning` shows syncd's warnings and errors."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        # a traceback's lines would each be filed at priority 6: keep them at the record's
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
+
+
+def journal_line(text: str, levelno: int = logging.ERROR, stream=None) -> str:
+    """`text` as it should be written to stderr (with its priority when that is the journal)."""
+    return f"<{syslog_priority(levelno)}>{text}" if to_journal(stream) else text
+
+
 def setup(level: str = "info", fmt: str = "text", stream=None) -> None:
     """Configure the root logger once (the entry point's job)."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    formatter: logging.Formatter = (JsonFormatter() if fmt == "json" else
+                                    logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if to_journal(handler.stream):
+        formatter = JournalPrefix(formatter)
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_syncd", False):
@@ -44,6 +91,9 @@ def setup(level: str = "info", fmt: str = "text", stream=None) -> None:
     # request headers, and credentials must never reach a log
     for name in ("botocore", "boto3", "s3transfer", "urllib3", "watchdog"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Python warnings (a library's RuntimeWarning) become log lines in the same format (and with
+    # a journald priority) instead of raw two-line text on stderr
+    logging.captureWarnings(True)
 
 
 class CauseLog:
@@ -58,15 +108,19 @@ class CauseLog:
         self._lock = threading.Lock()
         self._seen: dict[str, list[float | int]] = {}  # cause -> [last_logged, suppressed]
 
-    def report(self, cause: str, example: str, level: int = logging.WARNING) -> None:
+    def report(self, cause: str, example: str, level: int = logging.WARNING, *,
+               subjects: Iterable[str] = ()) -> None:
+        """`subjects`: the path, key or directory this failure is about, as they may appear in
+        `cause`: a disk full for 6 files is one cause, not 6 (the first is logged in full)."""
         now = time.monotonic()
+        group = generic_cause(cause, subjects)
         with self._lock:
-            entry = self._seen.get(cause)
+            entry = self._seen.get(group)
             if entry is None:
-                self._seen[cause] = [now, 0]
+                self._seen[group] = [now, 0]
                 msg = f"{cause} (e.g. {example}); further files with this cause are counted, not logged"
             elif now - entry[0] >= self.interval and entry[1]:
-                msg = f"{cause}: {entry[1] + 1} more files since last report (e.g. {example})"
+                msg = f"{group}: {entry[1] + 1} more files since last report (e.g. {example})"
                 entry[0], entry[1] = now, 0
             else:
                 entry[1] += 1
@@ -74,8 +128,17 @@ class CauseLog:
         self.log.log(level, msg)
 
     def clear(self, cause: str | None = None) -> None:
+        """Forget a cause (or all), so its next failure is logged in full again."""
         with self._lock:
             if cause is None:
                 self._seen.clear()
             else:
                 self._seen.pop(cause, None)
+
+
+def generic_cause(cause: str, subjects: Iterable[str]) -> str:
+    """`cause` with each subject (longest first) replaced by `…` where it stands as a whole
+    name (a short path such as `a` must not eat the `a` of `space`)."""
+    for subject in sorted({x for x in subjects if x}, key=len, reverse=True):
+        cause = re.sub(r"(?<![\w.-])" + re.escape(subject) + r"(?![\w.-])", "…", cause)
+    return cause

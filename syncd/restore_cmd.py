@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from syncd.retry import call as retry_call
 
 log = logging.getLogger(__name__)
 STALE_TEMP_SECONDS = 60.0
+PlanPrinter = Callable[[str, str], None]  # (kind, "watch/path"): a dry run's line per file
 
 
 @dataclass
@@ -57,9 +58,11 @@ def clean_stale_temps(dirs: Iterable[Path]) -> int:
 
 
 def restore_in_place(cfg: Config, ledger: Ledger, remote: Remote, *, globs: Iterable[str] = (),
-                     overwrite: bool = False, dry_run: bool = False, progress=None) -> RestoreSummary:
+                     overwrite: bool = False, dry_run: bool = False, progress=None,
+                     on_plan: PlanPrinter | None = None) -> RestoreSummary:
     engine = Engine(cfg, ledger, remote, oneshot=True, overwrite=overwrite,
-                    on_progress=progress.update if progress is not None else None)
+                    on_progress=progress.update if progress is not None else None,
+                    on_plan=on_plan if dry_run else None)
     engine.check_remote()
     engine.prepare(create=not dry_run)
     if not dry_run:
@@ -88,7 +91,7 @@ def restore_in_place(cfg: Config, ledger: Ledger, remote: Remote, *, globs: Iter
 
 
 def restore_to(cfg: Config, remote: Remote, to_dir: Path, *, globs: Iterable[str] = (), overwrite: bool = False,
-               dry_run: bool = False) -> RestoreSummary:
+               dry_run: bool = False, on_plan: PlanPrinter | None = None) -> RestoreSummary:
     """Write DIR/<watch prefix>/<path> for every matching object; the ledger is not touched."""
     from syncd.engine import unavailable
 
@@ -102,7 +105,7 @@ def restore_to(cfg: Config, remote: Remote, to_dir: Path, *, globs: Iterable[str
     lock = threading.Lock()
     globs = tuple(globs)
 
-    def one(root: Path, rel: str, key: str) -> None:
+    def one(prefix: str, root: Path, rel: str, key: str) -> None:
         try:
             target = safe_target(root, rel, create=not dry_run)
             if os.path.lexists(target) and not overwrite:
@@ -112,8 +115,11 @@ def restore_to(cfg: Config, remote: Remote, to_dir: Path, *, globs: Iterable[str
             if dry_run:
                 with lock:
                     out.would_restore += 1
+                    if on_plan is not None:
+                        on_plan("restore", join_key(prefix, rel))
                 return
             retry_call(lambda: fetch(remote, key, target, overwrite=overwrite))
+            log.debug("restored %s to %s", key, target)  # -v: every transfer (README)
             with lock:
                 out.restored += 1
         except FileExistsError:
@@ -143,7 +149,10 @@ def restore_to(cfg: Config, remote: Remote, to_dir: Path, *, globs: Iterable[str
                 raise unavailable(remote, e) from e
             if not dry_run:
                 clean_stale_temps({root.joinpath(*rel.split("/")[:-1]) for rel, _obj in objects})
-            futures = [ex.submit(one, root, rel, obj.key) for rel, obj in objects]
+            if dry_run:  # nothing to download: in the listing's order, one line each
+                for rel, obj in objects:
+                    one(w.prefix, root, rel, obj.key)
+            futures = [] if dry_run else [ex.submit(one, w.prefix, root, rel, obj.key) for rel, obj in objects]
             for f in futures:
                 f.result()
             out.failed += len(refused)

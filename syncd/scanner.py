@@ -10,10 +10,11 @@ import logging
 import os
 import stat as st_mod
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from syncd import refusals
 from syncd.config import WatchConfig
 from syncd.keys import RESTORE_TEMP_PREFIX, join_key, key_problem, ledger_name, name_problem
 from syncd.ledger import Ledger, Row
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 FILE, BAD_NAME, SKIP_DIR = "file", "bad", "skipdir"
 FLUSH_EVERY = 500
+# on_plan(kind, watch prefix, ledger path): kind is "upload", "restore" or "delete"
+PlanHook = Callable[[str, str, str], None]
 
 
 @dataclass
@@ -41,6 +44,7 @@ class ScanStats:
     new: int = 0
     changed: int = 0
     to_restore: int = 0
+    to_delete: int = 0  # remote deletions already queued in the ledger (drained by a resync)
     deletions: int = 0
     forgotten: int = 0
     bad_names: int = 0
@@ -135,11 +139,13 @@ class Scanner:
     `clean_temps` removes restore temp files (`.syncd-restore-*`) that a killed process left
     behind; only at startup, before this process restores anything (the ledger lock keeps other
     syncd processes out).
+
+    `on_plan` is told every file the decisions would transfer (a dry run names them all).
     """
 
     def __init__(self, ledger: Ledger, watch: WatchConfig, remote_prefix: str, *, settle: float,
                  missing: str = "restore", retry_failed: bool = False, dry_run: bool = False,
-                 now: float | None = None, clean_temps: bool = False) -> None:
+                 now: float | None = None, clean_temps: bool = False, on_plan: PlanHook | None = None) -> None:
         self.ledger = ledger
         self.watch = watch
         self.remote_prefix = remote_prefix
@@ -150,6 +156,7 @@ class Scanner:
         self.clean_temps = clean_temps and not dry_run
         self.now = now if now is not None else time.time()
         self.stats = ScanStats()
+        self.on_plan = on_plan
         self._upserts: list[Row] = []
         self._forget: list[int] = []
 
@@ -197,7 +204,12 @@ class Scanner:
         settled_at = mtime_ns / 1e9 + self.settle
         return settled_at if self.now < settled_at < self.now + self.settle + 1 else self.now
 
+    def _plan(self, kind: str, path: str) -> None:
+        if self.on_plan is not None:
+            self.on_plan(kind, self.watch.prefix, path)
+
     def _queue_put(self, entry: Entry, **extra: object) -> None:
+        self._plan("upload", entry.path)
         row = {"watch": self.watch.prefix, "path": entry.path, "size": entry.size,
                "mtime_ns": entry.mtime_ns, "state": "pending", "op": "put", "key": self.key(entry.path),
                "due_at": self._due(entry.mtime_ns), "queued_at": self.now, "updated_at": self.now,
@@ -217,6 +229,8 @@ class Scanner:
     def _fail_name(self, entry: Entry, problem: str, *, warn: bool = True) -> None:
         if warn:  # once per file: not again at each write to a file already failed for its name
             log.warning("cannot sync %s/%s: %s", self.watch.prefix, entry.path, problem)
+            if not self.dry_run:
+                refusals.count(refusals.NAME)
         self._upserts.append({"watch": self.watch.prefix, "path": entry.path, "size": entry.size,
                               "mtime_ns": entry.mtime_ns, "state": "failed", "op": None, "key": None,
                               "last_error": problem, "error_kind": "name", "updated_at": self.now,
@@ -247,13 +261,20 @@ class Scanner:
             self._queue_put(entry, probe=row["probe"])
         elif state == "failed" and self.retry_failed:
             # a start is a fresh chance for failed files
+            self.stats.changed += 1
             self._queue_put(entry, probe=row["probe"])
         else:
             self.stats.changed += 1
+            if state != "failed":  # still queued: the next drain uploads it
+                self._plan("upload", entry.path)
 
     def on_missing(self, row: Row) -> None:
         state, op = row["state"], row["op"]
-        if state == "deleted" or (state == "deleting" and op in ("delete", "trash")):
+        if state == "deleted":
+            return
+        if state == "deleting" and op in ("delete", "trash"):
+            self.stats.to_delete += 1  # queued before (a stopped daemon): the next drain sends it
+            self._plan("delete", row["path"])
             return
         on_remote = maybe_remote(row) or op == "get"
         if not on_remote:
@@ -265,6 +286,7 @@ class Scanner:
             if not self.watch.restore:
                 return
             self.stats.to_restore += 1
+            self._plan("restore", row["path"])
             if op == "get" and state == "pending":
                 return
             self._upserts.append({"watch": row["watch"], "path": row["path"], "state": "pending",
@@ -275,7 +297,10 @@ class Scanner:
             if op == "get":
                 return  # a restore still queued or failing: the file was never back, not deleted
             self.stats.deletions += 1
-            self._upserts.append(deletion_fields(row, self.watch.on_delete, self.now))
+            fields = deletion_fields(row, self.watch.on_delete, self.now)
+            if fields["state"] == "deleting":
+                self._plan("delete", row["path"])
+            self._upserts.append(fields)
 
     # --- writes -------------------------------------------------------------------------
     def _maybe_flush(self) -> None:

@@ -143,9 +143,19 @@ class Transfers:
             self.stats.fail_reasons[err.kind] += 1
         if err.kind not in (LOCAL, INTEGRITY, NOT_FOUND):
             self.stats.remote_failed(err.cause)
-        self.causes.report(err.cause, f"{row['watch']}/{row['path']}")
+        self.causes.report(err.cause, f"{row['watch']}/{row['path']}", subjects=self._subjects(row))
         if state == "failed":
             self.stats.fail(f"{row['watch']}/{row['path']}", err.cause)
+
+    def _subjects(self, row: Row) -> tuple[str, ...]:
+        """How this row's file may be named in an error (key, local path, its directory): left
+        out of the cause that groups log lines (SPEC §4.6: once per cause, not once per file)."""
+        watch = self._watches.get(row["watch"])
+        out = [row["key"] or "", row["path"]]
+        if watch is not None:
+            local = watch.path.joinpath(*row["path"].split("/"))
+            out += [str(local), str(local.parent)]
+        return tuple(out)
 
     # --- upload ---------------------------------------------------------------------------
     def _put(self, row: Row, watch: WatchConfig) -> None:
@@ -208,6 +218,9 @@ class Transfers:
             self._synced(row, sha, st)
         # counted once the ledger has it: /metrics never shows an upload its file counts lack
         self.stats.add(uploaded=1, upload_bytes=st.st_size, copied=int(copied))
+        # -v logs every transfer (README: at debug, so a daemon's info log stays one line per event)
+        log.debug("uploaded %s/%s (%d bytes%s)", row["watch"], row["path"], st.st_size,
+                  ", server-side copy" if copied else "")
 
     def _remote_has(self, key: str, sha: str) -> bool:
         info = self.remote.head(key)
@@ -252,6 +265,7 @@ class Transfers:
         self.stats.succeeded()
         if res is not None:
             self.stats.add(restored=1)
+            log.debug("restored %s/%s (%d bytes)", row["watch"], row["path"], res.size)
 
     # --- remote deletion ------------------------------------------------------------------
     def _delete(self, row: Row, watch: WatchConfig, op: str) -> None:
@@ -276,3 +290,5 @@ class Transfers:
                            error_kind=None)
         self.stats.add(deleted=1)
         self.stats.succeeded()
+        log.debug("%s %s/%s", "deleted remotely" if op == "delete" else "moved to trash", row["watch"],
+                  row["path"])

@@ -16,6 +16,7 @@ import queue
 import stat as st_mod
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,6 +95,12 @@ class Watcher:
 
         for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
             logging.getLogger(name).addHandler(self._overflow)
+        # In a burst of new directories watchdog adds the watch of a subdirectory twice (walking
+        # its new parent, then on the subdirectory's own IN_CREATE) with the same callback, and
+        # warns with the repr of every watched path. Overwriting a callback with itself changes
+        # nothing: the warning is noise, dropped here (other warnings are logged, logs.setup).
+        warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning,
+                                module=r"watchdog\.")
         self._check_inotify_limit()
         for w in self.cfg.watches:
             st = os.stat(w.path)
