@@ -128,6 +128,18 @@ def test_resync_dry_run_names_every_file_then_the_summary(tmp_path, syncd):
     assert "would upload 0, would restore 1," in r.out
 
 
+def test_verify_dry_run_names_the_objects_it_would_upload_again(tmp_path, syncd):
+    cfg, root, remote = file_env(tmp_path)
+    for name in ("a.txt", "b.txt"):
+        write_file(root / name, name.encode())
+    assert syncd("--config", str(cfg), "resync").code == 0
+    (remote / "uploads/b.txt").unlink()  # the object is gone; the ledger still says synced
+    r = syncd("--config", str(cfg), "resync", "--dry-run", "--verify")
+    assert r.code == 0, r.err
+    assert plan_lines(r.out) == ["upload uploads/b.txt"]
+    assert "would upload 1," in r.out
+
+
 def test_dry_run_of_a_lost_ledger_names_what_the_listing_restores(tmp_path, syncd):
     cfg, root, _remote = file_env(tmp_path)
     for i in range(3):
