@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from syncd import refusals
 from syncd.errors import ConfigError
 from syncd.remote import base as remote_base
+from syncd.page import ACTIONS, PAGE_HEADERS, Console
 from syncd.status import collect
 
 if TYPE_CHECKING:
@@ -162,6 +163,10 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
             elif not self.trusted():
                 self.refuse()
+            elif path == "/":
+                query = self.path.partition("?")[2]
+                self.send_body(200, self.server.console.page(query), "text/html; charset=utf-8",
+                               head=self.command == "HEAD", headers=PAGE_HEADERS)
             else:
                 self._send(404, b"not found: try /healthz, /status or /metrics\n", "text/plain")
         except Exception as e:  # noqa: BLE001 - a request must never take the daemon down
@@ -170,7 +175,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
         if not self.trusted():
+            self.close_connection = True  # its body is not read: it must not be taken for a request
             self.refuse()
+            return
+        if self.route in ACTIONS:
+            try:
+                self.server.console.post(self)
+            except Exception as e:  # noqa: BLE001 - a request must never take the daemon down
+                log.exception("http POST %s failed", self.route)
+                self._send(500, f"error: {e}\n".encode(), "text/plain")
             return
         self._send(404, b"not found\n", "text/plain")
 
@@ -181,6 +194,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], daemon: Daemon, registry: CollectorRegistry) -> None:
         self.daemon = daemon
         self.registry = registry
+        self.console = Console(daemon)  # the status page; its form token is made here, per process
         super().__init__(address, Handler)
 
 
