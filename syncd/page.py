@@ -193,8 +193,9 @@ class Console:
         except ValueError:
             length = -1
         if not 0 <= length <= MAX_FORM:
-            h.close_connection = True  # the unread body must not be parsed as the next request
-            h.send_body(413 if length > MAX_FORM else 400, b"bad form\n", "text/plain; charset=utf-8")
+            # the unread body must not be parsed as the next request
+            h.send_body(413 if length > MAX_FORM else 400, b"bad form\n", "text/plain; charset=utf-8",
+                        headers={"Connection": "close"})
             return
         form = h.rfile.read(length)
         if not self.token_ok(form):

@@ -289,3 +289,24 @@ def test_browser_shows_the_daemon_and_retry_requeues_the_failed_file(
         assert "No failed files." in chromium.page_source
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_a_refused_post_body_is_never_read_as_a_second_request(endpoint, monkeypatch):
+    import socket
+
+    _, ep, _ = endpoint
+    accept = http._Server.get_request
+    monkeypatch.setattr(http._Server, "get_request",
+                        lambda self: (lambda s, a: (s, ("203.0.113.7", a[1])))(*accept(self)))
+    hidden = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
+    for route in (b"/actions/retry", b"/nothing"):
+        with socket.create_connection(ep.address, timeout=5) as s:
+            s.sendall(b"POST " + route + b" HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                      + str(len(hidden)).encode() + b"\r\n\r\n" + hidden)
+            got = b""
+            try:
+                while chunk := s.recv(65536):
+                    got += chunk
+            except TimeoutError:
+                pass
+        assert got.startswith(b"HTTP/1.1 403") and got.count(b"HTTP/1.1 ") == 1, got
