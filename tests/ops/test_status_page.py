@@ -231,11 +231,23 @@ def chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         driver.quit()
 
 
-def _page_counts(driver) -> dict[str, int]:
+def _snapshot(driver) -> dict[str, Any] | None:
+    """What the loaded page shows; None when its 5 s refresh replaced it while being read."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    return {td.get_attribute("data-state"): int(td.text)
-            for td in driver.find_elements(By.CSS_SELECTOR, "table.counts td[data-state]")}
+    try:
+        return {
+            "counts": {td.get_attribute("data-state"): int(td.text)
+                       for td in driver.find_elements(By.CSS_SELECTOR, "table.counts td[data-state]")},
+            "backlog": driver.find_element(By.CLASS_NAME, "backlog").text,
+            "failures": {tr.find_element(By.CLASS_NAME, "p").text: tr.find_element(By.CLASS_NAME, "err").text
+                         for tr in driver.find_elements(By.CSS_SELECTOR, "table.failures tr:has(td)")},
+            "health": driver.find_element(By.ID, "health").text,
+            "images": len(driver.find_elements(By.TAG_NAME, "img")),
+        }
+    except (StaleElementReferenceException, NoSuchElementException):
+        return None
 
 
 def test_browser_shows_the_daemon_and_retry_requeues_the_failed_file(
@@ -253,15 +265,12 @@ def test_browser_shows_the_daemon_and_retry_requeues_the_failed_file(
         wait_for(lambda: d.states().get("failed") == 2, 30, what="denied uploads failed")
 
         chromium.get(url + "/")
+        page = wait_for(lambda: _snapshot(chromium), 10, what="the page read")
         status = json.loads(get(url + "/status")[1])["watches"][0]
-        assert _page_counts(chromium) == status["counts"]
-        assert chromium.find_element(By.CLASS_NAME, "backlog").text == str(status["backlog"])
-        rows = {tr.find_element(By.CLASS_NAME, "p").text: tr.find_element(By.CLASS_NAME, "err").text
-                for tr in chromium.find_elements(By.CSS_SELECTOR, "table.failures tr:has(td)")}
-        assert rows == {HOSTILE: "AccessDenied: s3:PutObject", "fine.txt": "AccessDenied: s3:PutObject"}
-        assert chromium.find_elements(By.TAG_NAME, "img") == []  # the name is text, not markup
-        health = chromium.find_element(By.ID, "health").text
-        assert health.endswith(get(url + "/healthz")[1].strip())
+        assert page["counts"] == status["counts"] and page["backlog"] == str(status["backlog"])
+        assert page["failures"] == {HOSTILE: "AccessDenied: s3:PutObject", "fine.txt": "AccessDenied: s3:PutObject"}
+        assert page["images"] == 0  # the name is text, not markup
+        assert page["health"].endswith(get(url + "/healthz")[1].strip())
         shot = tmp_path / "status-page.png"
         assert chromium.save_screenshot(str(shot)) and shot.stat().st_size > 1000
         print(f"screenshot: {shot}")
@@ -275,8 +284,9 @@ def test_browser_shows_the_daemon_and_retry_requeues_the_failed_file(
 
         iam_user["grant"](policy(load_config(cfg)))
         chromium.find_element(By.ID, "retry").click()
-        wait_for(lambda: "Re-queued 2 failed files." in chromium.page_source, 10, what="the retry notice")
-        assert chromium.current_url == url + "/?requeued=2"  # the 303 led back to the page
+        # the 303 leads back to the page, which says what was done
+        wait_for(lambda: chromium.current_url == url + "/?requeued=2"
+                 and "Re-queued 2 failed files." in chromium.page_source, 10, what="the retry notice")
         wait_for(lambda: d.states().get("synced") == 2, 30, what="retried uploads synced")
         after = d.query("SELECT gen, attempts, state FROM files WHERE path=?", (HOSTILE,))[0]
         assert after[0] > before[0] and after[2] == "synced"
@@ -285,8 +295,9 @@ def test_browser_shows_the_daemon_and_retry_requeues_the_failed_file(
         wait_for(lambda: "Rescan requested" in chromium.page_source, 10, what="the rescan notice")
         wait_for(lambda: "full rescan requested: status page" in d.log(), 10, what="the rescan ran")
         chromium.get(url + "/")
-        assert _page_counts(chromium) == json.loads(get(url + "/status")[1])["watches"][0]["counts"]
-        assert "No failed files." in chromium.page_source
+        page = wait_for(lambda: _snapshot(chromium), 10, what="the page read")
+        assert page["counts"] == json.loads(get(url + "/status")[1])["watches"][0]["counts"]
+        assert page["failures"] == {} and "No failed files." in chromium.page_source
     finally:
         assert d.stop() == 0, d.log()
 
