@@ -24,8 +24,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from syncd import refusals
 from syncd.errors import ConfigError
-from syncd.remote import base as remote_base
 from syncd.page import ACTIONS, PAGE_HEADERS, Console
+from syncd.remote import base as remote_base
 from syncd.status import collect
 
 if TYPE_CHECKING:
