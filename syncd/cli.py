@@ -232,9 +232,12 @@ def resync(c: Ctx, dry_run: bool, no_restore: bool, no_upload: bool, verify: boo
 @click.option("--to", "to_dir", metavar="DIR", help="write DIR/<watch prefix>/<path>; the ledger is untouched")
 @click.option("--overwrite", is_flag=True, help="replace files that exist locally")
 @click.option("--dry-run", is_flag=True, help="list what would be restored")
+@click.option("--at", "at", metavar="TIME", help="as the files were at TIME (ISO 8601, or an age: 30m, 2h, 3d); "
+              "versioned S3 buckets")
 @click.argument("globs", nargs=-1)
 @pass_ctx
-def restore(c: Ctx, to_dir: str | None, overwrite: bool, dry_run: bool, globs: tuple[str, ...]) -> None:
+def restore(c: Ctx, to_dir: str | None, overwrite: bool, dry_run: bool, at: str | None,
+            globs: tuple[str, ...]) -> None:
     """Download from the remote; by default only files missing locally.
 
     Unlike the automatic restore at start, this also brings back files whose deletion the
@@ -244,9 +247,26 @@ def restore(c: Ctx, to_dir: str | None, overwrite: bool, dry_run: bool, globs: t
     from syncd.restore_cmd import restore_in_place, restore_to
 
     cfg = c.cfg
+    when = None
+    if at is not None:
+        from syncd.restore_at import parse_time
+
+        when = parse_time(at)
     remote = open_remote(cfg)
     try:
-        if to_dir:
+        if when is not None:
+            from syncd.restore_at import restore_at
+
+            plan = _print_plan if dry_run else None
+            with _progress(c, show=not dry_run) as bar:
+                if to_dir:
+                    summary = restore_at(cfg, remote, when, to_dir=Path(to_dir), globs=globs, overwrite=overwrite,
+                                         dry_run=dry_run, progress=bar, on_plan=plan)
+                else:
+                    with locked_ledger(cfg, "restore") as ledger:
+                        summary = restore_at(cfg, remote, when, ledger=ledger, globs=globs, overwrite=overwrite,
+                                             dry_run=dry_run, progress=bar, on_plan=plan)
+        elif to_dir:
             summary = restore_to(cfg, remote, Path(to_dir), globs=globs, overwrite=overwrite, dry_run=dry_run,
                                  on_plan=_print_plan)
         else:
@@ -289,10 +309,11 @@ def check(c: Ctx) -> None:
     try:
         click.echo(f"remote: {remote.name} (probe object {probe_key(cfg)})")
         probes = run_check(cfg, remote)
+        for p in probes:
+            click.echo(f"{p.name:<7} {p.outcome}")
+        _hygiene(cfg, remote, probes)
     finally:
         remote.close()
-    for p in probes:
-        click.echo(f"{p.name:<7} {p.outcome}")
     if all(p.ok for p in probes):
         click.echo("all checks passed")
         return
@@ -301,6 +322,26 @@ def check(c: Ctx) -> None:
         click.echo(f"missing permission: {', '.join(denied)}; syncd needs this least-privilege policy:")
         click.echo(json.dumps(policy(cfg), indent=2))
     sys.exit(3)
+
+
+def _hygiene(cfg: Config, remote, probes) -> None:
+    """`check`'s bucket hygiene lines (advice only: they never change the exit code)."""
+    from syncd.hygiene import section
+
+    for line in section(cfg, remote, probes):
+        click.echo(line)
+
+
+@cli.command()
+@click.option("--expires", type=click.IntRange(1, 604800), default=3600, show_default=True, metavar="SECONDS",
+              help="how long the URL works (at most 604800, 7 days)")
+@click.argument("path")
+@pass_ctx
+def url(c: Ctx, expires: int, path: str) -> None:
+    """Print a presigned GET URL for a synced file (S3 remotes; exit 1 when it is not synced)."""
+    from syncd.url_cmd import presigned_url
+
+    click.echo(presigned_url(c.cfg, path, expires))
 
 
 @cli.command("iam-policy")

@@ -103,8 +103,10 @@ def safe_target(root: Path, rel: str, *, follow_symlinks: bool = False, create: 
 
 
 def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False,
-          before_publish: Callable[[Restored], bool] | None = None) -> Restored | None:
-    """Download `key` to `target` atomically. Returns None when `before_publish` declined.
+          before_publish: Callable[[Restored], bool] | None = None,
+          version_id: str | None = None) -> Restored | None:
+    """Download `key` (that version, with `version_id`) to `target` atomically. Returns None
+    when `before_publish` declined.
 
     Raises FileExistsError when `target` exists (or appears meanwhile) and not `overwrite`;
     RemoteError(INTEGRITY) on a checksum mismatch; RemoteError(LOCAL) on local write errors.
@@ -120,7 +122,7 @@ def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False,
         with os.fdopen(fd, "wb") as f:
             w = _HashingWriter(f)
             try:
-                fetched = remote.get(key, w)
+                fetched = remote.get(key, w, version_id=version_id) if version_id else remote.get(key, w)
                 f.flush()
                 os.fsync(f.fileno())
             except OSError as e:

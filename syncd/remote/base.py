@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -60,6 +61,18 @@ class Fetched:
     server_verified: bool  # the store's own checksum was checked while reading
 
 
+@dataclass(frozen=True)
+class VersionInfo:
+    """One entry of a versioned listing: an object version or a delete marker."""
+
+    key: str
+    version_id: str
+    last_modified: datetime  # timezone-aware
+    size: int = 0
+    is_latest: bool = False
+    delete_marker: bool = False
+
+
 class Remote(Protocol):
     """A flat key space. Keys never start with `/`."""
 
@@ -81,8 +94,9 @@ class Remote(Protocol):
 
         `data`: the file's bytes when the caller already read them (small files): sent as is."""
 
-    def get(self, key: str, dest: BinaryIO) -> Fetched:
-        """Write the object's bytes into `dest`. RemoteError(NOT_FOUND) when missing."""
+    def get(self, key: str, dest: BinaryIO, *, version_id: str | None = None) -> Fetched:
+        """Write the object's bytes into `dest` (that version's, with `version_id`: S3 only;
+        other remotes refuse it with RemoteError(INVALID)). RemoteError(NOT_FOUND) when missing."""
 
     def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int, expect_sha256: str | None = None) -> None:
         """Server-side copy; RemoteError(NOT_FOUND) when `src` is gone, or, with `expect_sha256`,

@@ -19,6 +19,7 @@ from typing import BinaryIO
 from syncd.fsutil import CHUNK, fsync_dir
 from syncd.remote.base import (
     INTEGRITY,
+    INVALID,
     LOCAL,
     NOT_FOUND,
     UNREACHABLE,
@@ -202,7 +203,10 @@ class LocalRemote:
             raise RemoteError(LOCAL, f"{path} vanished", code="NoSuchFile") from e
         self._write_meta(key, sha256, mtime_ns, os.stat(target).st_size)
 
-    def get(self, key: str, dest: BinaryIO) -> Fetched:
+    def get(self, key: str, dest: BinaryIO, *, version_id: str | None = None) -> Fetched:
+        if version_id is not None:
+            raise RemoteError(INVALID, f"{self.name} keeps no versions (asked for {key} version {version_id})",
+                              code="NoVersions")
         p = self._path(key)
         try:
             f = open(p, "rb")  # noqa: SIM115 - closed by the with below

@@ -41,6 +41,7 @@ from syncd.remote.base import (
     Fetched,
     ObjectInfo,
     RemoteError,
+    VersionInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ class S3Remote:
         except bexc.ProfileNotFound as e:
             raise ConfigError(f"remote.profile: no AWS profile {cfg.profile!r} in the AWS config or "
                               f"credentials files ({e})") from e
+        self._session = session  # for the presigning client (`presign_get`)
         # Expect: 100-continue spares a large body a trip to a server that refuses it; a small one
         # only gains a round trip (and the server a reply) per file
         self.client.meta.events.register("before-sign.s3.PutObject", no_expect_for_small_bodies)
@@ -273,9 +275,11 @@ class S3Remote:
         except Exception as e:
             raise map_error(e, "s3:PutObject", key) from e
 
-    def get(self, key: str, dest: BinaryIO) -> Fetched:
+    def get(self, key: str, dest: BinaryIO, *, version_id: str | None = None) -> Fetched:
+        action = "s3:GetObjectVersion" if version_id else "s3:GetObject"
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+            extra = {"VersionId": version_id} if version_id else {}
+            resp = self.client.get_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED", **extra)
             body = resp["Body"]
             # botocore checks a full-object checksum at the end of the body (FlexibleChecksumError)
             verified = any(resp.get(k) for k in ("ChecksumSHA256", "ChecksumCRC32", "ChecksumCRC32C",
@@ -289,8 +293,76 @@ class S3Remote:
                 for chunk in body.iter_chunks(CHUNK):
                     dest.write(chunk)
         except Exception as e:
-            raise map_error(e, "s3:GetObject", key) from e
+            raise map_error(e, action, key) from e
         return Fetched(info=self._info(key, resp), server_verified=bool(verified))
+
+    # --- beyond the Remote interface: S3's own abilities (presigning, versions, bucket settings)
+    def presign_get(self, key: str, expires: int) -> str:
+        """A URL that GETs `key` without credentials for `expires` seconds, signed locally with
+        Signature Version 4 (botocore presigns with the deprecated version 2 unless told)."""
+        try:
+            signer = self._session.create_client(
+                "s3", endpoint_url=self.cfg.endpoint_url or None, region_name=self._bucket_region(),
+                config=BotoConfig(signature_version="s3v4",
+                                  s3={"addressing_style": "path"} if self.cfg.endpoint_url else {}))
+            return signer.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
+                                                 ExpiresIn=expires)
+        except Exception as e:
+            raise map_error(e, "s3:GetObject", key) from e
+
+    def _bucket_region(self) -> str | None:
+        """The region a URL must be signed for. Requests follow S3's region redirects; a URL
+        cannot, so on AWS without a configured region the bucket is asked (x-amz-bucket-region,
+        sent even with an error)."""
+        if self.cfg.region or self.cfg.endpoint_url:
+            return self.cfg.region or self.client.meta.region_name
+        try:
+            resp = self.client.head_bucket(Bucket=self.bucket)
+        except bexc.ClientError as e:
+            resp = e.response
+        except bexc.BotoCoreError:
+            resp = {}
+        headers = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        return headers.get("x-amz-bucket-region") or self.client.meta.region_name
+
+    def versioning(self) -> str:
+        """The bucket's versioning status: "Enabled", "Suspended", or "" (never enabled)."""
+        return str(self.bucket_setting("versioning").get("Status") or "")
+
+    _SETTINGS = {"versioning": ("get_bucket_versioning", "s3:GetBucketVersioning"),
+                 "encryption": ("get_bucket_encryption", "s3:GetEncryptionConfiguration"),
+                 "public_access_block": ("get_public_access_block", "s3:GetBucketPublicAccessBlock"),
+                 "lifecycle": ("get_bucket_lifecycle_configuration", "s3:GetLifecycleConfiguration")}
+
+    def bucket_setting(self, name: str) -> dict[str, Any]:
+        """One bucket-level setting (a key of `_SETTINGS`), as S3 returns it.
+
+        A setting that was never made raises RemoteError with S3's code (e.g.
+        NoSuchLifecycleConfiguration); a denied read raises RemoteError(DENIED)."""
+        method, action = self._SETTINGS[name]
+        try:
+            resp = getattr(self.client, method)(Bucket=self.bucket)
+        except Exception as e:
+            raise map_error(e, action, f"s3://{self.bucket}") from e
+        resp.pop("ResponseMetadata", None)
+        return resp
+
+    def list_versions(self, prefix: str, *, after: str = "", page_size: int = 1000) -> Iterator[VersionInfo]:
+        """Every version and delete marker under `prefix` (of keys after `after`), keys in order,
+        each key newest first.
+
+        Page by page (`_in_order`): memory stays flat however many keys there are."""
+        try:
+            marker = {"KeyMarker": after} if after else {}
+            pages = self.client.get_paginator("list_object_versions").paginate(
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}, **marker)
+            for page in pages:
+                for entry in _in_order(page):
+                    # KeyMarker alone means "keys after it"; moto also returns the rest of its versions
+                    if not after or entry.key > after:
+                        yield entry
+        except Exception as e:
+            raise map_error(e, "s3:ListBucketVersions", prefix) from e
 
     def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int, expect_sha256: str | None = None) -> None:
         extra = self._extra(dst, sha256, mtime_ns)
@@ -342,6 +414,25 @@ def no_expect_for_small_bodies(request: Any, **_: Any) -> None:
     """botocore event handler (before-sign): no `Expect: 100-continue` on a small body."""
     if request.headers.get("Expect") and (determine_content_length(request.body) or 0) <= SMALL_FILE:
         del request.headers["Expect"]
+
+
+def _in_order(page: dict[str, Any]) -> list[VersionInfo]:
+    """A page's versions and delete markers as one list: keys in order, each key newest first.
+
+    S3 sends one sequence in that order, but botocore splits it into two lists (versions,
+    delete markers), each still in order; they are merged back by LastModified. Stores with
+    1-second timestamps (moto) cannot order two entries of one key written within the same
+    second: then the latest comes first, then versions before delete markers (a stable sort).
+    """
+    entries = [_version(v, False) for v in page.get("Versions", ())]
+    entries += [_version(d, True) for d in page.get("DeleteMarkers", ())]
+    entries.sort(key=lambda v: (v.key, -v.last_modified.timestamp(), not v.is_latest))
+    return entries
+
+
+def _version(v: dict[str, Any], marker: bool) -> VersionInfo:
+    return VersionInfo(key=v["Key"], version_id=str(v.get("VersionId") or "null"), last_modified=v["LastModified"],
+                       size=int(v.get("Size", 0)), is_latest=bool(v.get("IsLatest")), delete_marker=marker)
 
 
 def _source_changed(src: str) -> RemoteError:
