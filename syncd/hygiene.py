@@ -46,18 +46,17 @@ def versioning(remote: Any) -> list[Line]:
 
 
 def encryption(remote: Any, cfg: Config) -> list[Line]:
+    name = "default encryption"
     got, code = _read(remote, "encryption")
     if got is None and code == "ServerSideEncryptionConfigurationNotFoundError":
         ours = f" (syncd's own uploads use sse = {cfg.remote.sse})" if cfg.remote.sse else ""
-        return [Line("encryption", f"advice: no default encryption{ours}; make SSE-S3 or SSE-KMS the bucket's "
-                                   f"default")]
+        return [Line(name, f"advice: none{ours}; make SSE-S3 or SSE-KMS the bucket's default")]
     if got is None:
-        return [Line("encryption", f"unknown ({code})")]
+        return [Line(name, f"unknown ({code})")]
     rules = (got.get("ServerSideEncryptionConfiguration") or {}).get("Rules") or []
     if any((r.get("ApplyServerSideEncryptionByDefault") or {}).get("SSEAlgorithm") for r in rules):
-        return [Line("encryption", "ok")]
-    return [Line("encryption", "advice: the bucket's encryption configuration sets no default algorithm; "
-                               "set SSE-S3 or SSE-KMS")]
+        return [Line(name, "ok")]
+    return [Line(name, "advice: the encryption configuration sets no algorithm; make SSE-S3 or SSE-KMS the default")]
 
 
 def public_access(remote: Any) -> list[Line]:

@@ -12,7 +12,7 @@ from syncd.remote.base import DENIED, RemoteError
 from tests.conftest import Store, _new_bucket, write_config
 from tests.ops.test_check_iam import iam_user  # noqa: F401 - fixture
 
-NAMES = ["versioning", "encryption", *PUBLIC_ACCESS_SETTINGS, "abort incomplete uploads"]
+NAMES = ["versioning", "default encryption", *PUBLIC_ACCESS_SETTINGS, "abort incomplete uploads"]
 
 
 def hygiene_lines(out: str) -> dict[str, str]:
