@@ -173,10 +173,16 @@ class _Run:
         except FileExistsError:
             self.count("skipped")
         except (RemoteError, UnsafeKey, OSError) as e:
-            log.error("cannot restore %s (version %s): %s", v.key, v.version_id, e)
-            self.failed(v.key, str(e))
-            if self.progress is not None:
-                self.progress.update(1)
+            self._failed_one(v, str(e))
+        except Exception as e:  # noqa: BLE001 - the task ends here: a bug is a failed file, not a lost one
+            log.exception("internal error restoring %s", v.key)
+            self._failed_one(v, f"internal error: {type(e).__name__}: {e}")
+
+    def _failed_one(self, v: VersionInfo, why: str) -> None:
+        log.error("cannot restore %s (version %s): %s", v.key, v.version_id, why)
+        self.failed(v.key, why)
+        if self.progress is not None:
+            self.progress.update(1)
 
     def _recorder(self, w: WatchConfig, rel: str, v: VersionInfo) -> Callable[[Restored], bool]:
         """In place, the ledger learns of the file before it appears (so it is not taken for a new
