@@ -23,6 +23,7 @@ import click
 from syncd import logs
 from syncd.config import Config, load_config
 from syncd.errors import ConfigError, SyncdError
+from syncd.url_cmd import DEFAULT_EXPIRES, MAX_EXPIRES
 
 log = logging.getLogger("syncd")
 _state = {"verbose": 0}
@@ -333,8 +334,8 @@ def _hygiene(cfg: Config, remote, probes) -> None:
 
 
 @cli.command()
-@click.option("--expires", type=click.IntRange(1, 604800), default=3600, show_default=True, metavar="SECONDS",
-              help="how long the URL works (at most 604800, 7 days)")
+@click.option("--expires", type=click.IntRange(1, MAX_EXPIRES), default=DEFAULT_EXPIRES, show_default=True,
+              metavar="SECONDS", help=f"how long the URL works (at most {MAX_EXPIRES}, 7 days)")
 @click.argument("path")
 @pass_ctx
 def url(c: Ctx, expires: int, path: str) -> None:
