@@ -24,6 +24,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from syncd import refusals
 from syncd.errors import ConfigError
+from syncd.files import ROUTE as FILES_ROUTE
+from syncd.files import FileServer
 from syncd.page import ACTIONS, PAGE_HEADERS, Console
 from syncd.remote import base as remote_base
 from syncd.status import collect
@@ -40,6 +42,7 @@ FAILURE_REASONS = (remote_base.TRANSIENT, remote_base.UNREACHABLE, remote_base.D
 class _Collector:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self.files: FileServer | None = None
 
     def collect(self):  # noqa: ANN201 - prometheus-client's collector protocol
         d = self.daemon
@@ -82,6 +85,11 @@ class _Collector:
             last_ok.append(d.last_reconcile_at)
         yield GaugeMetricFamily("syncd_last_success_timestamp_seconds",
                                 "Last time a transfer or a reconcile succeeded", value=max(last_ok) if last_ok else 0)
+        served = CounterMetricFamily("syncd_served", "/files/ answers by source: from disk, or after an "
+                                     "on-demand restore", labels=["source"])
+        for source in ("disk", "remote"):
+            served.add_metric([source], self.files.served[source] if self.files is not None else 0)
+        yield served
         ok, _ = d.health()
         yield GaugeMetricFamily("syncd_healthy", "1 when /healthz answers 200", value=1 if ok else 0)
 
@@ -167,6 +175,11 @@ class Handler(BaseHTTPRequestHandler):
                 query = self.path.partition("?")[2]
                 self.send_body(200, self.server.console.page(query), "text/html; charset=utf-8",
                                head=self.command == "HEAD", headers=PAGE_HEADERS)
+            elif path.startswith(FILES_ROUTE):
+                if self.server.files is None:
+                    self._send(404, b"not found: serve_files is off\n", "text/plain")
+                else:
+                    self.server.files.serve(self, path)
             else:
                 self._send(404, b"not found: try /healthz, /status or /metrics\n", "text/plain")
         except Exception as e:  # noqa: BLE001 - a request must never take the daemon down
@@ -195,6 +208,7 @@ class _Server(ThreadingHTTPServer):
         self.daemon = daemon
         self.registry = registry
         self.console = Console(daemon)  # the status page; its form token is made here, per process
+        self.files: FileServer | None = None  # set by HttpEndpoint.start when serve_files
         super().__init__(address, Handler)
 
 
@@ -205,7 +219,8 @@ class HttpEndpoint:
         host, _, port = listen.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(daemon))
+        self.collector = _Collector(daemon)
+        self.registry.register(self.collector)
         try:
             self.server = _Server((host, int(port)), daemon, self.registry)
         except OSError as e:
@@ -219,6 +234,10 @@ class HttpEndpoint:
         return self.server.server_address[:2]  # type: ignore[return-value]
 
     def start(self, daemon: Daemon) -> None:
+        if daemon.cfg.serve_files and daemon.engine is not None and daemon.ledger is not None:
+            engine = daemon.engine
+            self.server.files = self.collector.files = FileServer(
+                daemon.cfg, daemon.ledger, engine.remote, engine.stats, stop=daemon.stop)
         self._thread = threading.Thread(target=self._serve, name="syncd-http", daemon=True)
         self._thread.start()
         log.info("health endpoint on http://%s:%d/healthz", *self.address)

@@ -1,0 +1,364 @@
+"""`GET/HEAD /files/<watch prefix>/<path>` (SPEC §6): a file from disk, or restored on the spot.
+
+A request path is checked before anything touches the disk: it must decode (percent-encoding,
+UTF-8) to a safe key — no `..` or `.` or empty segments, not absolute, no backslash, NUL, drive
+letter or encoded slash (400) — and name a file the watch keeps (403 for excluded names and
+syncd's own objects). The local file is opened without following symlinks on the way
+(`O_NOFOLLOW` one directory at a time, unless `follow_symlinks`, and then only to a target
+inside the watch root), so nothing outside the root is ever read.
+
+A file missing locally is restored first, exactly as at start (`restore.fetch`: temp file,
+checked against `syncd-sha256`, fsync, no-clobber rename) and recorded as synced in the same
+step, so the restore queue skips it and the watcher does not upload it back. Concurrent requests
+for one file wait for a single download (`_inflight`). Ledger tombstones (`deleted` rows) hide
+a file; remote tombstones plug in through `tombstoned`. The body is sent from the open file
+with `sendfile` (never held in memory).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mimetypes
+import os
+import stat as st_mod
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote
+
+from syncd.config import Config, WatchConfig
+from syncd.keys import UnsafeKey, is_reserved, join_key, key_problem, rel_from_key
+from syncd.ledger import Ledger
+from syncd.patterns import Filter
+from syncd.remote.base import LOCAL, NOT_FOUND, TRANSIENT, UNREACHABLE, Remote, RemoteError
+from syncd.restore import Restored, fetch, safe_target
+from syncd.retry import call as retry_call
+from syncd.transfers import Stats
+
+log = logging.getLogger(__name__)
+ROUTE = "/files/"
+TOMBSTONE_DIR = ".syncd"  # <watch prefix>/.syncd/tombstones/... (SPEC §4.5): never served
+REQUEST_ATTEMPTS = 3  # transient remote errors during a request: a few quick tries, then 503
+HIDDEN = ("deleted", "deleting")  # ledger tombstones (SPEC §4.5)
+_DIR_FD = os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd and hasattr(os, "O_NOFOLLOW")
+
+
+class Refusal(Exception):
+    """A request that gets an error answer: `status` and a one-line reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass
+class Opened:
+    """A regular file open for reading, with the stat taken from the open descriptor."""
+
+    file: BinaryIO
+    size: int
+    mtime: float
+    name: str
+
+
+def parse(route: str) -> str:
+    """The decoded `<watch prefix>/<path>` of a `/files/...` request path, or Refusal(400)."""
+    raw = route[len(ROUTE):]
+    if "%2f" in raw.lower():  # an encoded slash would smuggle a separator past the segment checks
+        raise Refusal(400, "encoded slash (%2F) in the path")
+    try:
+        text = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise Refusal(400, "the path is not valid UTF-8") from None
+    try:
+        rel_from_key(text, "")  # `..`, `.`, empty segments, absolute, backslash, NUL, drive letters
+    except UnsafeKey as e:
+        raise Refusal(400, f"not a safe path: {e}") from None
+    if problem := key_problem(text):
+        raise Refusal(400, problem)
+    return text
+
+
+def open_local(root: Path, rel: str, *, follow_symlinks: bool) -> Opened | None:
+    """Open `root/rel` for reading if it is a regular file; None when it does not exist.
+
+    Refusal(403) for a symlink that is not followed (anywhere on the way) and for anything that
+    is not a regular file. Without `follow_symlinks` (and where the OS allows) the path is walked
+    with `O_NOFOLLOW` one directory at a time, so a symlink swapped in meanwhile cannot lead out.
+    """
+    if follow_symlinks or not _DIR_FD:
+        return _open_checked(root, rel, follow_symlinks=follow_symlinks)
+    parts = rel.split("/")
+    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for seg in parts[:-1]:
+            try:
+                nfd = os.open(seg, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    _refuse_entry(os.stat(seg, dir_fd=dfd, follow_symlinks=False))
+                    return None  # a regular file where the path needs a directory
+                raise
+            os.close(dfd)
+            dfd = nfd
+        try:
+            st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        _refuse_entry(st)
+        # O_NONBLOCK: a fifo swapped in after the stat must not hang the request thread
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(dfd)
+    return _opened(fd, parts[-1])
+
+
+def _refuse_entry(st: os.stat_result) -> None:
+    if st_mod.S_ISLNK(st.st_mode):
+        raise Refusal(403, "a symlink (not followed: follow_symlinks = false)")
+    if not st_mod.S_ISREG(st.st_mode):
+        raise Refusal(403, "not a regular file")
+
+
+def _open_checked(root: Path, rel: str, *, follow_symlinks: bool) -> Opened | None:
+    """Where symlinks are followed (or the OS has no dir_fd): resolve, and keep to the root."""
+    try:
+        safe_target(root, rel, follow_symlinks=follow_symlinks, create=False)
+    except UnsafeKey as e:
+        raise Refusal(403, str(e)) from None
+    path = root.joinpath(*rel.split("/"))
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if st_mod.S_ISLNK(st.st_mode):
+        if not follow_symlinks:
+            _refuse_entry(st)
+        real_root, real = os.path.realpath(root), os.path.realpath(path)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise Refusal(403, "a symlink that leads outside the watch root")
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            return None
+        path = Path(real)
+    _refuse_entry(st)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        return None
+    return _opened(fd, path.name)
+
+
+def _opened(fd: int, name: str) -> Opened:
+    st = os.fstat(fd)
+    if not st_mod.S_ISREG(st.st_mode):  # swapped between the stat and the open
+        os.close(fd)
+        raise Refusal(403, "not a regular file")
+    return Opened(file=os.fdopen(fd, "rb"), size=st.st_size, mtime=st.st_mtime, name=name)
+
+
+class FileServer:
+    """Answers `/files/` requests for the watches of `cfg`.
+
+    `tombstoned(watch, rel)`: whether a remote tombstone (`.syncd/tombstones/`, SPEC §4.5) hides
+    the file; asked before an on-demand restore, after the ledger's own `deleted` rows.
+    """
+
+    def __init__(self, cfg: Config, ledger: Ledger, remote: Remote, stats: Stats, *,
+                 stop: threading.Event | None = None,
+                 tombstoned: Callable[[WatchConfig, str], bool] | None = None) -> None:
+        self.cfg = cfg
+        self.ledger = ledger
+        self.remote = remote
+        self.stats = stats
+        self.stop = stop
+        self.tombstoned = tombstoned
+        # longest prefix first: "a/b" must win over "a" (prefixes never overlap, but "" may exist)
+        self._watches = sorted(cfg.watches, key=lambda w: len(w.prefix), reverse=True)
+        self._filters = {w.prefix: Filter(w.include, w.exclude) for w in cfg.watches}
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, str], Future[str]] = {}
+        self.served: Counter[str] = Counter()  # source ("disk" | "remote") -> answers
+
+    # --- the request ----------------------------------------------------------------------
+    def serve(self, handler: BaseHTTPRequestHandler, route: str) -> None:
+        """Answer one GET or HEAD for `route` (the request path without its query)."""
+        head = handler.command == "HEAD"
+        try:
+            opened, source = self.open(route)
+        except Refusal as e:
+            body = f"{e}\n".encode()
+            handler.send_response(e.status)
+            handler.send_header("Content-Type", "text/plain; charset=utf-8")
+            handler.send_header("Content-Length", str(len(body)))
+            if e.status == 503:
+                handler.send_header("Retry-After", "5")
+            handler.end_headers()
+            if not head:
+                handler.wfile.write(body)
+            return
+        with opened.file as f:
+            ctype = mimetypes.guess_type(opened.name)[0] or "application/octet-stream"
+            handler.send_response(200)
+            handler.send_header("Content-Type", ctype)
+            handler.send_header("Content-Length", str(opened.size))
+            handler.send_header("Last-Modified", formatdate(opened.mtime, usegmt=True))
+            handler.end_headers()
+            with self._lock:
+                self.served[source] += 1
+            if not head:
+                self._send(handler, f, opened.size)
+
+    @staticmethod
+    def _send(handler: BaseHTTPRequestHandler, f: BinaryIO, size: int) -> None:
+        handler.wfile.flush()
+        try:
+            sent = handler.connection.sendfile(f, 0, size)  # zero-copy; falls back to send() chunks
+        except (BrokenPipeError, ConnectionResetError):
+            handler.close_connection = True  # the client went away
+            return
+        if sent != size:  # truncated while we sent it: the client sees a short body, not a wrong one
+            log.warning("files: %s shrank while being sent (%d of %d bytes)", f.name, sent, size)
+            handler.close_connection = True
+
+    def open(self, route: str) -> tuple[Opened, str]:
+        """The open file for a `/files/...` path and where it came from ("disk" | "remote"),
+        restoring it first when only the remote has it. Raises Refusal."""
+        watch, rel = self.locate(parse(route))
+        if not watch.path.is_dir():
+            raise Refusal(503, f"watch root {watch.path} is missing or unmounted")
+        opened = open_local(watch.path, rel, follow_symlinks=watch.follow_symlinks)
+        if opened is not None:
+            return opened, "disk"
+        source = self.restore(watch, rel)
+        opened = open_local(watch.path, rel, follow_symlinks=watch.follow_symlinks)
+        if opened is None:  # deleted again right after it was restored
+            raise Refusal(404, "not found")
+        return opened, source
+
+    def locate(self, text: str) -> tuple[WatchConfig, str]:
+        """The watch and the relative path of a decoded `<watch prefix>/<path>`."""
+        for w in self._watches:
+            if text == w.prefix:
+                raise Refusal(404, "not a file: the watch itself")
+            if w.prefix and not text.startswith(w.prefix + "/"):
+                continue
+            rel = text[len(w.prefix) + 1:] if w.prefix else text
+            if is_reserved(rel) or rel.split("/", 1)[0] == TOMBSTONE_DIR:
+                raise Refusal(403, "syncd's own objects are not served")
+            if not self._filters[w.prefix].wants(rel):
+                raise Refusal(403, f"excluded by the include/exclude patterns of watch {w.prefix!r}")
+            return w, rel
+        raise Refusal(404, "no watch has this prefix")
+
+    # --- on-demand restore ----------------------------------------------------------------
+    def restore(self, watch: WatchConfig, rel: str) -> str:
+        """Restore one missing file, sharing the download with concurrent requests for it.
+        Returns the answer's source: "remote" (or "disk" when it appeared locally meanwhile)."""
+        k = (watch.prefix, rel)
+        with self._lock:
+            fut = self._inflight.get(k)
+            leader = fut is None
+            if fut is None:
+                fut = self._inflight[k] = Future()
+        if not leader:
+            return fut.result()  # raises the leader's Refusal too
+        try:
+            fut.set_result(self._restore(watch, rel))
+        except BaseException as e:  # noqa: BLE001 - handed to every waiter, then raised here
+            fut.set_exception(e)
+        finally:
+            with self._lock:
+                del self._inflight[k]
+        return fut.result()
+
+    def _restore(self, watch: WatchConfig, rel: str) -> str:
+        if os.path.lexists(watch.path.joinpath(*rel.split("/"))):
+            return "disk"  # a download for it ended between our look at the disk and now
+        row = self.ledger.get(watch.prefix, rel)
+        if row is not None and row["state"] in HIDDEN:
+            raise Refusal(404, "not found (deleted by the app: a tombstone hides it)")
+        if self.tombstoned is not None and self.tombstoned(watch, rel):
+            raise Refusal(404, "not found (deleted by the app: a remote tombstone hides it)")
+        key = join_key(self.cfg.remote.prefix, watch.prefix, rel)
+        t0 = time.monotonic()
+        try:
+            # ask first: a miss (broken links, scanners) costs a HEAD and creates no directories
+            if self._remote(lambda: self.remote.head(key)) is None:
+                raise Refusal(404, "not found (neither on disk nor in the remote)")
+            target = safe_target(watch.path, rel, follow_symlinks=watch.follow_symlinks)
+            res = self._remote(lambda: fetch(self.remote, key, target,
+                                             before_publish=lambda r: self._record(watch, rel, key, r)))
+        except FileExistsError:
+            self._local_appeared(watch, rel)
+            return "disk"
+        except UnsafeKey as e:
+            raise Refusal(403, str(e)) from None
+        except RemoteError as e:
+            raise self._remote_refusal(watch, rel, e) from None
+        if res is None:  # the app deleted it while we downloaded: its tombstone stands
+            raise Refusal(404, "not found (deleted by the app meanwhile)")
+        self.stats.add(restored=1)
+        self.stats.succeeded()
+        log.info("files: restored %s/%s on demand (%d bytes, %.2fs)", watch.prefix, rel, res.size,
+                 time.monotonic() - t0)
+        return "remote"
+
+    def _remote(self, fn: Callable[[], object]):  # noqa: ANN202 - returns what fn returns
+        return retry_call(fn, attempts=REQUEST_ATTEMPTS, stop_event=self.stop)
+
+    def _record(self, watch: WatchConfig, rel: str, key: str, res: Restored) -> bool:
+        """Before the file appears: its row is synced (what `Transfers._get` records), with `gen`
+        bumped, so a queued restore of it is dropped and one in flight does not publish. False
+        (nothing published) when the app deleted the file meanwhile."""
+        now = time.time()
+        fields = {"key": key, "size": res.size, "mtime_ns": res.mtime_ns, "sha256": res.sha256,
+                  "remote_sha256": res.sha256, "state": "synced", "op": None, "synced_at": now,
+                  "updated_at": now, "attempts": 0, "last_error": None, "error_kind": None, "probe": 0}
+        with self.ledger.write() as w:
+            found = w.execute("SELECT id, state FROM files WHERE watch=? AND path=?",
+                              [watch.prefix, rel]).fetchone()
+            if found is None:
+                cols = {"watch": watch.prefix, "path": rel, "due_at": 0, "queued_at": now, **fields}
+                w.execute(f"INSERT INTO files({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                          list(cols.values()))
+                return True
+            if found[1] in HIDDEN:
+                return False
+            sets = ", ".join(f"{c}=?" for c in fields)
+            w.execute(f"UPDATE files SET {sets}, lease_until=NULL, gen=gen+1 WHERE id=?",
+                      [*fields.values(), found[0]])
+        return True
+
+    def _local_appeared(self, watch: WatchConfig, rel: str) -> None:
+        """A local file took the name first (the app, or the restore queue): it wins; compare it
+        with the remote before trusting the row we recorded (as `Transfers._get` does)."""
+        row = self.ledger.get(watch.prefix, rel)
+        if row is not None and row["state"] == "synced":
+            self.ledger.update(row["id"], state="pending", op="put", probe=1, due_at=time.time(),
+                               lease_until=None)
+
+    def _remote_refusal(self, watch: WatchConfig, rel: str, e: RemoteError) -> Refusal:
+        if e.kind == NOT_FOUND:
+            return Refusal(404, "not found (neither on disk nor in the remote)")
+        log.warning("files: on-demand restore of %s/%s failed: %s", watch.prefix, rel, e.cause)
+        with self.stats.lock:
+            self.stats.fail_reasons[e.kind] += 1
+        if e.kind in (TRANSIENT, UNREACHABLE):
+            return Refusal(503, f"the remote is not answering: {e.cause}")
+        if e.kind == LOCAL:
+            return Refusal(500, f"cannot write the file: {e.cause}")
+        return Refusal(502, f"restore failed: {e.cause}")
