@@ -189,6 +189,7 @@ class FileServer:
         # longest prefix first: "a/b" must win over "a" (prefixes never overlap, but "" may exist)
         self._watches = sorted(cfg.watches, key=lambda w: len(w.prefix), reverse=True)
         self._filters = {w.prefix: Filter(w.include, w.exclude) for w in cfg.watches}
+        mimetypes.init()  # once, here: the lazy first-use initialisation is not thread-safe
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], Future[str]] = {}
         self.served: Counter[str] = Counter()  # source ("disk" | "remote") -> answers
@@ -227,8 +228,10 @@ class FileServer:
         handler.wfile.flush()
         try:
             sent = handler.connection.sendfile(f, 0, size)  # zero-copy; falls back to send() chunks
-        except (BrokenPipeError, ConnectionResetError):
-            handler.close_connection = True  # the client went away
+        except OSError as e:  # the client went away, or the disk failed mid-file: headers are out
+            if not isinstance(e, (BrokenPipeError, ConnectionResetError)):
+                log.warning("files: sending %s failed: %s", f.name, e)
+            handler.close_connection = True
             return
         if sent != size:  # truncated while we sent it: the client sees a short body, not a wrong one
             log.warning("files: %s shrank while being sent (%d of %d bytes)", f.name, sent, size)
@@ -240,11 +243,14 @@ class FileServer:
         watch, rel = self.locate(parse(route))
         if not watch.path.is_dir():
             raise Refusal(503, f"watch root {watch.path} is missing or unmounted")
-        opened = open_local(watch.path, rel, follow_symlinks=watch.follow_symlinks)
-        if opened is not None:
-            return opened, "disk"
-        source = self.restore(watch, rel)
-        opened = open_local(watch.path, rel, follow_symlinks=watch.follow_symlinks)
+        try:
+            opened = open_local(watch.path, rel, follow_symlinks=watch.follow_symlinks)
+            if opened is not None:
+                return opened, "disk"
+            source = self.restore(watch, rel)
+            opened = open_local(watch.path, rel, follow_symlinks=watch.follow_symlinks)
+        except PermissionError:
+            raise Refusal(403, "permission denied on the local file system") from None
         if opened is None:  # deleted again right after it was restored
             raise Refusal(404, "not found")
         return opened, source
