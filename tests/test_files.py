@@ -163,21 +163,23 @@ def test_head_restores_and_answers_the_headers_without_a_body(served):
 def test_a_queued_restore_is_skipped_once_the_file_was_served(served):
     from syncd.engine import Engine
 
-    data = b"queued" * 1000
-    served.seed("q/a.txt", data)
+    data = {"q/a.txt": b"a" * 5000, "q/b.txt": b"b" * 7000}
+    for rel, content in data.items():
+        served.seed(rel, content)
     engine = Engine(served.cfg, served.ledger, served.remote, oneshot=False)  # type: ignore[arg-type]
-    assert engine.queue_from_listing(served.cfg.watches[0]) == 1  # what the startup listing queues
-    in_flight = served.ledger.claim(("get",), now=time.time() + 1)  # a worker holds it, not yet done
-    assert [r["path"] for r in in_flight] == ["q/a.txt"]
-    assert served.request("/files/uploads/q/a.txt")[0] == 200
-    row = served.ledger.get("uploads", "q/a.txt")
-    assert (row["state"], row["op"], row["sha256"]) == ("synced", None, hashlib.sha256(data).hexdigest())
-    assert served.ledger.outstanding(("get",)) == 0  # the queue skips it
-    engine.transfers.handle(in_flight[0])  # the worker that held it: it must not download or publish again
+    assert engine.queue_from_listing(served.cfg.watches[0]) == 2  # what the startup listing queues
+    in_flight = served.ledger.claim(("get",), now=time.time() + 1)  # a worker holds one, not yet done
+    assert len(in_flight) == 1
+    for rel in data:
+        assert served.request(f"/files/uploads/{rel}")[0] == 200
+        row = served.ledger.get("uploads", rel)
+        assert (row["state"], row["op"], row["sha256"]) == ("synced", None, hashlib.sha256(data[rel]).hexdigest())
+    assert served.ledger.outstanding(("get",)) == 0  # the queue skips both
+    engine.transfers.handle(in_flight[0])  # the worker that held one: no second download, no publish
     assert served.ledger.claim(("get",), now=time.time() + 1) == []
-    assert served.remote.gets == Counter({"uploads/q/a.txt": 1})
-    assert (served.root / "q" / "a.txt").read_bytes() == data
-    assert [p.name for p in (served.root / "q").iterdir()] == ["a.txt"]
+    assert served.remote.gets == Counter({"uploads/q/a.txt": 1, "uploads/q/b.txt": 1})
+    assert {p.name: p.read_bytes() for p in (served.root / "q").iterdir()} == \
+        {rel.split("/")[1]: content for rel, content in data.items()}
 
 
 def test_twenty_concurrent_requests_for_one_missing_20mb_file_cause_one_download(served):
