@@ -203,6 +203,7 @@ class Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # a page of images through nginx opens many /files/ connections at once
 
     def __init__(self, address: tuple[str, int], daemon: Daemon, registry: CollectorRegistry) -> None:
         self.daemon = daemon

@@ -167,7 +167,10 @@ def test_a_queued_restore_is_skipped_once_the_file_was_served(served):
     for rel, content in data.items():
         served.seed(rel, content)
     engine = Engine(served.cfg, served.ledger, served.remote, oneshot=False)  # type: ignore[arg-type]
-    assert engine.queue_from_listing(served.cfg.watches[0]) == 2  # what the startup listing queues
+    now = time.time()  # queued as the startup listing queues missing files
+    served.ledger.upsert_many([{"watch": "uploads", "path": rel, "key": f"uploads/{rel}", "size": len(content),
+                                "state": "pending", "op": "get", "due_at": now, "queued_at": now, "attempts": 0}
+                               for rel, content in data.items()])
     in_flight = served.ledger.claim(("get",), now=time.time() + 1)  # a worker holds one, not yet done
     assert len(in_flight) == 1
     for rel in data:
