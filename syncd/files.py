@@ -221,20 +221,20 @@ class FileServer:
             with self._lock:
                 self.served[source] += 1
             if not head:
-                self._send(handler, f, opened.size)
+                self._send(handler, f, opened.size, route)
 
     @staticmethod
-    def _send(handler: BaseHTTPRequestHandler, f: BinaryIO, size: int) -> None:
+    def _send(handler: BaseHTTPRequestHandler, f: BinaryIO, size: int, what: str) -> None:
         handler.wfile.flush()
         try:
             sent = handler.connection.sendfile(f, 0, size)  # zero-copy; falls back to send() chunks
         except OSError as e:  # the client went away, or the disk failed mid-file: headers are out
             if not isinstance(e, (BrokenPipeError, ConnectionResetError)):
-                log.warning("files: sending %s failed: %s", f.name, e)
+                log.warning("files: sending %s failed: %s", what, e)
             handler.close_connection = True
             return
         if sent != size:  # truncated while we sent it: the client sees a short body, not a wrong one
-            log.warning("files: %s shrank while being sent (%d of %d bytes)", f.name, sent, size)
+            log.warning("files: %s shrank while being sent (%d of %d bytes)", what, sent, size)
             handler.close_connection = True
 
     def open(self, route: str) -> tuple[Opened, str]:
