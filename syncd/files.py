@@ -48,6 +48,8 @@ ROUTE = "/files/"
 TOMBSTONE_DIR = ".syncd"  # <watch prefix>/.syncd/tombstones/... (SPEC §4.5): never served
 REQUEST_ATTEMPTS = 3  # transient remote errors during a request: a few quick tries, then 503
 HIDDEN = ("deleted", "deleting")  # ledger tombstones (SPEC §4.5)
+QUEUE_WAIT = 300.0  # longest wait for a restore worker already downloading the file
+QUEUE_POLL = 0.05
 _DIR_FD = os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd and hasattr(os, "O_NOFOLLOW")
 
 
@@ -299,6 +301,8 @@ class FileServer:
             raise Refusal(404, "not found (deleted by the app: a tombstone hides it)")
         if self.tombstoned is not None and self.tombstoned(watch, rel):
             raise Refusal(404, "not found (deleted by the app: a remote tombstone hides it)")
+        if row is not None and row["op"] == "get" and self._queued_restore_done(watch, rel):
+            return "remote"
         key = join_key(self.cfg.remote.prefix, watch.prefix, rel)
         t0 = time.monotonic()
         try:
@@ -322,6 +326,23 @@ class FileServer:
         log.info("files: restored %s/%s on demand (%d bytes, %.2fs)", watch.prefix, rel, res.size,
                  time.monotonic() - t0)
         return "remote"
+
+    def _queued_restore_done(self, watch: WatchConfig, rel: str) -> bool:
+        """A restore worker holds the file's row (its download is under way, or next in its
+        batch): wait for it instead of downloading twice. True when the file is there; False
+        when the worker let go without it (failed: the request tries itself) or took too long."""
+        target = watch.path.joinpath(*rel.split("/"))
+        deadline = time.monotonic() + QUEUE_WAIT
+        while not os.path.lexists(target):
+            row = self.ledger.get(watch.prefix, rel)
+            held = row is not None and row["op"] == "get" and (row["lease_until"] or 0) > time.time()
+            if not held or time.monotonic() > deadline:
+                return os.path.lexists(target)
+            if self.stop is not None and self.stop.wait(QUEUE_POLL):
+                return False
+            if self.stop is None:
+                time.sleep(QUEUE_POLL)
+        return True
 
     def _remote(self, fn: Callable[[], object]):  # noqa: ANN202 - returns what fn returns
         return retry_call(fn, attempts=REQUEST_ATTEMPTS, stop_event=self.stop)

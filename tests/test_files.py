@@ -161,28 +161,43 @@ def test_head_restores_and_answers_the_headers_without_a_body(served):
 
 
 def test_a_queued_restore_is_skipped_once_the_file_was_served(served):
-    from syncd.engine import Engine
-
     data = {"q/a.txt": b"a" * 5000, "q/b.txt": b"b" * 7000}
     for rel, content in data.items():
         served.seed(rel, content)
-    engine = Engine(served.cfg, served.ledger, served.remote, oneshot=False)  # type: ignore[arg-type]
     now = time.time()  # queued as the startup listing queues missing files
     served.ledger.upsert_many([{"watch": "uploads", "path": rel, "key": f"uploads/{rel}", "size": len(content),
                                 "state": "pending", "op": "get", "due_at": now, "queued_at": now, "attempts": 0}
                                for rel, content in data.items()])
-    in_flight = served.ledger.claim(("get",), now=time.time() + 1)  # a worker holds one, not yet done
-    assert len(in_flight) == 1
     for rel in data:
         assert served.request(f"/files/uploads/{rel}")[0] == 200
         row = served.ledger.get("uploads", rel)
         assert (row["state"], row["op"], row["sha256"]) == ("synced", None, hashlib.sha256(data[rel]).hexdigest())
     assert served.ledger.outstanding(("get",)) == 0  # the queue skips both
-    engine.transfers.handle(in_flight[0])  # the worker that held one: no second download, no publish
     assert served.ledger.claim(("get",), now=time.time() + 1) == []
     assert served.remote.gets == Counter({"uploads/q/a.txt": 1, "uploads/q/b.txt": 1})
     assert {p.name: p.read_bytes() for p in (served.root / "q").iterdir()} == \
         {rel.split("/")[1]: content for rel, content in data.items()}
+
+
+def test_a_request_for_a_file_a_restore_worker_holds_waits_for_that_download(served):
+    from syncd.engine import Engine
+
+    served.seed("w/a.txt", b"held by a worker")
+    now = time.time()
+    served.ledger.upsert_many([{"watch": "uploads", "path": "w/a.txt", "key": "uploads/w/a.txt", "size": 16,
+                                "state": "pending", "op": "get", "due_at": now, "queued_at": now, "attempts": 0}])
+    held = served.ledger.claim(("get",), now=time.time() + 1)  # a worker holds it
+    assert [r["path"] for r in held] == ["w/a.txt"]
+    answer: list = []
+    request = threading.Thread(target=lambda: answer.append(served.request("/files/uploads/w/a.txt")))
+    request.start()
+    # whether the request comes before or after the worker's download, there is one download
+    engine = Engine(served.cfg, served.ledger, served.remote, oneshot=False)  # type: ignore[arg-type]
+    engine.transfers.handle(held[0])
+    request.join(30)
+    assert answer and answer[0][::2] == (200, b"held by a worker")
+    assert served.remote.gets == Counter({"uploads/w/a.txt": 1})
+    assert served.ledger.get("uploads", "w/a.txt")["state"] == "synced"
 
 
 def test_twenty_concurrent_requests_for_one_missing_20mb_file_cause_one_download(served):
