@@ -10,7 +10,9 @@ inside the watch root), so nothing outside the root is ever read.
 A file missing locally is restored first, exactly as at start (`restore.fetch`: temp file,
 checked against `syncd-sha256`, fsync, no-clobber rename) and recorded as synced in the same
 step, so the restore queue skips it and the watcher does not upload it back. Concurrent requests
-for one file wait for a single download (`_inflight`). Ledger tombstones (`deleted` rows) hide
+for one file wait for a single download (`_inflight`); a file queued for restore is leased ahead
+of the queue (no worker starts it meanwhile), and one a worker is already restoring is waited
+for, not downloaded twice. Ledger tombstones (`deleted` rows) hide
 a file; remote tombstones plug in through `tombstoned`. The body is sent from the open file
 with `sendfile` (never held in memory).
 """
@@ -301,8 +303,21 @@ class FileServer:
             raise Refusal(404, "not found (deleted by the app: a tombstone hides it)")
         if self.tombstoned is not None and self.tombstoned(watch, rel):
             raise Refusal(404, "not found (deleted by the app: a remote tombstone hides it)")
-        if row is not None and row["op"] == "get" and self._queued_restore_done(watch, rel):
-            return "remote"
+        lease = None
+        if row is not None and row["op"] == "get":  # queued for restore: take it ahead of the queue
+            lease = self._hold(row["id"])
+            if lease is None:  # a restore worker has it
+                if self._queued_restore_done(watch, rel):
+                    return "remote"
+                lease = self._hold(row["id"])
+        try:
+            return self._fetch(watch, rel)
+        finally:
+            if lease is not None:  # released unless the restore recorded the row (which clears it)
+                with self.ledger.write() as w:
+                    w.execute("UPDATE files SET lease_until=NULL WHERE id=? AND lease_until=?", [row["id"], lease])
+
+    def _fetch(self, watch: WatchConfig, rel: str) -> str:
         key = join_key(self.cfg.remote.prefix, watch.prefix, rel)
         t0 = time.monotonic()
         try:
@@ -326,6 +341,16 @@ class FileServer:
         log.info("files: restored %s/%s on demand (%d bytes, %.2fs)", watch.prefix, rel, res.size,
                  time.monotonic() - t0)
         return "remote"
+
+    def _hold(self, row_id: int) -> float | None:
+        """Lease a queued restore (as a worker's claim does), so that no worker starts the same
+        download meanwhile; the lease's expiry, or None when someone else holds it."""
+        now = time.time()
+        until = now + QUEUE_WAIT
+        with self.ledger.write() as w:
+            cur = w.execute("UPDATE files SET lease_until=? WHERE id=? AND op='get' AND state IN ('pending','failed') "
+                            "AND (lease_until IS NULL OR lease_until<?)", [until, row_id, now])
+            return until if cur.rowcount else None
 
     def _queued_restore_done(self, watch: WatchConfig, rel: str) -> bool:
         """A restore worker holds the file's row (its download is under way, or next in its

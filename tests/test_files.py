@@ -200,6 +200,37 @@ def test_a_request_for_a_file_a_restore_worker_holds_waits_for_that_download(ser
     assert served.ledger.get("uploads", "w/a.txt")["state"] == "synced"
 
 
+def test_a_queued_restore_taken_by_a_request_is_not_claimed_by_a_worker_meanwhile(served):
+    served.seed("h/a.txt", b"taken ahead of the queue")
+    now = time.time()
+    served.ledger.upsert_many([{"watch": "uploads", "path": "h/a.txt", "key": "uploads/h/a.txt", "size": 24,
+                                "state": "pending", "op": "get", "due_at": now, "queued_at": now, "attempts": 0}])
+    release = threading.Event()
+    served.remote.gate = lambda: release.wait(30)
+    answer: list = []
+    request = threading.Thread(target=lambda: answer.append(served.request("/files/uploads/h/a.txt")))
+    request.start()
+    try:
+        wait_for(lambda: served.remote.gets, 30, what="the request's download started")
+        assert served.ledger.claim(("get",), now=time.time() + 1) == []  # a worker finds nothing to take
+    finally:
+        release.set()
+        request.join(30)
+    assert answer and answer[0][::2] == (200, b"taken ahead of the queue")
+    assert served.remote.gets == Counter({"uploads/h/a.txt": 1})
+    row = served.ledger.get("uploads", "h/a.txt")
+    assert (row["state"], row["op"], row["lease_until"]) == ("synced", None, None)
+
+
+def test_a_failed_on_demand_restore_gives_the_row_back_to_the_queue(served):
+    now = time.time()
+    served.ledger.upsert_many([{"watch": "uploads", "path": "gone.txt", "key": "uploads/gone.txt", "size": 3,
+                                "state": "pending", "op": "get", "due_at": now, "queued_at": now, "attempts": 0}])
+    assert served.request("/files/uploads/gone.txt")[0] == 404  # the remote does not have it (any more)
+    row = served.ledger.get("uploads", "gone.txt")
+    assert (row["op"], row["lease_until"]) == ("get", None)  # the queue's worker records why
+
+
 def test_twenty_concurrent_requests_for_one_missing_20mb_file_cause_one_download(served):
     data = os.urandom(20 * 1024 * 1024)
     served.seed("big/video.mp4", data)
