@@ -13,7 +13,8 @@ step, so the restore queue skips it and the watcher does not upload it back. Con
 for one file wait for a single download (`_inflight`); a file queued for restore is leased ahead
 of the queue (no worker starts it meanwhile), and one a worker is already restoring is waited
 for, not downloaded twice. Ledger tombstones (`deleted` rows) hide
-a file; remote tombstones plug in through `tombstoned`. The body is sent from the open file
+a file; for a file the ledger does not know (a lost ledger, before its listing), a remote
+tombstone newer than the object does (`remote_tombstone_hides`). The body is sent from the open file
 with `sendfile` (never held in memory).
 """
 
@@ -40,7 +41,15 @@ from syncd.config import Config, WatchConfig
 from syncd.keys import UnsafeKey, is_reserved, join_key, key_problem, rel_from_key
 from syncd.ledger import Ledger
 from syncd.patterns import Filter
-from syncd.remote.base import LOCAL, NOT_FOUND, TRANSIENT, UNREACHABLE, Remote, RemoteError
+from syncd.remote.base import (
+    LOCAL,
+    NOT_FOUND,
+    TRANSIENT,
+    UNREACHABLE,
+    ObjectInfo,
+    Remote,
+    RemoteError,
+)
 from syncd.restore import Restored, fetch, safe_target
 from syncd.retry import call as retry_call
 from syncd.transfers import Stats
@@ -48,10 +57,12 @@ from syncd.transfers import Stats
 log = logging.getLogger(__name__)
 ROUTE = "/files/"
 TOMBSTONE_DIR = ".syncd"  # <watch prefix>/.syncd/tombstones/... (SPEC §4.5): never served
+TOMBSTONES = ".syncd/tombstones"
 REQUEST_ATTEMPTS = 3  # transient remote errors during a request: a few quick tries, then 503
 HIDDEN = ("deleted", "deleting")  # ledger tombstones (SPEC §4.5)
 QUEUE_WAIT = 300.0  # longest wait for a restore worker already downloading the file
 QUEUE_POLL = 0.05
+PUBLISH_GRACE = 5.0  # a worker's restore is recorded just before its rename: the file is due
 _DIR_FD = os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd and hasattr(os, "O_NOFOLLOW")
 
 
@@ -177,19 +188,21 @@ def _opened(fd: int, name: str) -> Opened:
 class FileServer:
     """Answers `/files/` requests for the watches of `cfg`.
 
-    `tombstoned(watch, rel)`: whether a remote tombstone (`.syncd/tombstones/`, SPEC §4.5) hides
-    the file; asked before an on-demand restore, after the ledger's own `deleted` rows.
+    `tombstoned(watch, rel, obj)`: whether a remote tombstone (`.syncd/tombstones/`, SPEC §4.5)
+    hides the object `obj` (its HEAD); asked before an on-demand restore of a file the ledger
+    has no row for (a row is this host's own knowledge: `deleted` rows hide the file, others
+    do not). Default: `remote_tombstone_hides`.
     """
 
     def __init__(self, cfg: Config, ledger: Ledger, remote: Remote, stats: Stats, *,
                  stop: threading.Event | None = None,
-                 tombstoned: Callable[[WatchConfig, str], bool] | None = None) -> None:
+                 tombstoned: Callable[[WatchConfig, str, ObjectInfo], bool] | None = None) -> None:
         self.cfg = cfg
         self.ledger = ledger
         self.remote = remote
         self.stats = stats
         self.stop = stop
-        self.tombstoned = tombstoned
+        self.tombstoned = tombstoned or self.remote_tombstone_hides
         # longest prefix first: "a/b" must win over "a" (prefixes never overlap, but "" may exist)
         self._watches = sorted(cfg.watches, key=lambda w: len(w.prefix), reverse=True)
         self._filters = {w.prefix: Filter(w.include, w.exclude) for w in cfg.watches}
@@ -301,29 +314,32 @@ class FileServer:
         row = self.ledger.get(watch.prefix, rel)
         if row is not None and row["state"] in HIDDEN:
             raise Refusal(404, "not found (deleted by the app: a tombstone hides it)")
-        if self.tombstoned is not None and self.tombstoned(watch, rel):
-            raise Refusal(404, "not found (deleted by the app: a remote tombstone hides it)")
         lease = None
-        if row is not None and row["op"] == "get":  # queued for restore: take it ahead of the queue
-            lease = self._hold(row["id"])
-            if lease is None:  # a restore worker has it
+        just_restored = row is not None and row["state"] == "synced" and row["op"] is None and \
+            time.time() - (row["updated_at"] or 0) < PUBLISH_GRACE
+        if row is not None and (row["op"] == "get" or just_restored):
+            lease = self._hold(row["id"])  # queued for restore: take it ahead of the queue
+            if lease is None:  # a restore worker has it, or has just recorded it (the rename follows)
                 if self._queued_restore_done(watch, rel):
                     return "remote"
                 lease = self._hold(row["id"])
         try:
-            return self._fetch(watch, rel)
+            return self._fetch(watch, rel, known=row is not None)
         finally:
             if lease is not None:  # released unless the restore recorded the row (which clears it)
                 with self.ledger.write() as w:
                     w.execute("UPDATE files SET lease_until=NULL WHERE id=? AND lease_until=?", [row["id"], lease])
 
-    def _fetch(self, watch: WatchConfig, rel: str) -> str:
+    def _fetch(self, watch: WatchConfig, rel: str, *, known: bool) -> str:
         key = join_key(self.cfg.remote.prefix, watch.prefix, rel)
         t0 = time.monotonic()
         try:
             # ask first: a miss (broken links, scanners) costs a HEAD and creates no directories
-            if self._remote(lambda: self.remote.head(key)) is None:
+            obj = self._remote(lambda: self.remote.head(key))
+            if obj is None:
                 raise Refusal(404, "not found (neither on disk nor in the remote)")
+            if not known and self._remote(lambda: self.tombstoned(watch, rel, obj)):
+                raise Refusal(404, "not found (deleted by the app: a remote tombstone hides it)")
             target = safe_target(watch.path, rel, follow_symlinks=watch.follow_symlinks)
             res = self._remote(lambda: fetch(self.remote, key, target,
                                              before_publish=lambda r: self._record(watch, rel, key, r)))
@@ -358,16 +374,32 @@ class FileServer:
         when the worker let go without it (failed: the request tries itself) or took too long."""
         target = watch.path.joinpath(*rel.split("/"))
         deadline = time.monotonic() + QUEUE_WAIT
+        grace: float | None = None
         while not os.path.lexists(target):
             row = self.ledger.get(watch.prefix, rel)
-            held = row is not None and row["op"] == "get" and (row["lease_until"] or 0) > time.time()
-            if not held or time.monotonic() > deadline:
+            if row is not None and row["op"] == "get" and (row["lease_until"] or 0) > time.time():
+                if time.monotonic() > deadline:
+                    return False
+            elif row is not None and row["state"] == "synced" and row["op"] is None:
+                # the worker recorded its restore, which it does just before the rename
+                grace = grace if grace is not None else time.monotonic() + PUBLISH_GRACE
+                if time.monotonic() > grace:
+                    return False
+            else:
                 return os.path.lexists(target)
             if self.stop is not None and self.stop.wait(QUEUE_POLL):
                 return False
             if self.stop is None:
                 time.sleep(QUEUE_POLL)
         return True
+
+    def remote_tombstone_hides(self, watch: WatchConfig, rel: str, obj: ObjectInfo) -> bool:
+        """SPEC §4.5: a tombstone at `<remote prefix>/<watch prefix>/.syncd/tombstones/<rel>` at
+        least as new as the object hides it (no dates to compare: the tombstone wins)."""
+        tomb = self.remote.head(join_key(self.cfg.remote.prefix, watch.prefix, TOMBSTONES, rel))
+        if tomb is None:
+            return False
+        return tomb.mtime_ns is None or obj.mtime_ns is None or tomb.mtime_ns >= obj.mtime_ns
 
     def _remote(self, fn: Callable[[], object]):  # noqa: ANN202 - returns what fn returns
         return retry_call(fn, attempts=REQUEST_ATTEMPTS, stop_event=self.stop)
@@ -396,10 +428,15 @@ class FileServer:
         return True
 
     def _local_appeared(self, watch: WatchConfig, rel: str) -> None:
-        """A local file took the name first (the app, or the restore queue): it wins; compare it
-        with the remote before trusting the row we recorded (as `Transfers._get` does)."""
+        """A local file took the name first (the app, or the restore queue): it wins; unless it
+        is the synced file itself, compare it with the remote (as `Transfers._get` does)."""
         row = self.ledger.get(watch.prefix, rel)
-        if row is not None and row["state"] == "synced":
+        try:
+            st = os.lstat(watch.path.joinpath(*rel.split("/")))
+            same = (st.st_size, st.st_mtime_ns) == (row["size"], row["mtime_ns"]) if row is not None else False
+        except OSError:
+            same = False
+        if row is not None and row["state"] == "synced" and not same:
             self.ledger.update(row["id"], state="pending", op="put", probe=1, due_at=time.time(),
                                lease_until=None)
 

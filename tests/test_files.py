@@ -276,10 +276,28 @@ def test_a_file_the_app_deleted_is_404_and_not_restored(served):
     served.ledger.upsert_many([{"watch": "uploads", "path": "gone.txt", "key": "uploads/gone.txt",
                                 "state": "deleted", "op": None, "due_at": 0}])
     assert served.request("/files/uploads/gone.txt")[0] == 404
-    served.seed("hidden.txt", b"a remote tombstone hides it")
-    served.files.tombstoned = lambda watch, rel: rel == "hidden.txt"
-    assert served.request("/files/uploads/hidden.txt")[0] == 404
-    assert served.remote.gets == Counter() and tree(served.root) == set()
+    assert served.remote.gets == Counter() and served.remote.heads == Counter()  # the ledger knew
+    assert tree(served.root) == set()
+
+
+def test_a_remote_tombstone_newer_than_the_object_hides_a_file_the_ledger_does_not_know(served):
+    served.seed("old.txt", b"deleted on a host whose ledger is gone")
+    tomb = served.tmp / "empty"  # tombstones: one dated after its object, one before
+    tomb.write_bytes(b"")
+    served.remote.inner.put("uploads/.syncd/tombstones/old.txt", tomb, size=0, sha256=hashlib.sha256(b"").hexdigest(),
+                            mtime_ns=MTIME_NS + 10**9)
+    served.remote.inner.put("uploads/.syncd/tombstones/again.txt", tomb, size=0,
+                            sha256=hashlib.sha256(b"").hexdigest(), mtime_ns=MTIME_NS - 10**9)
+    served.seed("again.txt", b"written again after its deletion")
+    assert served.request("/files/uploads/old.txt")[0] == 404
+    assert served.request("/files/uploads/again.txt")[::2] == (200, b"written again after its deletion")
+    assert served.remote.gets == Counter({"uploads/again.txt": 1})
+    assert sorted(tree(served.root)) == ["again.txt"]
+    hook: list = []
+    served.files.tombstoned = lambda watch, rel, obj: hook.append((rel, obj.key)) or True  # another source
+    served.seed("hooked.txt", b"x")
+    assert served.request("/files/uploads/hooked.txt")[0] == 404
+    assert hook == [("hooked.txt", "uploads/hooked.txt")]
 
 
 UNSAFE = [
