@@ -12,10 +12,10 @@ checked against `syncd-sha256`, fsync, no-clobber rename) and recorded as synced
 step, so the restore queue skips it and the watcher does not upload it back. Concurrent requests
 for one file wait for a single download (`_inflight`); a file queued for restore is leased ahead
 of the queue (no worker starts it meanwhile), and one a worker is already restoring is waited
-for, not downloaded twice. Ledger tombstones (`deleted` rows) hide
-a file; for a file the ledger does not know (a lost ledger, before its listing), a remote
-tombstone newer than the object does (`remote_tombstone_hides`). The body is sent from the open file
-with `sendfile` (never held in memory).
+for, not downloaded twice. Ledger tombstones (`deleted` rows) hide a file; for a file the ledger
+does not know (a lost ledger, before its listing), so does a remote tombstone at least as new as
+the object (`remote_tombstone_hides`). The body is sent from the open file with `sendfile`
+(never held in memory).
 """
 
 from __future__ import annotations
