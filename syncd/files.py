@@ -314,7 +314,7 @@ class FileServer:
         row = self.ledger.get(watch.prefix, rel)
         if row is not None and row["state"] in HIDDEN:
             raise Refusal(404, "not found (deleted by the app: a tombstone hides it)")
-        lease = None
+        lease: tuple[int, float] | None = None  # (row id, lease expiry) while this request holds it
         just_restored = row is not None and row["state"] == "synced" and row["op"] is None and \
             time.time() - (row["updated_at"] or 0) < PUBLISH_GRACE
         if row is not None and (row["op"] == "get" or just_restored):
@@ -328,7 +328,7 @@ class FileServer:
         finally:
             if lease is not None:  # released unless the restore recorded the row (which clears it)
                 with self.ledger.write() as w:
-                    w.execute("UPDATE files SET lease_until=NULL WHERE id=? AND lease_until=?", [row["id"], lease])
+                    w.execute("UPDATE files SET lease_until=NULL WHERE id=? AND lease_until=?", list(lease))
 
     def _fetch(self, watch: WatchConfig, rel: str, *, known: bool) -> str:
         key = join_key(self.cfg.remote.prefix, watch.prefix, rel)
@@ -358,15 +358,15 @@ class FileServer:
                  time.monotonic() - t0)
         return "remote"
 
-    def _hold(self, row_id: int) -> float | None:
+    def _hold(self, row_id: int) -> tuple[int, float] | None:
         """Lease a queued restore (as a worker's claim does), so that no worker starts the same
-        download meanwhile; the lease's expiry, or None when someone else holds it."""
+        download meanwhile: (row id, lease expiry), or None when someone else holds it."""
         now = time.time()
         until = now + QUEUE_WAIT
         with self.ledger.write() as w:
             cur = w.execute("UPDATE files SET lease_until=? WHERE id=? AND op='get' AND state IN ('pending','failed') "
                             "AND (lease_until IS NULL OR lease_until<?)", [until, row_id, now])
-            return until if cur.rowcount else None
+            return (row_id, until) if cur.rowcount else None
 
     def _queued_restore_done(self, watch: WatchConfig, rel: str) -> bool:
         """A restore worker holds the file's row (its download is under way, or next in its
