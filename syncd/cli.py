@@ -22,7 +22,8 @@ import click
 
 from syncd import logs
 from syncd.config import Config, load_config
-from syncd.errors import ConfigError, SyncdError
+from syncd.errors import ConfigError, Interrupted, SyncdError
+from syncd.interrupt import stop_on_signals
 from syncd.url_cmd import DEFAULT_EXPIRES, MAX_EXPIRES
 
 log = logging.getLogger("syncd")
@@ -202,7 +203,7 @@ def resync(c: Ctx, dry_run: bool, no_restore: bool, no_upload: bool, verify: boo
     from syncd.remote import open_remote
 
     cfg = c.cfg
-    with locked_ledger(cfg, "resync") as ledger:
+    with stop_on_signals(threading.Event()) as stop, locked_ledger(cfg, "resync") as ledger:
         remote = open_remote(cfg)
         try:
             with _progress(c, show=not dry_run) as bar:
@@ -212,7 +213,7 @@ def resync(c: Ctx, dry_run: bool, no_restore: bool, no_upload: bool, verify: boo
                         bar.refresh()
 
                 # `is not None`: a bar whose total is still 0 is falsy (PITFALLS §9)
-                engine = Engine(cfg, ledger, remote, oneshot=True,
+                engine = Engine(cfg, ledger, remote, oneshot=True, stop=stop,
                                 on_progress=bar.update if bar is not None else None,
                                 on_plan=_print_plan if dry_run else None)
                 summary = engine.reconcile(restore=not no_restore, upload=not no_upload, verify=verify,
@@ -271,9 +272,10 @@ def restore(c: Ctx, to_dir: str | None, overwrite: bool, dry_run: bool, at: str 
             summary = restore_to(cfg, remote, Path(to_dir), globs=globs, overwrite=overwrite, dry_run=dry_run,
                                  on_plan=_print_plan)
         else:
-            with locked_ledger(cfg, "restore") as ledger, _progress(c, show=not dry_run) as bar:
+            with stop_on_signals(threading.Event()) as stop, locked_ledger(cfg, "restore") as ledger, \
+                    _progress(c, show=not dry_run) as bar:
                 summary = restore_in_place(cfg, ledger, remote, globs=globs, overwrite=overwrite,
-                                           dry_run=dry_run, progress=bar, on_plan=_print_plan)
+                                           dry_run=dry_run, progress=bar, on_plan=_print_plan, stop=stop)
     finally:
         remote.close()
     _print_failures(summary.failures, summary.failed)
@@ -429,6 +431,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("syncd: interrupted", err=True)
         sys.exit(130)
+    except Interrupted as e:
+        click.echo(f"syncd: {e}", err=True)
+        sys.exit(e.exit_code)
     except SyncdError as e:
         if _state["verbose"]:
             traceback.print_exc()

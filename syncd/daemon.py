@@ -9,6 +9,7 @@ cap, readiness and health. Remote problems never end the daemon; they are retrie
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -17,12 +18,14 @@ from typing import Any
 
 from syncd.config import Config
 from syncd.engine import RESTORE_OPS, UPLOAD_OPS, Engine
-from syncd.errors import RemoteUnavailable
+from syncd.errors import LedgerError, RemoteUnavailable
+from syncd.interrupt import unless_stopped
 from syncd.ledger import Ledger
 from syncd.lock import LedgerLock
 from syncd.pool import WorkerPool
 from syncd.remote import open_remote
 from syncd.remote.base import RemoteError
+from syncd.restore import remove_live_temps
 from syncd.retry import backoff
 from syncd.scanner import Scanner
 from syncd.service.systemd import Notifier
@@ -55,6 +58,14 @@ class Daemon:
         self.last_reconcile_ok: bool | None = None
         self.last_reconcile_at: float | None = None
         self.hooks: list[Any] = []  # objects with start(daemon) / stop() (the HTTP endpoint)
+        self.waiting_on = ""  # the startup step waiting for the remote ("remote listing failing")
+        self._restore = {"total": 0, "done": 0, "failed": 0}  # the startup restore, for STATUS
+        self._restore_lock = threading.Lock()
+        self._restore_said = 0.0
+        self._remote_said = -1e9
+        self._ledger_logged: dict[str, float] = {}
+        self._next_rescan: float | None = None
+        self._next_status = 0.0
 
     # --- requests from other threads -------------------------------------------------------
     def request_rescan(self, reason: str) -> None:
@@ -66,10 +77,12 @@ class Daemon:
     # --- health (for /healthz and the systemd watchdog) ------------------------------------
     def health(self) -> tuple[bool, str]:
         now = time.time()
-        if self.phase == "starting":
-            return False, "starting: startup restore running"
         if self.phase == "stopping":
             return False, "stopping"
+        if self.ledger is not None and self.ledger.failure:
+            return False, self.ledger.failure  # SPEC §4.11: 503 while the ledger cannot be written
+        if self.phase == "starting":
+            return False, "starting: " + self._starting()
         if self.watcher is None or not self.watcher.alive():
             return False, "watcher is down"
         if self.watcher.down:
@@ -85,7 +98,29 @@ class Daemon:
         oldest = [t for w in self.cfg.watches if (t := self.ledger.oldest_pending(w.prefix)) is not None]
         if oldest and now - min(oldest) > self.cfg.max_backlog_age:
             return False, f"a pending file has waited {now - min(oldest):.0f}s (max_backlog_age)"
+        failed = self.restores_failed()
+        if failed:
+            # 200: syncd works and watches; the files that failed are per-file failures (as in
+            # `resync`, exit 1), retried at the cap and listed by `status` (README: Health)
+            return True, f"ok ({failed} of {self._restore['total']} startup restores failed; see `syncd status`)"
         return True, "ok"
+
+    def _starting(self) -> str:
+        """What the startup waits for, with the cause of a failing remote (SPEC §3: visible)."""
+        stats = self.engine.stats if self.engine is not None else None
+        if stats is not None and stats.remote_fail_since is not None and self.waiting_on:
+            return f"{self.waiting_on}: {stats.last_remote_error}"
+        r = self._restore
+        if r["total"]:
+            return f"restoring {min(r['done'], r['total'])}/{r['total']}"
+        return "startup restore running"
+
+    def restores_failed(self) -> int:
+        """Startup restores that failed and still are (an operator's fix and retry clears them)."""
+        n = self._restore["failed"]
+        if not n or self.ledger is None:
+            return 0
+        return min(n, self.ledger.query("SELECT count(*) AS n FROM files WHERE state='failed'")[0]["n"])
 
     def loop_alive(self) -> bool:
         """For the systemd watchdog: the supervisor loop and the workers are turning."""
@@ -126,7 +161,10 @@ class Daemon:
         remote = open_remote(cfg)
         self.engine = engine = Engine(cfg, ledger, remote, oneshot=False, stop=self.stop)
         engine.transfers.delete_gate = self.deletes_allowed
+        engine.stats.on_remote = self._remote_changed
         ledger.set_meta("ready", "0")
+        ledger.set_meta("startup_restore", None)  # of the previous start
+        ledger.set_meta("remote_error", None)
         engine.prepare()
         ledger.recover()
         for h in self.hooks:
@@ -142,10 +180,8 @@ class Daemon:
             self.notifier.status("restoring missing files")
             if not self._plan(engine):
                 return 0
-            n = engine.outstanding(RESTORE_OPS)
-            if n:
-                log.info("restoring %d missing files", n)
-            engine.drain(RESTORE_OPS)
+            if not self._restore_missing(engine):
+                return 0
             self.working = False
             self.tick = time.monotonic()
             if self.stop.is_set():
@@ -153,9 +189,12 @@ class Daemon:
             self._reconciled(engine)
             self.phase = "running"
             ledger.set_meta("ready", "1")
-            self.notifier.ready(f"watching; backlog {engine.outstanding(UPLOAD_OPS)}")
-            log.info("ready: %d files restored; watching %s", engine.stats.restored,
-                     ", ".join(str(w.path) for w in cfg.watches))
+            self.notifier.ready(self._status_line())
+            failed = self._restore["failed"]
+            log.log(logging.WARNING if failed else logging.INFO,
+                    "ready: %d files restored%s; watching %s", engine.stats.restored,
+                    f", {failed} failed (see `syncd status`)" if failed else "",
+                    ", ".join(str(w.path) for w in cfg.watches))
             self.pool = WorkerPool(ledger, engine.transfers.handle, cfg.workers, stop=self.stop, wake=engine.wake)
             self.pool.start(self._ops())
             self._supervise()
@@ -169,27 +208,125 @@ class Daemon:
     def _plan(self, engine: Engine) -> bool:
         """The startup plan; a remote that refuses the listing (denied, credentials) is reported
         and retried like any remote problem: `run` never exits because of the remote."""
-        return self._until_remote_works(engine, lambda: engine.plan(restore=True), "startup listing failed")
+        return self._until_remote_works(engine, lambda: engine.plan(restore=True), "remote listing failing")
+
+    def _restore_missing(self, engine: Engine) -> bool:
+        """The startup restore, with its progress in STATUS= and /healthz (`restoring 812/2000`)."""
+        total = engine.outstanding(RESTORE_OPS)
+        if total:
+            log.info("restoring %d missing files", total)
+        failed_before = engine.stats.failed
+        self._restore.update(total=total, done=0, failed=0)
+        engine.on_progress = self._restored
+        try:
+            done = self._until_ledger_works(lambda: engine.drain(RESTORE_OPS))
+        finally:
+            engine.on_progress = None
+        # rows the startup restore left failed (per-file: denied, gone, checksum, local disk)
+        self._restore["failed"] = engine.stats.failed - failed_before
+        if total:
+            self._record_restore(engine)
+        return done
+
+    def _restored(self, n: int) -> None:
+        """A worker finished a restore (called from worker threads): STATUS at most once a second."""
+        with self._restore_lock:
+            self._restore["done"] += n
+            now = time.monotonic()
+            if now - self._restore_said < 1.0:
+                return
+            self._restore_said = now
+            text = f"restoring {min(self._restore['done'], self._restore['total'])}/{self._restore['total']}"
+        self.notifier.status(text)
+
+    def _record_restore(self, engine: Engine) -> None:
+        r = self._restore
+        try:
+            self.ledger.set_meta("startup_restore", json.dumps(  # type: ignore[union-attr]
+                {"total": r["total"], "restored": engine.stats.restored, "failed": r["failed"], "at": time.time()}))
+        except LedgerError as e:
+            log.error("%s", e)
+
+    def _status_line(self) -> str:
+        """The systemd STATUS= line while watching."""
+        assert self.engine is not None
+        text = f"watching; backlog {self.engine.outstanding(UPLOAD_OPS)}"
+        failed = self.restores_failed()
+        if failed:
+            text += f"; {failed} of {self._restore['total']} startup restores failed (see syncd status)"
+        if self.ledger is not None and self.ledger.failure:
+            text += "; ledger cannot be written"
+        return text
+
+    def _remote_changed(self, cause: str | None, since: float | None) -> None:
+        """Keep the remote's current failure in the ledger, for `status` from any process (at
+        most every 10 s while it fails: causes name files, and change from one to the next)."""
+        now = time.monotonic()
+        if cause is not None and now - self._remote_said < 10:
+            return
+        self._remote_said = now if cause is not None else -1e9
+        try:
+            assert self.ledger is not None
+            self.ledger.set_meta("remote_error", json.dumps({"error": cause, "since": since}) if cause else None)
+        except LedgerError:
+            pass  # said by /healthz and the log already
 
     def _until_remote_works(self, engine: Engine, step: Callable[[], object], what: str) -> bool:
         """Run `step` until it gets past the remote, reporting each failure and backing off;
         False when stopped first."""
         attempt = 0
+        self.waiting_on = what
+        try:
+            while not self.stop.is_set():
+                try:
+                    if not unless_stopped(step, self.stop, on_end=self._close_thread):
+                        return False
+                except (RemoteError, RemoteUnavailable) as e:
+                    attempt += 1
+                    cause = e.cause if isinstance(e, RemoteError) else str(e)
+                    engine.stats.remote_failed(cause)
+                    engine.causes.report(f"{what}: {cause}", engine.remote.name, logging.ERROR)
+                    self.stop.wait(backoff(attempt))
+                    continue
+                except LedgerError as e:
+                    attempt += 1
+                    self._ledger_failed(e)
+                    self.stop.wait(backoff(attempt))
+                    continue
+                engine.stats.remote_ok()
+                if attempt:
+                    log.info("remote %s is reachable again", engine.remote.name)
+                    engine.causes.clear()
+                return not self.stop.is_set()
+            return False
+        finally:
+            self.waiting_on = ""
+
+    def _close_thread(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close_thread()
+
+    def _until_ledger_works(self, step: Callable[[], object]) -> bool:
+        """Run `step` until the ledger takes its writes (SPEC §4.11: `run` retries); False when
+        stopped first."""
+        attempt = 0
         while not self.stop.is_set():
             try:
                 step()
-            except (RemoteError, RemoteUnavailable) as e:
+                return not self.stop.is_set()
+            except LedgerError as e:
                 attempt += 1
-                cause = e.cause if isinstance(e, RemoteError) else str(e)
-                engine.stats.remote_failed(cause)
-                engine.causes.report(f"{what}: {cause}", engine.remote.name, logging.ERROR)
+                self._ledger_failed(e)
                 self.stop.wait(backoff(attempt))
-                continue
-            if attempt:
-                log.info("remote %s is reachable again", engine.remote.name)
-                engine.causes.clear()
-            return not self.stop.is_set()
         return False
+
+    def _ledger_failed(self, e: LedgerError) -> None:
+        """One line per cause a minute (the watcher, workers and rescans meet the same disk)."""
+        now = time.monotonic()
+        if self._ledger_logged.get(str(e), -1e9) > now - 60:
+            return
+        self._ledger_logged[str(e)] = now
+        log.error("%s (retrying; /healthz is 503 until it works)", e)
 
     def _ops(self) -> tuple[str, ...]:
         assert self.ledger is not None
@@ -197,33 +334,66 @@ class Daemon:
 
     def _supervise(self) -> None:
         assert self.ledger is not None and self.engine is not None and self.pool is not None
-        next_rescan = time.monotonic() + self.cfg.rescan_interval if self.cfg.rescan_interval else None
-        next_status = 0.0
+        self._next_rescan = time.monotonic() + self.cfg.rescan_interval if self.cfg.rescan_interval else None
+        self._next_status = 0.0
+        attempt, next_try = 0, 0.0
         while not self.stop.wait(TICK):
             self.tick = time.monotonic()
-            assert self.watcher is not None
-            if not self.watcher.alive():
-                log.error("watcher stopped; restarting it and rescanning")
-                self.watcher.stop()
-                self.watcher = Watcher(self.cfg, self.ledger, request_rescan=self.request_rescan,
-                                       wake=self.engine.wake)
-                self.watcher.start()
-                self.request_rescan("watcher restarted")
-            with self._rescan_lock:
-                reason, self._rescan_reason = self._rescan_reason, None
-            if reason is None and next_rescan is not None and time.monotonic() >= next_rescan:
-                reason = "periodic"
-            if reason is not None:
+            try:
+                if self.ledger.failure:  # nothing but a check now and then until it is writable
+                    if self.tick >= next_try:
+                        self._ledger_check()
+                    if self.ledger.failure:
+                        self._say_status()
+                        continue
+                self._supervise_tick()
+                attempt = 0
+            except LedgerError as e:  # SPEC §4.11: reported (/healthz 503, log) and retried
+                attempt += 1
+                next_try = self.tick + backoff(attempt)
+                self._ledger_failed(e)
+
+    def _ledger_check(self) -> None:
+        """A small write: when it works again, rescan for what the watcher could not record."""
+        assert self.ledger is not None
+        self.ledger.set_meta("ledger_checked_at", str(time.time()))
+        if not self.ledger.failure:
+            log.warning("ledger %s can be written again; rescanning for changes it missed", self.ledger.path)
+            self.request_rescan("the ledger could not be written")
+
+    def _supervise_tick(self) -> None:
+        assert self.ledger is not None and self.engine is not None and self.pool is not None
+        assert self.watcher is not None
+        if not self.watcher.alive():
+            log.error("watcher stopped; restarting it and rescanning")
+            self.watcher.stop()
+            self.watcher = Watcher(self.cfg, self.ledger, request_rescan=self.request_rescan,
+                                   wake=self.engine.wake)
+            self.watcher.start()
+            self.request_rescan("watcher restarted")
+        with self._rescan_lock:
+            reason, self._rescan_reason = self._rescan_reason, None
+        if reason is None and self._next_rescan is not None and time.monotonic() >= self._next_rescan:
+            reason = "periodic"
+        if reason is not None:
+            try:
                 self.rescan(reason)
-                if next_rescan is not None:
-                    next_rescan = time.monotonic() + self.cfg.rescan_interval
-            self._check_delete_rate()
-            ops = self._ops()
-            if ops != self.pool.ops:
-                self.pool.set_ops(ops)
-            if self.tick >= next_status:
-                next_status = self.tick + 5
-                self.notifier.status(f"watching; backlog {self.engine.outstanding(UPLOAD_OPS)}")
+            except LedgerError:
+                with self._rescan_lock:  # done again once the ledger can be written
+                    self._rescan_reason = self._rescan_reason or reason
+                raise
+            if self._next_rescan is not None:
+                self._next_rescan = time.monotonic() + self.cfg.rescan_interval
+        self._check_delete_rate()
+        ops = self._ops()
+        if ops != self.pool.ops:
+            self.pool.set_ops(ops)
+        self._say_status()
+
+    def _say_status(self) -> None:
+        if self.tick >= self._next_status:
+            self._next_status = self.tick + 5
+            self.notifier.status(self._status_line())
 
     def rescan(self, reason: str) -> None:
         """A full comparison of every watch with the ledger; missing files are deletions now."""
@@ -312,8 +482,14 @@ class Daemon:
         for h in self.hooks:
             h.stop()
         assert self.ledger is not None
-        self.ledger.recover()  # no row is left `uploading` (SPEC §4.10)
-        self.ledger.set_meta("ready", None)
+        try:
+            self.ledger.recover_after_failure()  # no row is left `uploading` (SPEC §4.10)
+            self.ledger.set_meta("ready", None)
+            self.ledger.set_meta("remote_error", None)
+        except LedgerError as e:  # the next start's recover releases them
+            log.error("%s", e)
+        if not clean:
+            remove_live_temps()
         self.notifier.close()
         if clean:  # closing waits for in-flight transfers; after a timeout the exit aborts them
             remote.close()

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from syncd import refusals
 from syncd.config import Config, WatchConfig
-from syncd.errors import RemoteUnavailable
+from syncd.errors import Interrupted, LedgerError, RemoteUnavailable
+from syncd.interrupt import unless_stopped
 from syncd.keys import UnsafeKey, is_reserved, join_key, rel_from_key
 from syncd.ledger import Ledger, Row
 from syncd.logs import CauseLog
@@ -31,6 +32,7 @@ from syncd.remote.base import (
     Remote,
     RemoteError,
 )
+from syncd.restore import remove_live_temps
 from syncd.retry import call as retry_call
 from syncd.scanner import PlanHook, Scanner, ScanStats
 from syncd.transfers import Stats, Transfers
@@ -122,6 +124,7 @@ class Engine:
         self.scans: dict[str, ScanStats] = {}
         self.reuploads = 0  # synced files whose object `--verify` found missing or different
         self.wake = Wake()
+        self._held: list[int] = []
 
     # --- steps ----------------------------------------------------------------------------
     def prepare(self, *, create: bool = True) -> None:
@@ -204,11 +207,21 @@ class Engine:
             return self.queue_from_listing(watch, **kw)
 
         try:
-            return retry_call(attempt, forever=not self.oneshot, stop_event=self.stop)
+            queued = retry_call(attempt, forever=not self.oneshot, stop_event=self.stop,
+                                on_retry=self.listing_failed)
         except RemoteError as e:
             if self.stop.is_set():
                 return 0
             raise unavailable(self.remote, e) from e
+        self.stats.remote_ok()
+        return queued
+
+    def listing_failed(self, err: BaseException) -> None:
+        """A listing failure about to be retried: logged (once per cause, then counted), and
+        the cause kept for /healthz and `status` (SPEC §3: `run` reports what it retries)."""
+        cause = err.cause if isinstance(err, RemoteError) else f"{type(err).__name__}: {err}"
+        self.stats.remote_failed(cause)
+        self.causes.report(f"remote listing failing (retrying): {cause}", self.remote.name)
 
     def _queue_batch(self, watch: WatchConfig, batch: list[tuple[str, str, int]], include_tombstones: bool,
                      overwrite: bool, dry_run: bool, restore: bool) -> int:
@@ -269,9 +282,45 @@ class Engine:
         return len(bad)
 
     def drain(self, ops: tuple[str, ...]) -> None:
+        """Work through the queue for `ops`. A ledger that cannot be written stops it
+        (LedgerError, SPEC §4.11); a one-shot command stopped by a signal stops cleanly and
+        raises Interrupted (SPEC §4.10)."""
+        if self._held:  # rows a drain stopped by the ledger could not give back (`run` retries)
+            self.ledger.release(self._held)
+            self._held = []
         pool = WorkerPool(self.ledger, self.transfers.handle, self.cfg.workers, stop=self.stop,
                           wake=self.wake, on_done=(lambda _r: self.on_progress(1)) if self.on_progress else None)
-        pool.run(ops)
+        try:
+            pool.run(ops)
+        except LedgerError:
+            self._release_claims(pool.unfinished())
+            raise
+        if not pool.join(0):
+            remove_live_temps()  # transfers that did not finish in time: no temp stays behind
+        self.check_stop()
+
+    def _release_claims(self, ids: list[int]) -> None:
+        """After the ledger failed mid-drain: give back the rows workers still hold, if the
+        ledger takes that write (the next start's `recover` does otherwise)."""
+        try:
+            if self.oneshot:
+                self.ledger.recover_after_failure()  # this process holds the lock; its workers ended
+            else:
+                self.ledger.release(ids)
+        except LedgerError:
+            log.debug("could not release claimed rows", exc_info=True)
+            self._held += ids  # claimed rows are never taken again: released before the next drain
+
+    def check_stop(self, *, dry_run: bool = False) -> None:
+        """One-shot commands: after SIGINT/SIGTERM, no row stays claimed or `uploading`, no
+        restore temp stays behind, and the command exits 130 (SPEC §3, §4.10)."""
+        if not (self.oneshot and self.stop.is_set()):
+            return
+        if not dry_run:
+            self.ledger.recover()
+        remove_live_temps()
+        left = self.ledger.outstanding(RESTORE_OPS + UPLOAD_OPS)
+        raise Interrupted(f"interrupted; {left} files are still queued for the next `syncd resync` or `syncd run`")
 
     def outstanding(self, ops: tuple[str, ...]) -> int:
         return self.ledger.outstanding(ops)
@@ -301,10 +350,13 @@ class Engine:
     def reconcile(self, *, restore: bool = True, upload: bool = True, verify: bool = False,
                   dry_run: bool = False, on_total: Callable[[int], None] | None = None) -> Summary:
         """The one-shot startup: check remote -> restore missing -> upload what changed."""
-        self.check_remote()
+        # in a thread: SIGTERM while the first request hangs on a stalled endpoint is honoured
+        unless_stopped(self.check_remote, self.stop)
+        self.check_stop(dry_run=dry_run)
         if not upload:  # --no-upload: queued uploads and deletions wait for the next run
             self.plan_kinds -= {"upload", "delete"}
         from_listing = self.plan(restore=restore, verify=verify, dry_run=dry_run)
+        self.check_stop(dry_run=dry_run)
         summary = Summary(dry_run=dry_run)
         if dry_run:
             if upload:

@@ -34,3 +34,18 @@ class PartialFailure(SyncdError):
     """The remote works but some files failed: exit 1."""
 
     exit_code = 1
+
+
+class LedgerCorrupt(LedgerError):
+    """SQLite says the ledger file is malformed (the only case called corrupt, SPEC §4.11)."""
+
+
+class LedgerUnwritable(LedgerError):
+    """The ledger cannot be opened or written: full disk, read-only directory, I/O error (§4.11)."""
+
+
+class Interrupted(SyncdError):
+    """SIGINT or SIGTERM stopped a one-shot command after a clean stop (SPEC §3, §4.10): 130."""
+
+    exit_code = 130
+

@@ -21,6 +21,7 @@ connection per thread.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import sqlite3
@@ -33,7 +34,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from syncd.errors import LedgerError
+from syncd.errors import LedgerCorrupt, LedgerError, LedgerUnwritable
 
 SCHEMA_VERSION = 2
 STATES = ("pending", "uploading", "synced", "failed", "deleting", "deleted")
@@ -82,6 +83,65 @@ def recovery_hint(path: Path) -> str:
             f"mv '{path}' '{path}.corrupt' && syncd resync")
 
 
+def is_corrupt(e: BaseException) -> bool:
+    """Only SQLite's own verdict makes a ledger corrupt (SQLITE_CORRUPT, SQLITE_NOTADB, or a
+    failed integrity check): a full disk or a read-only directory is not, and the recovery for
+    corruption (moving the ledger aside) would throw its tombstones away (SPEC §4.11)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is None:  # raised by syncd itself with quick_check's report
+        return isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError)
+    return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _diagnosis(path: Path, e: BaseException) -> str:
+    """What is wrong with the ledger's place, and what to do, for a write or open that failed."""
+    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+    where = path.parent
+    if code == sqlite3.SQLITE_FULL or getattr(e, "errno", None) == errno.ENOSPC:
+        return f"the file system of {where} is full; free space there, then run syncd again"
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM) or \
+            isinstance(e, PermissionError) or getattr(e, "errno", None) == errno.EROFS:
+        for p in (where, path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if p.exists() and not os.access(p, os.W_OK):
+                return (f"{p} is not writable by this user (uid {os.getuid() if hasattr(os, 'getuid') else '?'}) "
+                        f"or its file system is read-only; fix the permissions or the mount, or set "
+                        f"[syncd] ledger to a writable path")
+        return "check that its directory is writable and on a mounted, writable file system"
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return "another process keeps it locked; find it (fuser) and stop it"
+    if code == sqlite3.SQLITE_IOERR or isinstance(e, OSError):
+        return "the disk reported an I/O error (or a size limit): check the disk and its free space (dmesg)"
+    return "check the ledger's disk and permissions"
+
+
+def ledger_failure(path: Path, e: BaseException, doing: str = "written") -> LedgerError:
+    """The one-line error for a ledger that cannot be used: corrupt only when SQLite says so."""
+    if is_corrupt(e):
+        return LedgerCorrupt(f"ledger {path} is corrupt ({e}); {recovery_hint(path)}")
+    cause = getattr(e, "strerror", None) or str(e)
+    return LedgerUnwritable(f"ledger {path} cannot be {doing}: {cause}; {_diagnosis(path, e)}")
+
+
+# SQLite result codes that say the ledger's file or its place is unusable (not a bug in our SQL)
+_FAILURE_CODES = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN,
+                  sqlite3.SQLITE_PERM, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CORRUPT,
+                  sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_PROTOCOL}
+
+
+def is_ledger_failure(e: BaseException) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    return isinstance(e, sqlite3.Error) and code is not None and code & 0xFF in _FAILURE_CODES
+
+
+def _rollback(db: sqlite_utils.Database) -> None:
+    # after SQLITE_FULL or an I/O error SQLite may have rolled the transaction back already
+    if db.conn.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
 class _Work:
     """One caller's piece of a group commit."""
 
@@ -103,8 +163,12 @@ class Ledger:
     """Thread-safe handle on the ledger file: each thread reads through its own connection;
     every write goes through one writer connection."""
 
-    def __init__(self, path: str | os.PathLike[str], *, check: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, check: bool = True, readonly: bool = False) -> None:
         self.path = Path(path)
+        # readonly: for `status`, which a user who may only read the ledger can run (no mkdir,
+        # no WAL switch, no migration; `immutable` when SQLite cannot make its -shm file)
+        self.readonly = readonly
+        self._ro_query = "mode=ro"
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -115,7 +179,17 @@ class Ledger:
         self._group = threading.Condition()  # group commit: see `_grouped`
         self._group_queue: list[_Work] = []
         self._group_leading = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # the last write failure (full disk, read-only, I/O error) until a write works again:
+        # the daemon's /healthz reason (SPEC §4.11)
+        self.failure: str | None = None
+        self.failing_since: float | None = None
+        if readonly:
+            self._open_readonly()
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ledger_failure(self.path, e, "created") from e
         try:
             db = self.db
             db.execute("PRAGMA journal_mode=WAL")
@@ -124,13 +198,35 @@ class Ledger:
                 if bad != "ok":
                     raise sqlite3.DatabaseError(bad)
             self._migrate(db)
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.Error, LedgerError) as e:
             self.close()
-            raise LedgerError(f"ledger {self.path} is corrupt ({e}); {recovery_hint(self.path)}") from e
+            if isinstance(e, LedgerError):
+                raise
+            raise ledger_failure(self.path, e, "opened") from e
+
+    def _open_readonly(self) -> None:
+        for query in ("mode=ro", "mode=ro&immutable=1"):
+            self._ro_query = query
+            try:
+                version = self.db.execute("PRAGMA user_version").fetchone()[0]
+                break
+            except sqlite3.Error as e:
+                self.close()
+                code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+                if query.endswith("immutable=1") or code not in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
+                    raise ledger_failure(self.path, e, "read") from e
+        if version > SCHEMA_VERSION:
+            self.close()
+            raise LedgerError(f"ledger {self.path} has schema version {version}, newer than this "
+                              f"syncd understands ({SCHEMA_VERSION}); upgrade syncd")
 
     # --- connections ------------------------------------------------------------------
     def _connect(self, cache_kib: int) -> sqlite_utils.Database:
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        if self.readonly:
+            uri = f"{Path(os.path.abspath(self.path)).as_uri()}?{self._ro_query}"
+            conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=60000")
         conn.execute(f"PRAGMA cache_size=-{cache_kib}")
@@ -183,14 +279,36 @@ class Ledger:
         """One IMMEDIATE transaction, on the writer connection (read inside it through the
         connection it yields: other connections do not see its changes before the commit)."""
         with self._write_lock:
-            db = self._writer()
-            db.execute("BEGIN IMMEDIATE")
+            try:
+                db = self._writer()
+                db.execute("BEGIN IMMEDIATE")
+                changes = db.conn.total_changes
+            except sqlite3.Error as e:
+                raise self._failed(e) from e
             try:
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
+            except BaseException as e:
+                _rollback(db)
+                if is_ledger_failure(e):
+                    raise self._failed(e) from e
                 raise
-            db.execute("COMMIT")
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                _rollback(db)
+                raise self._failed(e) from e
+            if self.failure is not None and db.conn.total_changes != changes:
+                self.failure = self.failing_since = None  # a real write worked again
+
+    def _failed(self, e: BaseException, doing: str = "written") -> BaseException:
+        """A sqlite error of the ledger's file (not of syncd's SQL) as the one-line LedgerError."""
+        if not is_ledger_failure(e):
+            return e
+        err = ledger_failure(self.path, e, doing)
+        if self.failure is None:
+            self.failing_since = time.time()
+        self.failure = str(err)
+        return err
 
     def _grouped(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """Run `fn` in a write transaction shared with the calls other threads make meanwhile.
@@ -216,6 +334,8 @@ class Ledger:
                     try:
                         item.value = item.fn(w)
                     except BaseException as e:  # noqa: BLE001 - handed to the caller it belongs to
+                        if is_ledger_failure(e):
+                            raise  # the file cannot be written: the whole group fails with it
                         w.execute("ROLLBACK TO piece")
                         item.error = e
                     w.execute("RELEASE piece")
@@ -242,7 +362,10 @@ class Ledger:
                 w.execute(f"PRAGMA user_version={version}")
 
     def query(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> list[Row]:
-        return list(self.db.query(sql, params))
+        try:
+            return list(self.db.query(sql, params))
+        except sqlite3.Error as e:
+            raise self._failed(e, "read") from e
 
     # --- watches and meta -------------------------------------------------------------
     def ensure_watch(self, prefix: str, path: str) -> Row:
@@ -329,6 +452,39 @@ class Ledger:
                 "state=CASE WHEN state='uploading' THEN 'pending' ELSE state END, updated_at=? "
                 "WHERE lease_until IS NOT NULL OR state='uploading'", [now])
             return cur.rowcount
+
+    def recover_after_failure(self) -> int:
+        """`recover`, once more after a checkpoint if the first try failed: after a full disk,
+        the emptied WAL is space this small write can reuse (raises LedgerError otherwise)."""
+        try:
+            return self.recover()
+        except LedgerError:
+            self.checkpoint()
+            return self.recover()
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database and empty it (TRUNCATE); False when that failed.
+
+        After a full disk, an emptied WAL is space a small write can reuse."""
+        with self._write_lock:
+            try:
+                busy = self._writer().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                return not busy
+            except sqlite3.Error:
+                return False
+
+    def release(self, ids: Iterable[int]) -> None:
+        """Give back rows claimed by workers whose results could not be written: queued again,
+        probed first (an upload may have reached the remote), as `recover` does at startup."""
+        ids = list(ids)
+        if not ids:
+            return
+        now = time.time()
+        with self.write() as w:
+            w.conn.executemany(
+                "UPDATE files SET lease_until=NULL, probe=CASE WHEN state='uploading' THEN 1 ELSE probe END, "
+                "state=CASE WHEN state='uploading' THEN 'pending' ELSE state END, updated_at=? WHERE id=?",
+                [(now, i) for i in ids])
 
     def claim(self, ops: tuple[str, ...], now: float, lease: float = 600.0, limit: int = 1,
               batch_bytes: int = 0, share: int = 1) -> list[Row]:

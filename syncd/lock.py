@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
 
-from syncd.errors import LedgerError
+from syncd.errors import LedgerError, LedgerUnwritable
 
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
@@ -49,15 +50,23 @@ class LedgerLock:
         self.fd: int | None = None
 
     def acquire(self, what: str = "syncd") -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _cannot(self.path, e) from e
         if not _try_lock(fd):
             os.close(fd)
             pid = read_owner(self.path)
             raise LedgerError(f"another syncd (pid {pid or '?'}) is using the ledger {self.path.with_suffix('')}; "
                               f"stop it first, or use a separate config and ledger")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {what}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {what}\n".encode())
+        except OSError as e:
+            _unlock(fd)
+            os.close(fd)
+            raise _cannot(self.path, e) from e
         self.fd = fd
 
     def release(self) -> None:
@@ -84,18 +93,38 @@ def read_owner(path: Path) -> int | None:
         return None
 
 
+def _cannot(path: Path, e: OSError) -> LedgerError:
+    """The one line for a lock file that cannot be created or written (SPEC §4.11: exit 2)."""
+    why = e.strerror or str(e)
+    if isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = (f"make {path.parent} writable by this user (read-only mount or permissions), "
+                f"or set [syncd] ledger to a writable path")
+    elif e.errno == errno.ENOSPC:
+        hint = f"free space on the file system of {path.parent}"
+    else:
+        hint = f"check {path.parent} and its file system"
+    return LedgerUnwritable(f"ledger lock {path} cannot be created or written: {why}; {hint}")
+
+
 def holder(ledger: Path) -> dict[str, object]:
-    """Whether some process holds the ledger's lock, and its pid and role ("run", "resync", ...)."""
+    """Whether some process holds the ledger's lock, and its pid and role ("run", "resync", ...).
+
+    Opened read-only (flock needs no write access): a user who may only read the ledger can
+    run `syncd status`."""
     path = lock_path(ledger)
-    if not path.exists():
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file (nobody ever ran), or not readable: nobody we can see holds it
         return {"running": False, "pid": None}
-    fd = os.open(path, os.O_RDWR)
     try:
         if _try_lock(fd):
             _unlock(fd)
             return {"running": False, "pid": None}
+        try:
+            words = os.read(fd, 256).decode(errors="replace").split()
+        except OSError:  # Windows: the locked byte cannot be read while it is held
+            words = []
     finally:
         os.close(fd)
-    words = path.read_text().split()
     pid = int(words[0]) if words and words[0].isdigit() else None
     return {"running": True, "pid": pid, "role": words[1] if len(words) > 1 else None}

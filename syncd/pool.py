@@ -11,12 +11,15 @@ import threading
 import time
 from collections.abc import Callable
 
+from syncd.errors import LedgerError
 from syncd.ledger import Ledger, Row
+from syncd.retry import backoff
 
 log = logging.getLogger(__name__)
 IDLE_MAX = 1.0
 CLAIM_ROWS = 16  # small files are claimed several at a time: fewer ledger write transactions
 CLAIM_BYTES = 1024 * 1024  # ... as long as they add up to no more than this
+STOP_TIMEOUT = 10.0  # SPEC §4.10: in-flight transfers finish or are aborted within 10 s
 
 
 class Wake:
@@ -57,36 +60,95 @@ class WorkerPool:
         self.ops: tuple[str, ...] = ()
         self.drain = False
         self.last_loop = time.monotonic()  # for watchdog pings: proof the loop is alive
+        self.error: LedgerError | None = None  # a drain stopped by a ledger failure
+        self._halt = threading.Event()
+        self._err_lock = threading.Lock()
+        self._unreleased: list[int] = []
+        self._logged: dict[str, float] = {}
 
     def _loop(self) -> None:
-        ledger = self.ledger
+        attempt = 0
         try:
-            while not self.stop.is_set():
-                self.last_loop = time.monotonic()
-                seen = self.wake.seen()  # before looking at the queue: no wake-up after it is lost
-                ops = self.ops
-                # a fair share of what is due, up to CLAIM_ROWS: with few rows due, a second one
-                # is another worker's to take, not a wait behind this one
-                rows = ledger.claim(ops, time.time(), lease=self.lease, limit=CLAIM_ROWS,
-                                    batch_bytes=CLAIM_BYTES, share=self.n) if ops else []
-                if rows:
-                    for i, row in enumerate(rows):
-                        if i and self.stop.is_set():
-                            self._release(rows[i:])
-                            break
-                        self.handler(row)
-                        if self.on_done:
-                            self.on_done(row)
-                    # idle workers re-check at once: the queue may be drained, or a retry queued
-                    self.wake.set()
-                    continue
-                if self.drain and ledger.outstanding(ops) == 0:
-                    return
-                nd = ledger.next_due(ops) if ops else None
-                wait = IDLE_MAX if nd is None else min(IDLE_MAX, max(0.01, nd - time.time()))
-                self.wake.wait_after(seen, wait)
+            while not self.stop.is_set() and not self._halt.is_set():
+                try:
+                    if self._unreleased:
+                        self._release_unfinished()
+                    if not self._turn():
+                        return
+                    attempt = 0
+                except LedgerError as e:
+                    # the ledger cannot be written (full disk, read-only, I/O error, SPEC §4.11)
+                    if self.drain:  # one-shot: the work stops; the command says why (exit 2)
+                        with self._err_lock:
+                            if self.error is None:
+                                self.error = e
+                        self._halt.set()
+                        return
+                    attempt += 1
+                    self._log_failure(e)
+                    self.stop.wait(backoff(attempt))  # `run`: retried until the ledger works again
         finally:
-            ledger.close_thread()
+            self.ledger.close_thread()
+
+    def _turn(self) -> bool:
+        """Claim and handle one batch, or wait for work; False when a drain is done."""
+        ledger = self.ledger
+        self.last_loop = time.monotonic()
+        seen = self.wake.seen()  # before looking at the queue: no wake-up after it is lost
+        ops = self.ops
+        # a fair share of what is due, up to CLAIM_ROWS: with few rows due, a second one
+        # is another worker's to take, not a wait behind this one
+        rows = ledger.claim(ops, time.time(), lease=self.lease, limit=CLAIM_ROWS,
+                            batch_bytes=CLAIM_BYTES, share=self.n) if ops else []
+        if rows:
+            for i, row in enumerate(rows):
+                try:
+                    if i and (self.stop.is_set() or self._halt.is_set()):
+                        self._release(rows[i:])
+                        break
+                    self.handler(row)
+                except LedgerError:
+                    # their results (or their release) could not be written: they stay leased
+                    # until the ledger works again
+                    with self._err_lock:
+                        self._unreleased += [r["id"] for r in rows[i:]]
+                    raise
+                if self.on_done:
+                    self.on_done(row)
+            # idle workers re-check at once: the queue may be drained, or a retry queued
+            self.wake.set()
+            return True
+        if self.drain and ledger.outstanding(ops) == 0:
+            return False
+        nd = ledger.next_due(ops) if ops else None
+        wait = IDLE_MAX if nd is None else min(IDLE_MAX, max(0.01, nd - time.time()))
+        self.wake.wait_after(seen, wait)
+        return True
+
+    def _release_unfinished(self) -> None:
+        with self._err_lock:
+            ids, self._unreleased = self._unreleased, []
+        try:
+            self.ledger.release(ids)
+        except LedgerError:
+            with self._err_lock:
+                self._unreleased += ids
+            raise
+        log.warning("ledger %s can be written again; %d files are queued again", self.ledger.path, len(ids))
+
+    def _log_failure(self, e: LedgerError) -> None:
+        """Once per distinct cause a minute: every worker meets the same full disk."""
+        now = time.monotonic()
+        with self._err_lock:
+            if self._logged.get(str(e), -1e9) > now - 60:
+                return
+            self._logged[str(e)] = now
+        log.error("%s (retrying)", e)
+
+    def unfinished(self) -> list[int]:
+        """Rows claimed whose results could not be written (to release once it works)."""
+        with self._err_lock:
+            return list(self._unreleased)
 
     def _release(self, rows: list[Row]) -> None:
         """Give back claimed rows not started (stopping): queued again as they were."""
@@ -115,10 +177,13 @@ class WorkerPool:
     def alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
-    def run(self, ops: tuple[str, ...]) -> None:
+    def run(self, ops: tuple[str, ...], stop_timeout: float = STOP_TIMEOUT) -> None:
         """Drain: process every row for `ops` until none is queued or in flight.
 
-        No threads (nor their ledger connections) for an empty queue, and no more than rows."""
+        No threads (nor their ledger connections) for an empty queue, and no more than rows.
+        Stopped (`stop`): in-flight transfers get `stop_timeout` seconds to finish, then are
+        left behind (the caller releases their rows). A ledger that cannot be written stops
+        the drain: the other workers finish their current file, and LedgerError is raised."""
         queued = self.ledger.outstanding(ops, include_failed=True)
         if queued == 0:
             return
@@ -126,5 +191,8 @@ class WorkerPool:
         self.start(ops, drain=True)
         while not self.join(timeout=0.5):
             if self.stop.is_set():
-                self.join()
-                return
+                self.join(stop_timeout)
+                break
+        if self.error is not None:
+            self.join(None if not self.stop.is_set() else stop_timeout)
+            raise self.error

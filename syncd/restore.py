@@ -12,6 +12,7 @@ import os
 import stat as st_mod
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,8 @@ def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False,
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=RESTORE_TEMP_PREFIX)
     except OSError as e:
         raise RemoteError(LOCAL, f"cannot write in {target.parent}: {e.strerror}", code=type(e).__name__) from e
+    with _live_lock:
+        _live_temps.add(tmp)
     published = False
     try:
         with os.fdopen(fd, "wb") as f:
@@ -147,8 +150,29 @@ def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False,
         published = True
         return result
     finally:
+        with _live_lock:
+            _live_temps.discard(tmp)
         if not published:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+
+
+# temp files of restores in flight: a stop that cannot wait for them removes them (SPEC §4.10)
+_live_temps: set[str] = set()
+_live_lock = threading.Lock()
+
+
+def remove_live_temps() -> int:
+    """Remove the temp files of restores still running (a stop gave up waiting for them)."""
+    with _live_lock:
+        temps = list(_live_temps)
+    removed = 0
+    for tmp in temps:
+        try:
+            os.unlink(tmp)
+            removed += 1
+        except OSError:
+            pass
+    return removed

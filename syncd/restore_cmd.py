@@ -59,8 +59,9 @@ def clean_stale_temps(dirs: Iterable[Path]) -> int:
 
 def restore_in_place(cfg: Config, ledger: Ledger, remote: Remote, *, globs: Iterable[str] = (),
                      overwrite: bool = False, dry_run: bool = False, progress=None,
-                     on_plan: PlanPrinter | None = None) -> RestoreSummary:
-    engine = Engine(cfg, ledger, remote, oneshot=True, overwrite=overwrite,
+                     on_plan: PlanPrinter | None = None,
+                     stop: threading.Event | None = None) -> RestoreSummary:
+    engine = Engine(cfg, ledger, remote, oneshot=True, overwrite=overwrite, stop=stop,
                     on_progress=progress.update if progress is not None else None,
                     on_plan=on_plan if dry_run else None)
     engine.check_remote()

@@ -14,6 +14,7 @@ Who retries what:
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import tenacity
@@ -76,9 +77,10 @@ def decide(err: BaseException, attempts: int, *, oneshot: bool, op: str) -> Deci
     return Decision("failed", at_cap())
 
 
-def call(fn, *, attempts: int = ONESHOT_ATTEMPTS, forever: bool = False, stop_event=None):
+def call(fn, *, attempts: int = ONESHOT_ATTEMPTS, forever: bool = False, stop_event=None, on_retry=None):
     """Run `fn()` with the same policy, in-process: for single calls outside the ledger queue
-    (probing the remote, listing). `forever` keeps trying transient errors (the daemon)."""
+    (probing the remote, listing). `forever` keeps trying transient errors (the daemon).
+    `on_retry(exc)` hears of every failure that is retried (so none is silent)."""
     stop = tenacity.stop_never if forever else tenacity.stop_after_attempt(attempts)
     if stop_event is not None:
         stop = stop | (lambda _s: stop_event.is_set())
@@ -89,5 +91,14 @@ def call(fn, *, attempts: int = ONESHOT_ATTEMPTS, forever: bool = False, stop_ev
         stop=stop,
         sleep=sleep,
         reraise=True,
+        before_sleep=_tell(on_retry) if on_retry is not None else None,
     )
     return retrying(fn)
+
+
+def _tell(on_retry) -> Callable[[tenacity.RetryCallState], None]:
+    def before_sleep(rs: tenacity.RetryCallState) -> None:
+        if rs.outcome is not None:
+            on_retry(rs.outcome.exception())
+
+    return before_sleep

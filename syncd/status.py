@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 from syncd.config import Config
-from syncd.errors import LedgerError
-from syncd.ledger import STATES, Ledger, recovery_hint
+from syncd.ledger import STATES, Ledger, ledger_failure
 from syncd.lock import holder
 
 FAILURES_SHOWN = 20
@@ -31,12 +31,14 @@ def collect(cfg: Config, ledger: Ledger | None = None, now: float | None = None)
         daemon["busy"] = {"command": h.get("role"), "pid": h["pid"]}
     own = ledger is None and cfg.ledger.exists()
     if own:
-        ledger = Ledger(cfg.ledger, check=False)
+        ledger = Ledger(cfg.ledger, check=False, readonly=True)  # a reader: never writes
     try:
         if ledger is not None:
             ready = ledger.get_meta("ready")
             if daemon["running"] and ready is not None:
                 daemon["ready"] = ready == "1"
+            if daemon["running"]:
+                _daemon_meta(ledger, daemon)
         watches = []
         for w in cfg.watches:
             entry: dict[str, Any] = {"prefix": w.prefix, "path": str(w.path)}
@@ -57,14 +59,26 @@ def collect(cfg: Config, ledger: Ledger | None = None, now: float | None = None)
                     failures_total=total,
                 )
             watches.append(entry)
-    except sqlite3.DatabaseError as e:
-        if type(e) is not sqlite3.DatabaseError:  # locked, busy, ...: not a damaged file
-            raise
-        raise LedgerError(f"ledger {cfg.ledger} is corrupt ({e}); {recovery_hint(cfg.ledger)}") from e
+    except sqlite3.Error as e:
+        raise ledger_failure(cfg.ledger, e, "read") from e
     finally:
         if own and ledger is not None:
             ledger.close()
     return {"daemon": daemon, "watches": watches}
+
+
+def _daemon_meta(ledger: Ledger, daemon: dict[str, Any]) -> None:
+    """What the running daemon keeps in the ledger for other processes: the remote's current
+    failure (a startup listing retried for minutes says why) and its startup restore."""
+    try:
+        remote = json.loads(ledger.get_meta("remote_error") or "null")
+        restore = json.loads(ledger.get_meta("startup_restore") or "null")
+    except ValueError:
+        return
+    if remote and remote.get("error"):
+        daemon["remote_error"] = {"error": remote["error"], "since": _iso(remote.get("since"))}
+    if restore:
+        daemon["startup_restore"] = {k: restore.get(k) for k in ("total", "restored", "failed")}
 
 
 def render_text(data: dict[str, Any], now: float) -> str:
@@ -77,6 +91,12 @@ def render_text(data: dict[str, Any], now: float) -> str:
         lines.append("daemon: not running")
     if d.get("busy"):
         lines.append(f"  ({d['busy']['command']} running, pid {d['busy']['pid']})")
+    if d.get("remote_error"):
+        lines.append(f"  remote failing since {d['remote_error']['since']}: {d['remote_error']['error']} (retrying)")
+    r = d.get("startup_restore")
+    if r and r.get("total"):
+        lines.append(f"  startup restore: {r['restored']} of {r['total']} restored"
+                     + (f", {r['failed']} failed (listed below)" if r.get("failed") else ""))
     for w in data["watches"]:
         c = w["counts"]
         lines.append(f"{w['prefix'] or '(no prefix)'}  {w['path']}")

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 from syncd import fsutil
 from syncd.config import Config, WatchConfig
+from syncd.errors import LedgerError
 from syncd.fsutil import SMALL_FILE
 from syncd.keys import UnsafeKey, join_key
 from syncd.ledger import Ledger, Row
@@ -48,17 +49,30 @@ class Stats:
     last_remote_error: str = ""
     fail_reasons: Counter = field(default_factory=Counter)  # error kind -> failed attempts
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # told (cause, since) when the remote starts failing or its cause changes, (None, None) when
+    # it works again: the daemon records it for `status` (SPEC §3: failures are visible)
+    on_remote: Callable[[str | None, float | None], None] | None = field(default=None, repr=False)
 
     def succeeded(self) -> None:
         with self.lock:
             self.last_success = time.time()
-            self.remote_fail_since = None
+        self.remote_ok()
+
+    def remote_ok(self) -> None:
+        with self.lock:
+            was, self.remote_fail_since = self.remote_fail_since, None
+        if was is not None and self.on_remote is not None:
+            self.on_remote(None, None)
 
     def remote_failed(self, cause: str) -> None:
         with self.lock:
+            changed = cause != self.last_remote_error or self.remote_fail_since is None
             self.last_remote_error = cause
             if self.remote_fail_since is None:
                 self.remote_fail_since = time.time()
+            since = self.remote_fail_since
+        if changed and self.on_remote is not None:
+            self.on_remote(cause, since)
 
     def add(self, **counts: int) -> None:
         with self.lock:
@@ -93,7 +107,7 @@ class Transfers:
         self._watches = {w.prefix: w for w in cfg.watches}
 
     def handle(self, row: Row) -> None:
-        """Do the row's work; never raises (the worker thread must survive anything)."""
+        """Do the row's work; raises only LedgerError (the ledger cannot record any outcome)."""
         watch = self._watches.get(row["watch"])
         if watch is None:  # a watch removed from the config: leave its rows alone
             self.ledger.finish(row, state="pending" if row["state"] == "uploading" else row["state"],
@@ -111,6 +125,8 @@ class Transfers:
                 self.ledger.finish(row)
         except RemoteError as e:
             self._failed(row, e)
+        except LedgerError:
+            raise  # not this file's failure: the ledger's, which stops the work (SPEC §4.11)
         except UnsafeKey as e:
             self._failed(row, RemoteError(LOCAL, str(e), code="UnsafeKey"), requeue=False)
         except OSError as e:

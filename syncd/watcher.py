@@ -34,6 +34,7 @@ from watchdog.events import (
 )
 
 from syncd.config import Config, WatchConfig
+from syncd.errors import LedgerError
 from syncd.keys import name_problem, rel_path
 from syncd.ledger import Ledger
 from syncd.patterns import Filter
@@ -177,6 +178,8 @@ class Watcher:
                         break
                 try:
                     self.apply(batch)
+                except LedgerError:  # the daemon reports it (/healthz 503) and rescans once it works
+                    self.request_rescan("the ledger could not record watcher events")
                 except Exception:  # noqa: BLE001 - the recorder must survive; a rescan repairs
                     log.exception("could not record %d watcher events; rescanning", len(batch))
                     self.request_rescan("recorder error")
