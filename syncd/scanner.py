@@ -321,8 +321,13 @@ class Scanner:
 def maybe_remote(row: Row) -> bool:
     """The remote holds this path, or may: an upload in flight, or one a crash cut off (`probe`).
     A deletion of such a file must reach the remote too, or its object would be left behind
-    with no ledger row (and a file missing at start is restored, SPEC §4.5)."""
-    return row["remote_sha256"] is not None or bool(row["probe"]) or row["state"] == "uploading"
+    with no ledger row (and a file missing at start is restored, SPEC §4.5).
+
+    In flight means leased, not only `uploading`: a change seen during the upload sets the row
+    back to `pending` while the worker's PUT still runs, and that PUT can land after the deletion
+    is recorded (the deletion row waits for the lease, so it deletes what landed)."""
+    return (row["remote_sha256"] is not None or bool(row["probe"]) or row["state"] == "uploading"
+            or (row["op"] == "put" and row.get("lease_until") is not None))
 
 
 def deletion_fields(row: Row, on_delete: str, now: float) -> Row:

@@ -14,6 +14,11 @@ times that request line was seen before: the same seed gives the same faults wha
 order in which concurrent requests arrive. No request line is faulted more than
 ``max_per_request`` times in a row, so a bounded number of client retries always gets through.
 
+Shaping (not faults, applied to every matching request): ``slow`` forwards the body of requests
+whose line contains it at ``slow_rate`` bytes per second (a slow uplink; ``progress`` counts the
+bytes sent on), and ``corrupt`` flips the first body byte of every GET response whose request
+line contains it (a bit flipped in transit).
+
 Only ``Content-Length`` bodies are parsed (what boto3 sends over plain HTTP); a connection
 that uses ``Transfer-Encoding: chunked`` is passed through untouched.
 """
@@ -73,7 +78,8 @@ class FaultProxy:
     """``with FaultProxy(upstream_port, seed=..., rates=Rates(...)) as proxy: proxy.url``"""
 
     def __init__(self, upstream_port: int, *, seed: int, rates: Rates, stall_seconds: float = 2.0,
-                 stall_then: str = "reset", max_per_request: int = 3, upstream_host: str = "127.0.0.1") -> None:
+                 stall_then: str = "reset", max_per_request: int = 3, upstream_host: str = "127.0.0.1",
+                 slow: bytes = b"", slow_rate: int = 0, corrupt: bytes = b"") -> None:
         self.upstream = (upstream_host, upstream_port)
         self.seed = seed
         self.rates = rates
@@ -82,6 +88,9 @@ class FaultProxy:
         self.max_per_request = max_per_request
         self.log = FaultLog()
         self.enabled = True
+        self.slow, self.slow_rate, self.corrupt = slow, slow_rate, corrupt
+        self.progress: Counter = Counter()  # slowed request line -> body bytes forwarded
+        self.corrupted = 0  # responses whose body had a byte flipped
         self._seen: Counter = Counter()  # request line -> times seen
         self._streak: Counter = Counter()  # request line -> consecutive faults
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -195,7 +204,11 @@ class FaultProxy:
                     limit = rng.randrange(1, len(req.head) + req.length)
                 else:  # cut the answer after a few bytes
                     state["reset_after"] = rng.randrange(0, 4096)
-            await _forward(cr, uw, req.head, req.length, limit)
+            rate = self.slow_rate if self.slow and self.slow in req.line else 0
+            state["flip"] = bool(self.corrupt and req.method == "GET" and self.corrupt in req.line)
+            state["seen"] = b""
+            await _forward(cr, uw, req.head, req.length, limit, rate=rate,
+                           progress=(self.progress, req.line) if rate else None)
             if limit is not None:
                 _reset(cw)
                 return
@@ -227,8 +240,24 @@ class FaultProxy:
                     _reset(cw)
                     return
                 state["reset_after"] = left - len(data)
+            if state.get("flip"):
+                data = self._flip(state, data)
             cw.write(data)
             await cw.drain()
+
+    def _flip(self, state: dict, data: bytes) -> bytes:
+        """Flip the first body byte of the response that `data` is (a part of)."""
+        seen = state["seen"] + data
+        end = seen.find(b"\r\n\r\n")
+        if end < 0 or end + 4 >= len(seen):  # the body starts in a later chunk
+            state["seen"] = seen
+            return data
+        at = end + 4 - (len(seen) - len(data))  # the first body byte, in this chunk
+        state["flip"], state["seen"] = False, b""
+        if seen.split(b"\r\n", 1)[0].split(b" ")[1:2] != [b"200"]:
+            return data
+        self.corrupted += 1
+        return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
 
 
 async def _read_head(r: asyncio.StreamReader) -> _Request | None:
@@ -251,19 +280,26 @@ async def _read_head(r: asyncio.StreamReader) -> _Request | None:
 
 
 async def _forward(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, length: int,
-                   limit: int | None = None) -> None:
-    """Send `head` and `length` bytes of body read from `r`; only the first `limit` bytes if set."""
+                   limit: int | None = None, rate: int = 0, progress: tuple[Counter, bytes] | None = None) -> None:
+    """Send `head` and `length` bytes of body read from `r`; only the first `limit` bytes if set;
+    at most `rate` bytes per second of body when set."""
     left = len(head) + length if limit is None else limit
     w.write(head[:left])
     left -= min(left, len(head))
     body = length
+    step = 65536 if not rate else max(1, rate // 20)
     while left > 0 and body > 0:
-        chunk = await r.read(min(left, body, 65536))
+        chunk = await r.read(min(left, body, step))
         if not chunk:
             raise ConnectionError("client closed mid-body")
         w.write(chunk)
         left -= len(chunk)
         body -= len(chunk)
+        if rate:
+            await w.drain()
+            await asyncio.sleep(len(chunk) / rate)
+            if progress is not None:
+                progress[0][progress[1]] += len(chunk)
     await w.drain()
 
 

