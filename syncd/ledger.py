@@ -600,6 +600,15 @@ class Ledger:
                           [sha256, exclude_id])
         return rows[0] if rows else None
 
+    def copy_may_need(self, row: Row) -> bool:
+        """An upload is queued or in flight that may copy from `row`'s key: one of the same size
+        whose content is not known to be remote yet (a rename's new path, SPEC §4.8). The
+        deletion of `row`'s key waits for it, or the copy would find the source gone."""
+        rows = self.query(
+            "SELECT 1 FROM files WHERE op='put' AND state IN ('pending','uploading') AND size=? "
+            "AND id!=? AND remote_sha256 IS NOT ? LIMIT 1", [row["size"], row["id"], row["remote_sha256"]])
+        return bool(rows)
+
     # --- reporting --------------------------------------------------------------------------
     def counts(self, watch: str) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)

@@ -30,6 +30,10 @@ from syncd.retry import decide
 
 log = logging.getLogger(__name__)
 MAX_LISTED_FAILURES = 1000
+# a rename's deletion waits this long at most for the upload of the new path to copy from its key
+# (a backlog may hold that upload back; then the copy falls back to a full upload)
+RENAME_WAIT = 60.0
+RENAME_POLL = 0.25
 
 
 @dataclass
@@ -283,8 +287,20 @@ class Transfers:
             self.stats.add(restored=1)
             log.debug("restored %s/%s (%d bytes)", row["watch"], row["path"], res.size)
 
+    def _copy_source(self, row: Row) -> bool:
+        """This key may be the copy source of an upload that has not run yet (SPEC §4.8)."""
+        if row["remote_sha256"] is None or not row["key"] or not 0 < (row["size"] or 0) <= self.copy_limit:
+            return False
+        if time.time() - (row["queued_at"] or 0) > RENAME_WAIT:
+            return False
+        return self.ledger.copy_may_need(row)
+
     # --- remote deletion ------------------------------------------------------------------
     def _delete(self, row: Row, watch: WatchConfig, op: str) -> None:
+        if self._copy_source(row):
+            # a rename: the new path's upload copies from this key on the server; delete it after
+            self.ledger.finish(row, due_at=time.time() + RENAME_POLL)
+            return
         if self.delete_gate is not None and not self.delete_gate():
             # paused by max_deletes: the row stays queued until `syncd retry --deletes`
             self.ledger.finish(row, due_at=time.time() + 1)

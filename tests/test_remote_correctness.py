@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
+
+import pytest
 
 from tests.conftest import wait_for
 from tests.reliability.faultproxy import FaultProxy, Rates
@@ -61,3 +64,49 @@ def test_deletion_during_an_in_flight_upload_deletes_what_that_upload_lands(tmp_
         finally:
             d.stop()
         assert not big.exists()
+
+
+def _engine(env):
+    from syncd.config import load_config
+    from syncd.engine import Engine
+    from syncd.ledger import Ledger
+    from syncd.remote import open_remote
+
+    cfg = load_config(env.config)
+    ledger = Ledger(cfg.ledger)
+    return cfg, ledger, Engine(cfg, ledger, open_remote(cfg), oneshot=False)
+
+
+@pytest.mark.parametrize("store", ["file", "moto"], indirect=True)
+def test_a_renames_old_key_is_deleted_only_after_the_new_path_was_copied_from_it(store, make_env, syncd):
+    """Finding 11: the deletion of the old path is claimed first (a worker is free before the new
+    path is hashed); it must wait, so the new path is a server-side copy, not a full upload."""
+    from syncd.scanner import Scanner
+
+    env = make_env(store, watch={"on_delete": "mirror"})
+    env.root.mkdir(parents=True)
+    (env.root / "old.txt").write_bytes(b"renamed content")
+    assert syncd("--config", str(env.config), "resync").code == 0
+    os.rename(env.root / "old.txt", env.root / "new.txt")
+    cfg, ledger, engine = _engine(env)
+    try:
+        w = cfg.watches[0]
+        Scanner(ledger, w, cfg.remote.prefix, settle=0, missing="delete").run()  # what the watcher records
+        t = engine.transfers
+        (deletion,) = ledger.claim(("delete",), time.time())
+        t.handle(deletion)  # first: it must not delete the copy source yet
+        (put,) = ledger.claim(("put",), time.time())
+        t.handle(put)
+
+        def deletion_done() -> bool:  # the deletion waits a moment after the copy: claim it when due
+            for r in ledger.claim(("delete",), time.time()):
+                t.handle(r)
+            return ledger.get(w.prefix, "old.txt")["state"] == "deleted"
+
+        wait_for(deletion_done, timeout=10, what="old key deleted")
+        assert engine.stats.copied == 1 and engine.stats.uploaded == 1
+        assert store.object_keys() == [f"{env.prefix}/new.txt"]
+        assert store.read(f"{env.prefix}/new.txt") == b"renamed content"
+    finally:
+        engine.remote.close()
+        ledger.close()
