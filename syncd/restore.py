@@ -8,6 +8,7 @@ A mismatch, a full disk or an interruption never leaves a partial file.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat as st_mod
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 from syncd.fsutil import publish
 from syncd.keys import RESTORE_TEMP_PREFIX, UnsafeKey
 from syncd.remote.base import INTEGRITY, LOCAL, Remote, RemoteError
+
+log = logging.getLogger(__name__)
 
 # Device names, reserved with any extension (the list CPython's ntpath.isreserved uses)
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
@@ -43,6 +46,7 @@ class Restored:
     size: int
     mtime_ns: int
     sha256: str
+    verified: bool = True  # checked against syncd-sha256, the ledger's SHA-256 or the store's checksum
 
 
 class _HashingWriter:
@@ -103,11 +107,16 @@ def safe_target(root: Path, rel: str, *, follow_symlinks: bool = False, create: 
     return Path(root).joinpath(*parts)
 
 
-def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False,
+def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False, expect_sha256: str | None = None,
           before_publish: Callable[[Restored], bool] | None = None,
           version_id: str | None = None) -> Restored | None:
     """Download `key` (that version, with `version_id`) to `target` atomically. Returns None
     when `before_publish` declined.
+
+    The bytes are checked against the object's `syncd-sha256`; an object without it (written by
+    another tool, or the body of an aborted PUT that a store kept) against `expect_sha256` (what
+    the ledger knows was uploaded there), else against the store's checksum; with none of the
+    three the file is restored with a warning that it is unverified (SPEC §4.3).
 
     Raises FileExistsError when `target` exists (or appears meanwhile) and not `overwrite`;
     RemoteError(INTEGRITY) on a checksum mismatch; RemoteError(LOCAL) on local write errors.
@@ -136,18 +145,26 @@ def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False,
             raise RemoteError(INTEGRITY, f"{key}: content does not match its syncd-sha256 "
                                          f"({sha[:12]}… != {info.sha256[:12]}…); not restored",
                               code="ChecksumMismatch")
+        if not info.sha256 and expect_sha256 and expect_sha256 != sha:
+            raise RemoteError(INTEGRITY, f"{key}: content does not match the SHA-256 the ledger recorded "
+                                         f"for it ({sha[:12]}… != {expect_sha256[:12]}…) and the object "
+                                         f"has no syncd-sha256; not restored", code="ChecksumMismatch")
         if info.size != w.size:
             raise RemoteError(INTEGRITY, f"{key}: got {w.size} bytes, expected {info.size}",
                               code="SizeMismatch")
+        verified = bool(info.sha256 or expect_sha256 or fetched.server_verified)
         mtime_ns = info.mtime_ns if info.mtime_ns is not None else os.stat(tmp).st_mtime_ns
         if sys.platform != "win32":  # Windows has ACLs, inherited from the directory
             os.chmod(tmp, _FILE_MODE)
         os.utime(tmp, ns=(mtime_ns, mtime_ns))
-        result = Restored(size=w.size, mtime_ns=mtime_ns, sha256=sha)
+        result = Restored(size=w.size, mtime_ns=mtime_ns, sha256=sha, verified=verified)
         if before_publish is not None and not before_publish(result):
             return None
         publish(tmp, target, overwrite=overwrite)
         published = True
+        if not verified:
+            log.warning("restored %s unverified: the object has no syncd-sha256 and no checksum "
+                        "syncd could check (written by another tool?)", target)
         return result
     finally:
         with _live_lock:

@@ -270,7 +270,9 @@ class Transfers:
                                       attempts=0, last_error=None, error_kind=None, probe=0)
 
         try:
-            res = fetch(self.remote, row["key"], target, overwrite=self.overwrite, before_publish=record)
+            # what the ledger knows was uploaded there checks an object without syncd-sha256
+            res = fetch(self.remote, row["key"], target, overwrite=self.overwrite,
+                        expect_sha256=row["remote_sha256"] or row["sha256"], before_publish=record)
         except RemoteError as e:
             if e.kind == NOT_FOUND and row["probe"] and row["remote_sha256"] is None:
                 # an upload cut off by a crash that never reached the remote: nothing to restore

@@ -110,3 +110,37 @@ def test_a_renames_old_key_is_deleted_only_after_the_new_path_was_copied_from_it
     finally:
         engine.remote.close()
         ledger.close()
+
+
+@pytest.mark.parametrize("store", ["file", "moto"], indirect=True)
+def test_an_object_without_syncd_sha256_is_checked_against_the_ledgers_sha256(store, make_env, syncd):
+    """Finding 7: the body of an aborted PUT that a store kept (s3rver does) has no syncd-sha256
+    and a server checksum of its own short body; the ledger knows what was uploaded there."""
+    env = make_env(store)
+    env.root.mkdir(parents=True)
+    data = os.urandom(100_000)
+    (env.root / "photo.jpg").write_bytes(data)
+    assert syncd("--config", str(env.config), "resync").code == 0
+    store.put_raw(f"{env.prefix}/photo.jpg", data[:40_000])  # what an aborted PUT leaves
+    (env.root / "photo.jpg").unlink()
+    r = syncd("--config", str(env.config), "resync")
+    assert r.code == 1, r.out + r.err
+    assert "does not match the SHA-256 the ledger recorded" in r.out + r.err
+    assert not (env.root / "photo.jpg").exists()
+
+
+@pytest.mark.parametrize("store", ["file", "moto"], indirect=True)
+def test_an_object_nothing_can_check_is_restored_with_a_warning(store, make_env, syncd):
+    """Finding 7 without a ledger: nothing says what the bytes should be; restored, and said so
+    (file://: no checksum at all); an object with a store checksum botocore checks is verified."""
+    env = make_env(store)
+    if store.kind == "file":
+        store.put_raw(f"{env.prefix}/other-tool.txt", b"written by another tool")
+    else:
+        store.client.put_object(Bucket=store.bucket, Key=f"{env.prefix}/other-tool.txt",
+                                Body=b"written by another tool", ChecksumAlgorithm="SHA256")
+    r = syncd("--config", str(env.config), "restore", "--to", str(env.tmp / "out"))
+    assert r.code == 0, r.out + r.err
+    assert (env.tmp / "out/uploads/other-tool.txt").read_bytes() == b"written by another tool"
+    warned = "unverified" in r.err
+    assert warned == (store.kind == "file"), r.err
