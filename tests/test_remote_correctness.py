@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import sqlite3
 import time
@@ -144,3 +145,57 @@ def test_an_object_nothing_can_check_is_restored_with_a_warning(store, make_env,
     assert (env.tmp / "out/uploads/other-tool.txt").read_bytes() == b"written by another tool"
     warned = "unverified" in r.err
     assert warned == (store.kind == "file"), r.err
+
+
+def _crc32c(data: bytes) -> str:
+    """CRC32C (Castagnoli), base64 as S3 sends it: computed here so the test needs no awscrt."""
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return base64.b64encode((crc ^ 0xFFFFFFFF).to_bytes(4, "big")).decode()
+
+
+def _crc32c_only_object(store, env, data: bytes) -> str:
+    """An object as AWS's own tools write it now: a CRC32C checksum, no syncd-sha256."""
+    key = f"{env.prefix}/crc.bin"
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=data, ChecksumAlgorithm="CRC32C",
+                            ChecksumCRC32C=_crc32c(data))
+    return key
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+def test_a_byte_flipped_in_a_crc32c_only_download_is_refused(store, make_env, syncd):
+    """Finding 9: botocore checks CRC32C only with awscrt (botocore[crt], a dependency now)."""
+    data = os.urandom(3000)
+    with FaultProxy(port_of(store.endpoint_url), seed=0, rates=Rates(), corrupt=b"/backups/uploads/crc.bin ") as proxy:
+        env = make_env(store, remote={"endpoint_url": proxy.url})
+        _crc32c_only_object(store, env, data)
+        r = syncd("--config", str(env.config), "resync")
+        assert proxy.corrupted >= 1
+    assert r.code == 1, r.out + r.err
+    assert "checksum mismatch" in r.out + r.err
+    assert not (env.root / "crc.bin").exists()
+
+
+@pytest.mark.parametrize("store", ["moto"], indirect=True)
+def test_a_checksum_botocore_cannot_check_is_not_called_verified(store, make_env, monkeypatch):
+    """Finding 9 without awscrt: botocore skips CRC32C silently; the download is not verified."""
+    import io
+
+    import botocore.httpchecksum as hc
+
+    from syncd.config import load_config
+    from syncd.remote.s3 import S3Remote
+
+    env = make_env(store)
+    data = b"checked by nobody"
+    key = _crc32c_only_object(store, env, data)
+    remote = S3Remote(load_config(env.config).remote)
+    assert remote.get(key, io.BytesIO()).server_verified  # awscrt installed: botocore checks it
+    monkeypatch.setattr(hc, "_SUPPORTED_CHECKSUM_ALGORITHMS",
+                        [a for a in hc._SUPPORTED_CHECKSUM_ALGORITHMS if a not in ("crc32c", "crc64nvme")])
+    out = io.BytesIO()
+    fetched = remote.get(key, out)
+    assert out.getvalue() == data and not fetched.server_verified

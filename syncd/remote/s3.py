@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import botocore.exceptions as bexc
 import botocore.session
 from botocore.config import Config as BotoConfig
+from botocore.httpchecksum import StreamingChecksumBody
 from botocore.utils import determine_content_length, parse_timestamp
 
 from syncd import __version__
@@ -282,8 +283,9 @@ class S3Remote:
             resp = self.client.get_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED", **extra)
             body = resp["Body"]
             # botocore checks a full-object checksum at the end of the body (FlexibleChecksumError)
-            verified = any(resp.get(k) for k in ("ChecksumSHA256", "ChecksumCRC32", "ChecksumCRC32C",
-                                                 "ChecksumSHA1", "ChecksumCRC64NVME")) and \
+            # only when it wrapped the body to do so: it skips, silently, a composite checksum and
+            # an algorithm it cannot compute (CRC32C and CRC64NVME need awscrt, PITFALLS §9)
+            verified = isinstance(body, StreamingChecksumBody) and \
                 resp.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
             if int(resp.get("ContentLength") or 0) <= CHUNK:
                 # one exact-size read: a read(CHUNK) allocates (and zeroes) a 1 MiB buffer per call,
