@@ -23,6 +23,7 @@ from syncd.ledger import Ledger, Row
 from syncd.logs import CauseLog
 from syncd.patterns import Filter, matches_any
 from syncd.pool import Wake, WorkerPool
+from syncd.remote import remote_identity
 from syncd.remote.base import (
     CREDENTIALS,
     DENIED,
@@ -133,6 +134,19 @@ class Engine:
                 # a fresh container starts without its upload directory (SPEC §2)
                 w.path.mkdir(parents=True, exist_ok=True)
                 self.ledger.ensure_watch(w.prefix, str(w.path))
+        if create:
+            self.adopt_remote()
+
+    def adopt_remote(self) -> None:
+        """The ledger describes the configured remote; another one (a changed url or endpoint) is a
+        new remote: listed, compared and uploaded to as if the ledger had never seen it."""
+        identity = remote_identity(self.cfg.remote)
+        changed = self.ledger.describe_remote(identity, {w.prefix: self.key_base(w) for w in self.cfg.watches})
+        if changed is not None:
+            old, requeued = changed
+            log.warning("the ledger described remote %s, the config names %s: a new remote; listing it, "
+                        "and comparing %d synced files with it (uploaded where missing or different)",
+                        old, identity, requeued)
 
     def probe(self) -> None:
         """List (one key) under every watch's prefix: what syncd needs, as its IAM policy allows."""

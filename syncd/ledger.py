@@ -391,6 +391,44 @@ class Ledger:
                 w.execute("INSERT INTO meta(name, value) VALUES (?, ?) "
                           "ON CONFLICT(name) DO UPDATE SET value=excluded.value", [name, value])
 
+    def describe_remote(self, identity: str, key_bases: dict[str, str]) -> tuple[str, int] | None:
+        """Make the rows describe the remote `identity` (meta `remote`); `key_bases`: watch prefix ->
+        the key base of its objects there.
+
+        A ledger that described another remote treats this one as new: keys are recomputed,
+        what it knew of the old remote is forgotten (remote_sha256, probe, the synced state: synced
+        files are queued to be compared and uploaded) and every watch is listed again. A ledger
+        from before the remote was recorded is taken to describe this one when its keys fit.
+        Returns (the old remote, rows queued again) when it changed, else None."""
+        now = time.time()
+        fit = "key = CASE WHEN ?='' THEN path ELSE ? || '/' || path END"
+        with self.write() as w:
+            got = w.execute("SELECT value FROM meta WHERE name='remote'").fetchone()
+            old = got[0] if got else None
+            record = ("INSERT INTO meta(name, value) VALUES ('remote', ?) "
+                      "ON CONFLICT(name) DO UPDATE SET value=excluded.value")
+            if old == identity:
+                return None
+            if old is None and not any(
+                    w.execute(f"SELECT 1 FROM files WHERE watch=? AND key IS NOT NULL AND NOT ({fit}) LIMIT 1",
+                              [watch, base, base]).fetchone() for watch, base in key_bases.items()):
+                w.execute(record, [identity])
+                return None
+            requeued = w.execute("SELECT count(*) FROM files WHERE state='synced'").fetchone()[0]
+            w.execute(
+                "UPDATE files SET remote_sha256=NULL, sha256=NULL, probe=CASE WHEN op='get' THEN 1 ELSE 0 END, "
+                "op=CASE WHEN state='synced' THEN 'put' ELSE op END, "
+                "attempts=CASE WHEN state='synced' THEN 0 ELSE attempts END, "
+                "due_at=CASE WHEN state='synced' THEN ? ELSE due_at END, "
+                "queued_at=CASE WHEN state='synced' THEN ? ELSE queued_at END, "
+                "state=CASE WHEN state='synced' THEN 'pending' ELSE state END, updated_at=?, gen=gen+1",
+                [now, now, now])
+            for watch, base in key_bases.items():
+                w.execute(f"UPDATE files SET {fit} WHERE watch=? AND key IS NOT NULL", [base, base, watch])
+            w.execute("UPDATE watches SET listed_at=NULL")
+            w.execute(record, [identity])
+            return old or "unknown", requeued
+
     # --- rows ---------------------------------------------------------------------------
     def get(self, watch: str, path: str) -> Row | None:
         rows = self.query("SELECT * FROM files WHERE watch=? AND path=?", [watch, path])

@@ -199,3 +199,61 @@ def test_a_checksum_botocore_cannot_check_is_not_called_verified(store, make_env
     out = io.BytesIO()
     fetched = remote.get(key, out)
     assert out.getvalue() == data and not fetched.server_verified
+
+
+@pytest.mark.parametrize("store", ["file", "moto"], indirect=True)
+def test_a_changed_remote_url_is_a_new_remote_listed_compared_and_uploaded(store, make_env, syncd, tmp_path):
+    """Finding 5: pointed at another remote, the ledger's old keys and synced states describe the
+    old one; every file must reach the new one (and only once)."""
+    env = make_env(store)
+    env.root.mkdir(parents=True)
+    files = {"a.txt": b"a", "d/b.txt": b"bb", "d/e/c.txt": b"ccc"}
+    for rel, data in files.items():
+        (env.root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (env.root / rel).write_bytes(data)
+    assert "uploaded 3" in syncd("--config", str(env.config), "resync").out
+    if store.kind == "file":
+        new_url, new_prefix = f"file://{tmp_path / 'elsewhere'}", "uploads"
+        keys = lambda: sorted(p.relative_to(tmp_path / "elsewhere").as_posix()  # noqa: E731
+                              for p in (tmp_path / "elsewhere").rglob("*") if p.is_file()
+                              and ".syncd-meta" not in p.parts)
+    else:
+        bucket = store.client.create_bucket(Bucket=f"{store.bucket}-new") and f"{store.bucket}-new"
+        new_url, new_prefix = f"s3://{bucket}/moved", "moved/uploads"
+        keys = lambda: sorted(o["Key"] for o in  # noqa: E731
+                              store.client.list_objects_v2(Bucket=bucket).get("Contents", ()))
+    text = env.config.read_text().replace(f'url = "{store.url}"', f'url = "{new_url}"')
+    assert new_url in text
+    env.config.write_text(text)
+    r = syncd("--config", str(env.config), "resync")
+    assert r.code == 0 and "uploaded 3," in r.out, r.out + r.err
+    assert "a new remote" in r.err
+    assert keys() == sorted(f"{new_prefix}/{rel}" for rel in files)
+    con = sqlite3.connect(env.ledger)
+    try:
+        assert sorted(k for (k,) in con.execute("SELECT key FROM files")) == keys()
+    finally:
+        con.close()
+    r = syncd("--config", str(env.config), "resync")
+    assert "uploaded 0, restored 0, unchanged 3" in r.out and "a new remote" not in r.err
+
+
+@pytest.mark.parametrize("store", ["moto"], indirect=True)
+def test_a_new_remote_that_already_holds_the_files_is_compared_not_uploaded(store, make_env, syncd):
+    """Finding 5: a bucket copied to another prefix (the same bytes, the same metadata) is listed
+    and compared; nothing is sent again. A ledger from before the remote was recorded whose keys
+    do not fit the config's remote is taken to describe another remote too."""
+    env = make_env(store)
+    env.root.mkdir(parents=True)
+    (env.root / "a.txt").write_bytes(b"same")
+    assert "uploaded 1" in syncd("--config", str(env.config), "resync").out
+    store.client.copy_object(Bucket=store.bucket, Key="copied/uploads/a.txt",
+                             CopySource={"Bucket": store.bucket, "Key": f"{env.prefix}/a.txt"})
+    con = sqlite3.connect(env.ledger)
+    con.execute("DELETE FROM meta WHERE name='remote'")  # as a ledger of an older syncd
+    con.commit()
+    con.close()
+    env.config.write_text(env.config.read_text().replace(store.url, f"s3://{store.bucket}/copied"))
+    r = syncd("--config", str(env.config), "resync")
+    assert r.code == 0 and "uploaded 0, restored 0, unchanged 1" in r.out, r.out + r.err
+    assert "a new remote" in r.err

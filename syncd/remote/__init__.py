@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from syncd.config import Config
+from pathlib import Path
+
+from syncd.config import Config, RemoteConfig
 from syncd.remote.base import Remote, RemoteError
 
 
@@ -18,4 +20,15 @@ def open_remote(cfg: Config) -> Remote:
     return S3Remote(cfg.remote, workers=cfg.workers)
 
 
-__all__ = ["Remote", "RemoteError", "open_remote"]
+def remote_identity(cfg: RemoteConfig) -> str:
+    """Which remote a ledger's rows describe: the store (its endpoint) and the place in it. Two
+    configs that name another bucket, prefix, directory or endpoint name another remote."""
+    if cfg.scheme == "file":
+        assert cfg.root is not None
+        return f"file://{Path(cfg.root).resolve().as_posix()}"
+    where = f"s3://{cfg.bucket}/{cfg.prefix}".rstrip("/")
+    endpoint = cfg.endpoint_url.rstrip("/")
+    return f"{where} at {endpoint}" if endpoint else where
+
+
+__all__ = ["Remote", "RemoteError", "open_remote", "remote_identity"]
