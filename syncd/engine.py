@@ -136,6 +136,11 @@ class Engine:
                 self.ledger.ensure_watch(w.prefix, str(w.path))
         if create:
             self.adopt_remote()
+        else:  # a dry run changes nothing, but says what the run would see
+            old = self.ledger.get_meta("remote")
+            if old is not None and old != remote_identity(self.cfg.remote):
+                log.warning("the ledger describes remote %s, the config names %s: a real run treats it as a "
+                            "new remote and compares every file with it", old, remote_identity(self.cfg.remote))
 
     def adopt_remote(self) -> None:
         """The ledger describes the configured remote; another one (a changed url or endpoint) is a
