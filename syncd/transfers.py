@@ -289,6 +289,7 @@ class Transfers:
             self.stats.add(restored=1)
             log.debug("restored %s/%s (%d bytes)", row["watch"], row["path"], res.size)
 
+    # --- remote deletion ------------------------------------------------------------------
     def _copy_source(self, row: Row) -> bool:
         """This key may be the copy source of an upload that has not run yet (SPEC §4.8)."""
         if row["remote_sha256"] is None or not row["key"] or not 0 < (row["size"] or 0) <= self.copy_limit:
@@ -297,7 +298,6 @@ class Transfers:
             return False
         return self.ledger.copy_may_need(row)
 
-    # --- remote deletion ------------------------------------------------------------------
     def _delete(self, row: Row, watch: WatchConfig, op: str) -> None:
         if self._copy_source(row):
             # a rename: the new path's upload copies from this key on the server; delete it after
