@@ -20,6 +20,7 @@ from syncd.config import Config
 from syncd.engine import RESTORE_OPS, UPLOAD_OPS, Engine
 from syncd.errors import LedgerError, RemoteUnavailable
 from syncd.interrupt import unless_stopped
+from syncd.lazy import LazyRestore, oldest_upload
 from syncd.ledger import Ledger
 from syncd.lock import LedgerLock
 from syncd.pool import WorkerPool
@@ -50,6 +51,7 @@ class Daemon:
         self.engine: Engine | None = None
         self.watcher: Watcher | None = None
         self.pool: WorkerPool | None = None
+        self.lazy: LazyRestore | None = None  # lazy_restore: the restore queue behind READY
         self._rescan_reason: str | None = None
         self._rescan_lock = threading.Lock()
         self._pause_lock = threading.Lock()
@@ -95,7 +97,10 @@ class Daemon:
         if stats.remote_fail_since and now - stats.remote_fail_since > self.cfg.max_backlog_age:
             return False, (f"remote failing for {now - stats.remote_fail_since:.0f}s: "
                            f"{stats.last_remote_error}")
-        oldest = [t for w in self.cfg.watches if (t := self.ledger.oldest_pending(w.prefix)) is not None]
+        lazy = self.lazy if self.lazy is not None and self.lazy.running() else None
+        # a restore behind READY is progress, not a backlog: it shows as "restoring N"
+        oldest_of = (lambda p: oldest_upload(self.ledger, p)) if lazy else self.ledger.oldest_pending
+        oldest = [t for w in self.cfg.watches if (t := oldest_of(w.prefix)) is not None]
         if oldest and now - min(oldest) > self.cfg.max_backlog_age:
             return False, f"a pending file has waited {now - min(oldest):.0f}s (max_backlog_age)"
         failed = self.restores_failed()
@@ -103,6 +108,8 @@ class Daemon:
             # 200: syncd works and watches; the files that failed are per-file failures (as in
             # `resync`, exit 1), retried at the cap and listed by `status` (README: Health)
             return True, f"ok ({failed} of {self._restore['total']} startup restores failed; see `syncd status`)"
+        if lazy is not None and (n := lazy.remaining()):
+            return True, f"ok (restoring {n})"
         return True, "ok"
 
     def _starting(self) -> str:
@@ -170,7 +177,8 @@ class Daemon:
         for h in self.hooks:
             h.start(self)
         self.notifier.start_watchdog(self.loop_alive)
-        self.watcher = Watcher(cfg, ledger, request_rescan=self.request_rescan, wake=engine.wake)
+        self.watcher = Watcher(cfg, ledger, request_rescan=self.request_rescan, wake=engine.wake,
+                               closes=engine.closes)
         self.watcher.start()
         self.working = True  # waiting for the remote and restoring are progress, not a stuck loop
         try:
@@ -180,13 +188,18 @@ class Daemon:
             self.notifier.status("restoring missing files")
             if not self._plan(engine):
                 return 0
-            if not self._restore_missing(engine):
+            if cfg.lazy_restore:  # READY now; the restores drain behind it (syncd.lazy)
+                self.lazy = LazyRestore(engine, cfg.workers, self.stop)
+            elif not self._restore_missing(engine):
                 return 0
             self.working = False
             self.tick = time.monotonic()
             if self.stop.is_set():
                 return 0
-            self._reconciled(engine)
+            if self.lazy is None:  # lazy: the startup reconcile ends when its restore has drained
+                self._reconciled(engine)
+            else:  # before READY, so that /healthz never says plain "ok" while it is to come
+                self.lazy.start()
             self.phase = "running"
             ledger.set_meta("ready", "1")
             self.notifier.ready(self._status_line())
@@ -251,6 +264,8 @@ class Daemon:
         """The systemd STATUS= line while watching."""
         assert self.engine is not None
         text = f"watching; backlog {self.engine.outstanding(UPLOAD_OPS)}"
+        if self.lazy is not None and self.lazy.running():
+            text += f"; restoring {self.lazy.remaining()} behind READY"
         failed = self.restores_failed()
         if failed:
             text += f"; {failed} of {self._restore['total']} startup restores failed (see syncd status)"
@@ -330,7 +345,10 @@ class Daemon:
 
     def _ops(self) -> tuple[str, ...]:
         assert self.ledger is not None
-        return NO_DELETE_OPS if self.ledger.get_meta("deletes_paused") else ALL_OPS
+        ops: tuple[str, ...] = NO_DELETE_OPS if self.ledger.get_meta("deletes_paused") else ALL_OPS
+        if self.lazy is not None and self.lazy.running():  # restores are the lazy pool's meanwhile
+            ops = tuple(op for op in ops if op not in RESTORE_OPS)
+        return ops
 
     def _supervise(self) -> None:
         assert self.ledger is not None and self.engine is not None and self.pool is not None
@@ -368,7 +386,7 @@ class Daemon:
             log.error("watcher stopped; restarting it and rescanning")
             self.watcher.stop()
             self.watcher = Watcher(self.cfg, self.ledger, request_rescan=self.request_rescan,
-                                   wake=self.engine.wake)
+                                   wake=self.engine.wake, closes=self.engine.closes)
             self.watcher.start()
             self.request_rescan("watcher restarted")
         with self._rescan_lock:
@@ -385,6 +403,8 @@ class Daemon:
             if self._next_rescan is not None:
                 self._next_rescan = time.monotonic() + self.cfg.rescan_interval
         self._check_delete_rate()
+        if self.lazy is not None and self.lazy.finished():
+            self._reconciled(self.engine)
         ops = self._ops()
         if ops != self.pool.ops:
             self.pool.set_ops(ops)
@@ -475,6 +495,8 @@ class Daemon:
         deadline = time.monotonic() + STOP_TIMEOUT
         clean = True
         if self.pool is not None and not self.pool.join(timeout=max(0.0, deadline - time.monotonic() - 1)):
+            clean = False
+        if self.lazy is not None and not self.lazy.join(timeout=max(0.0, deadline - time.monotonic() - 1)):
             clean = False
             log.warning("transfers still running at stop; aborting them (they are retried at next start)")
         if self.watcher is not None:

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from syncd import refusals
+from syncd.closes import Closes
 from syncd.config import Config, WatchConfig
 from syncd.errors import Interrupted, LedgerError, RemoteUnavailable
 from syncd.interrupt import unless_stopped
@@ -116,8 +117,9 @@ class Engine:
         self.stop = stop or threading.Event()
         self.stats = Stats()
         self.causes = CauseLog(log)
+        self.closes = Closes()  # files their writer closed: the watcher records, workers read
         self.transfers = Transfers(cfg, ledger, remote, self.stats, self.causes, oneshot=oneshot,
-                                   overwrite=overwrite)
+                                   overwrite=overwrite, closes=self.closes)
         self.on_progress = on_progress
         self.on_plan = on_plan  # (kind, "watch/path"): told every file a dry run would transfer
         self.plan_kinds = {"upload", "restore", "delete"}

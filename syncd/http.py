@@ -76,6 +76,7 @@ class _Collector:
         for reason, n in sorted(counts.items()):
             fails.add_metric([reason], n)
         yield fails
+        yield from stats.upload_delay.collect()  # syncd_upload_delay_seconds: the loss window
         now = time.time()
         yield GaugeMetricFamily("syncd_backlog_oldest_seconds", "Age of the oldest file waiting for work",
                                 value=max(0.0, now - min(oldest_ts)) if oldest_ts else 0.0)

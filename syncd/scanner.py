@@ -157,6 +157,8 @@ class Scanner:
         self.now = now if now is not None else time.time()
         self.stats = ScanStats()
         self.on_plan = on_plan
+        # path -> when it is due, for files their writer closed (upload_on_close, syncd.closes)
+        self.due_at: dict[str, float] = {}
         self._upserts: list[Row] = []
         self._forget: list[int] = []
 
@@ -212,8 +214,8 @@ class Scanner:
         self._plan("upload", entry.path)
         row = {"watch": self.watch.prefix, "path": entry.path, "size": entry.size,
                "mtime_ns": entry.mtime_ns, "state": "pending", "op": "put", "key": self.key(entry.path),
-               "due_at": self._due(entry.mtime_ns), "queued_at": self.now, "updated_at": self.now,
-               "attempts": 0, "last_error": None, "error_kind": None}
+               "due_at": self.due_at.get(entry.path) or self._due(entry.mtime_ns), "queued_at": self.now,
+               "updated_at": self.now, "attempts": 0, "last_error": None, "error_kind": None}
         row.update(extra)
         self._upserts.append(row)
 
@@ -261,6 +263,11 @@ class Scanner:
             self._queue_put(entry, probe=row["probe"])
         elif state == "failed" and self.retry_failed:
             # a start is a fresh chance for failed files
+            self.stats.changed += 1
+            self._queue_put(entry, probe=row["probe"])
+        elif entry.path in self.due_at and state in ("pending", "uploading"):
+            # closed by its writer since it was queued: due now (a new gen, so an upload that
+            # started before the close and decided to wait is queued again)
             self.stats.changed += 1
             self._queue_put(entry, probe=row["probe"])
         else:

@@ -17,7 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from prometheus_client import Histogram
+
 from syncd import fsutil
+from syncd.closes import Closes
 from syncd.config import Config, WatchConfig
 from syncd.errors import LedgerError
 from syncd.fsutil import SMALL_FILE
@@ -34,6 +37,17 @@ MAX_LISTED_FAILURES = 1000
 # (a backlog may hold that upload back; then the copy falls back to a full upload)
 RENAME_WAIT = 60.0
 RENAME_POLL = 0.25
+# the loss window's buckets: a closed file lands in the first ones, a settled one around
+# settle_seconds (2 s by default), a backlog further up
+DELAY_BUCKETS = (0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0, 2.5, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+
+def delay_histogram() -> Histogram:
+    """`syncd_upload_delay_seconds` (SPEC §6), not registered anywhere: the endpoint's collector
+    yields it with the run's other figures."""
+    return Histogram("syncd_upload_delay_seconds", "From a file's last change seen to its object being "
+                     "durable: the window in which losing the host loses the file", buckets=DELAY_BUCKETS,
+                     registry=None)
 
 
 @dataclass
@@ -52,6 +66,7 @@ class Stats:
     remote_fail_since: float | None = None  # first of the current run of remote-side failures
     last_remote_error: str = ""
     fail_reasons: Counter = field(default_factory=Counter)  # error kind -> failed attempts
+    upload_delay: Histogram = field(default_factory=delay_histogram, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # told (cause, since) when the remote starts failing or its cause changes, (None, None) when
     # it works again: the daemon records it for `status` (SPEC §3: failures are visible)
@@ -97,7 +112,7 @@ def trash_key(key_base: str, rel: str, now: float) -> str:
 
 class Transfers:
     def __init__(self, cfg: Config, ledger: Ledger, remote: Remote, stats: Stats, causes: CauseLog, *,
-                 oneshot: bool, overwrite: bool = False) -> None:
+                 oneshot: bool, overwrite: bool = False, closes: Closes | None = None) -> None:
         self.cfg = cfg
         self.ledger = ledger
         self.remote = remote
@@ -109,6 +124,12 @@ class Transfers:
         # the daemon's max_deletes cap, asked before each remote deletion (None: no cap)
         self.delete_gate: Callable[[], bool] | None = None
         self._watches = {w.prefix: w for w in cfg.watches}
+        # files their writer closed (the watcher records them): uploaded without settling
+        self.closes = closes if closes is not None else Closes()
+        # ids of rows whose restore runs right now, in a worker or an on-demand request
+        # (syncd.lazy.restore_now): one download per row
+        self._restoring: set[int] = set()
+        self._restoring_lock = threading.Lock()
 
     def handle(self, row: Row) -> None:
         """Do the row's work; raises only LedgerError (the ledger cannot record any outcome)."""
@@ -192,7 +213,14 @@ class Transfers:
         settle = self.cfg.settle_seconds
         changed = (st.st_size, st.st_mtime_ns) != (row["size"], row["mtime_ns"])
         settles_at = st.st_mtime_ns / 1e9 + settle
-        if changed or now < settles_at < now + settle + 1:
+        if watch.upload_on_close and self.closes.closed(watch.prefix, row["path"], st.st_size, st.st_mtime_ns):
+            # its writer closed it and nothing wrote to it since: whole now (SPEC §4.1), once
+            # its mtime's clock tick is surely over (syncd.closes)
+            ready = Closes.ready_at(st.st_mtime_ns)
+            if now < ready:
+                self.ledger.finish(row, state="pending", size=st.st_size, mtime_ns=st.st_mtime_ns, due_at=ready)
+                return
+        elif changed or now < settles_at < now + settle + 1:
             # not settled: wait until it has been unchanged for settle_seconds (SPEC §4.1)
             self.ledger.finish(row, state="pending", size=st.st_size, mtime_ns=st.st_mtime_ns,
                                due_at=now + settle if changed else settles_at)
@@ -205,7 +233,7 @@ class Transfers:
             return
         key = row["key"]
         if sha == row["remote_sha256"] or (row["probe"] and self._remote_has(key, sha)):
-            self._synced(row, sha, st)
+            self._synced(row, sha, st, watch)
             self.stats.add(already_remote=1)
             return
         copied = False
@@ -235,7 +263,7 @@ class Transfers:
             self.ledger.finish(row, state="pending", remote_sha256=sha, size=after.st_size,
                                mtime_ns=after.st_mtime_ns, due_at=time.time() + self.cfg.settle_seconds)
         else:
-            self._synced(row, sha, st)
+            self._synced(row, sha, st, watch)
         # counted once the ledger has it: /metrics never shows an upload its file counts lack
         self.stats.add(uploaded=1, upload_bytes=st.st_size, copied=int(copied))
         # -v logs every transfer (README: at debug, so a daemon's info log stays one line per event)
@@ -246,22 +274,48 @@ class Transfers:
         info = self.remote.head(key)
         return info is not None and info.sha256 == sha
 
-    def _synced(self, row: Row, sha: str, st: os.stat_result) -> None:
+    def _synced(self, row: Row, sha: str, st: os.stat_result, watch: WatchConfig) -> None:
         now = time.time()
         self.stats.succeeded()
-        self.ledger.finish(row, state="synced", op=None, sha256=sha, remote_sha256=sha, size=st.st_size,
-                           mtime_ns=st.st_mtime_ns, synced_at=now, attempts=0, last_error=None,
-                           error_kind=None, probe=0)
+        self.closes.forget(watch.prefix, row["path"], st.st_size, st.st_mtime_ns)
+        if self.ledger.finish(row, state="synced", op=None, sha256=sha, remote_sha256=sha, size=st.st_size,
+                              mtime_ns=st.st_mtime_ns, synced_at=now, attempts=0, last_error=None,
+                              error_kind=None, probe=0) and row["queued_at"] is not None:
+            # the row did not change since its claim: queued_at is when its last change was seen
+            self.stats.upload_delay.observe(max(0.0, time.time() - row["queued_at"]))
 
     def _vanished(self, row: Row) -> None:
         """The file went away before it could be uploaded: no upload, no error (SPEC §4.5)."""
+        self.closes.forget(row["watch"], row["path"])
         if row["remote_sha256"] is None and not row["probe"]:
             self.ledger.forget(row)
         else:  # the remote keeps (or may keep, `probe`) a version; a deletion event or rescan decides
             self.ledger.finish(row, state="synced", op=None)
 
     # --- restore ------------------------------------------------------------------------
+    def restoring(self, row_id: int) -> bool:
+        """Is this row's restore running right now (in a worker or an on-demand request)?"""
+        with self._restoring_lock:
+            return row_id in self._restoring
+
     def _get(self, row: Row, watch: WatchConfig) -> None:
+        with self._restoring_lock:
+            if row["id"] in self._restoring:
+                return  # an on-demand request restores it right now and records the outcome
+            self._restoring.add(row["id"])
+        try:
+            now = self.ledger.query("SELECT op FROM files WHERE id=?", [row["id"]])
+            if not now or now[0]["op"] != "get":
+                # restored by an on-demand request since this worker claimed it (or changed):
+                # nothing left to do but to let go of the row
+                self.ledger.finish(row)
+                return
+            self._restore(row, watch)
+        finally:
+            with self._restoring_lock:
+                self._restoring.discard(row["id"])
+
+    def _restore(self, row: Row, watch: WatchConfig) -> None:
         target = safe_target(watch.path, row["path"], follow_symlinks=watch.follow_symlinks)
 
         def record(res) -> bool:

@@ -33,6 +33,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
+from syncd.closes import Closes
 from syncd.config import Config, WatchConfig
 from syncd.errors import LedgerError
 from syncd.keys import name_problem, rel_path
@@ -73,11 +74,13 @@ class _OverflowLog(logging.Handler):
 
 class Watcher:
     def __init__(self, cfg: Config, ledger: Ledger, *, request_rescan: Callable[[str], None],
-                 wake: Wake | None = None) -> None:
+                 wake: Wake | None = None, closes: Closes | None = None) -> None:
         self.cfg = cfg
         self.ledger = ledger
         self.request_rescan = request_rescan
         self.wake = wake or Wake()
+        # files their writer closed, shared with the workers (upload_on_close, syncd.closes)
+        self.closes = closes if closes is not None else Closes()
         self.q: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._observers: list = []
@@ -190,6 +193,7 @@ class Watcher:
         """Record a batch of events in the ledger (one transaction per watch)."""
         self.events_seen += len(batch)
         files: dict[str, dict[str, str]] = {}  # prefix -> ledger path -> file-system path
+        closed: dict[str, set[str]] = {}  # prefix -> ledger paths closed after writing, or renamed in
         new_dirs: dict[str, set[str]] = {}
         gone_dirs: dict[str, set[str]] = {}
         linked: dict[str, bool] = {}  # parent directory -> reached through a symlink (this batch)
@@ -217,17 +221,24 @@ class Watcher:
                         gone_dirs.setdefault(prefix, set()).add(rel)
                 else:
                     files.setdefault(prefix, {})[rel] = fs_path
+                    # whole: its writer closed it, or it was renamed into place (the usual
+                    # "write a temp file, then rename" of careful writers)
+                    if w.upload_on_close and (isinstance(ev, FileClosedEvent) or
+                                              (i == 1 and isinstance(ev, FileMovedEvent))):
+                        closed.setdefault(prefix, set()).add(rel)
         queued = False
         for prefix in set(files) | set(new_dirs) | set(gone_dirs):
             queued |= self._apply_watch(self._watches[prefix], files.get(prefix, {}),
-                                        new_dirs.get(prefix, set()), gone_dirs.get(prefix, set()))
+                                        new_dirs.get(prefix, set()), gone_dirs.get(prefix, set()),
+                                        closed.get(prefix, set()))
         if queued:
             self.wake.set()
 
     def _rel(self, w: WatchConfig, path: str) -> str | None:
         return rel_path(w.path, Path(path))  # also right for a drive-root watch (D:\\) on Windows
 
-    def _apply_watch(self, w: WatchConfig, files: dict[str, str], new_dirs: set[str], gone_dirs: set[str]) -> bool:
+    def _apply_watch(self, w: WatchConfig, files: dict[str, str], new_dirs: set[str], gone_dirs: set[str],
+                     closed: set[str] = frozenset()) -> bool:
         problem = self.root_ok(w)
         if problem:
             # never turn a vanished or unmounted root into remote deletions (SPEC §4.5)
@@ -249,7 +260,7 @@ class Watcher:
                 for entry in walk(top, filt, w.follow_symlinks, base=d, ancestors=above):
                     if entry.kind in (FILE, BAD_NAME):
                         files.pop(entry.path, None)
-                        self._seen(sc, entry)
+                        self._seen(sc, entry, closed=entry.path in closed)
             except OSError:
                 pass  # gone again already; its events follow
         for rel, fs_path in sorted(files.items()):
@@ -261,15 +272,21 @@ class Watcher:
                 if row is not None:
                     sc.on_missing(row)
             else:
-                self._seen(sc, entry)
+                self._seen(sc, entry, closed=rel in closed)
         for d in sorted(gone_dirs):
             for row in self.ledger.iter_rows(w.prefix, "path >= ? AND path < ?", [d + "/", d + "0"]):
                 if not os.path.lexists(w.path.joinpath(*row["path"].split("/"))):
                     sc.on_missing(row)
         return sc.flush() > 0
 
-    def _seen(self, sc: Scanner, entry: Entry) -> None:
+    def _seen(self, sc: Scanner, entry: Entry, *, closed: bool = False) -> None:
         row = self.ledger.get(sc.watch.prefix, entry.path)
+        if closed and entry.kind == FILE and not (
+                row is not None and row["state"] == "synced"
+                and (row["size"], row["mtime_ns"]) == (entry.size, entry.mtime_ns)):
+            # recorded before the ledger commit, so a worker that claims the row sees it
+            if self.closes.record(sc.watch.prefix, entry.path, entry.size, entry.mtime_ns):
+                sc.due_at[entry.path] = max(sc.now, Closes.ready_at(entry.mtime_ns))
         if row is None:
             sc.on_new(entry)
         else:

@@ -180,3 +180,58 @@ def test_a_killed_syncd_run_still_gets_the_final_upload(tmp_path: Path) -> None:
     # written by the app when the entrypoint stopped it, after `run` was dead
     assert (remote / "uploads" / "last-words.txt").read_bytes() == b"bye", out
     assert (remote / "uploads" / "new.txt").read_bytes() == b"written while running", out
+
+
+GATED_SYNCD = r'''#!/bin/sh
+exec "{python}" -c '
+import os, sys, time
+from syncd.remote.local import LocalRemote
+real_get = LocalRemote.get
+def get(self, key, dest):  # a slow remote: restores wait for the gate file
+    while not os.path.exists("{gate}"):
+        time.sleep(0.05)
+    return real_get(self, key, dest)
+LocalRemote.get = get
+from syncd.cli import main
+main(sys.argv[1:])
+' "$@"
+'''
+
+
+@needs_bash
+def test_lazy_mode_starts_the_app_at_ready_and_restores_behind_it(tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    files = {f"photos/{i:02d}.jpg": bytes([i]) * 500 for i in range(20)}
+    for rel, data in files.items():
+        write_file(remote / "uploads" / rel, data)
+    env, root, _ledger = setup(tmp_path, {"url": f"file://{remote}"})
+    config = Path(env["SYNCD_CONFIG"])
+    config.write_text(config.read_text().replace("[syncd]\n", "[syncd]\nlazy_restore = true\n", 1))
+    gate = tmp_path / "gate"
+    gated = tmp_path / "gated-syncd"
+    gated.write_text(GATED_SYNCD.format(python=sys.executable, gate=gate))
+    gated.chmod(0o755)
+    env.update(SYNCD_BIN=str(gated), SYNCD_LAZY="1", PYTHONPATH=str(ENTRYPOINT.parent.parent.parent))
+    report = tmp_path / "app-report.json"
+    log = open(tmp_path / "entrypoint.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT), sys.executable, str(tmp_path / "app.py"), str(root),
+                             str(report)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # the app starts while every restore is still held back
+        wait_for(lambda: report.exists() or proc.poll() is not None, 60, what="the app to start before the restore")
+        assert proc.poll() is None, (tmp_path / "entrypoint.log").read_text()
+        wait_for(lambda: report.read_text().endswith("}"), 10, what="the app's report")
+        assert not set(json.loads(report.read_text())["saw"]) & set(files)  # (temp files of restores held back)
+        gate.touch()
+        wait_for(lambda: all((root / rel).exists() for rel in files), 60, what="the restore behind READY")
+        assert all((root / rel).read_bytes() == data for rel, data in files.items())
+        wait_for(lambda: (remote / "uploads" / "new.txt").exists(), 30, what="new.txt uploaded by `run`")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, (tmp_path / "entrypoint.log").read_text()
+    finally:
+        gate.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert (remote / "uploads" / "last-words.txt").read_bytes() == b"bye"

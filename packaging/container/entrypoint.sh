@@ -9,8 +9,13 @@
 #    is stopped and a last `syncd resync --no-restore` uploads what was still pending. If
 #    `syncd run` dies first (kill -9, OOM), the app is stopped and the same last upload runs.
 #
+# Lazy mode (SYNCD_LAZY=1, with `lazy_restore = true` in the config): no step 1; `syncd run`
+# starts first and the app starts as soon as syncd is READY (its local scan done); the missing
+# files are restored behind it (with `serve_files`, a request for one restores it first).
+#
 # Environment: SYNCD_BIN (default: syncd), SYNCD_CONFIG (read by syncd itself),
-# SYNCD_REQUIRE_RESTORE=0 to start the app even when the remote cannot be reached.
+# SYNCD_REQUIRE_RESTORE=0 to start the app even when the remote cannot be reached,
+# SYNCD_LAZY=1 for the lazy mode.
 # Needs bash >= 5.1 (wait -n -p).
 set -uo pipefail
 
@@ -54,28 +59,61 @@ if [ "$#" -eq 0 ]; then
 fi
 
 # 1. restore first
-"$syncd" resync --no-upload & current=$!
-wait_pid "$current"; rc=$?
-current=""
-if [ "$stopping" = 1 ]; then
-    log "stopped during the restore"
-    exit 143
-fi
-case $rc in
-    0) ;;
-    1) log "some files could not be restored (listed above); starting the app, syncd retries them" ;;
-    3) if [ "${SYNCD_REQUIRE_RESTORE:-1}" = 1 ]; then
-           log "the remote cannot be used (exit 3); not starting the app without its files" \
-               "(SYNCD_REQUIRE_RESTORE=0 starts it anyway)"
-           exit 3
-       fi
-       log "the remote cannot be used (exit 3); starting the app anyway (SYNCD_REQUIRE_RESTORE=0)" ;;
-    *) log "restore failed (exit $rc)"
-       exit "$rc" ;;
-esac
+restore_first() {
+    "$syncd" resync --no-upload & current=$!
+    wait_pid "$current"; rc=$?
+    current=""
+    if [ "$stopping" = 1 ]; then
+        log "stopped during the restore"
+        exit 143
+    fi
+    case $rc in
+        0) ;;
+        1) log "some files could not be restored (listed above); starting the app, syncd retries them" ;;
+        3) if [ "${SYNCD_REQUIRE_RESTORE:-1}" = 1 ]; then
+               log "the remote cannot be used (exit 3); not starting the app without its files" \
+                   "(SYNCD_REQUIRE_RESTORE=0 starts it anyway)"
+               exit 3
+           fi
+           log "the remote cannot be used (exit 3); starting the app anyway (SYNCD_REQUIRE_RESTORE=0)" ;;
+        *) log "restore failed (exit $rc)"
+           exit "$rc" ;;
+    esac
+}
+
+# 1. (lazy mode) syncd first; the app once syncd is READY (`syncd status --json`: "ready": true):
+# its local scan is done, the missing files are restored behind it
+start_lazy() {
+    "$syncd" run & syncd_pid=$! current=$!
+    if [ "${SYNCD_REQUIRE_RESTORE:-1}" = 1 ]; then
+        until [[ $("$syncd" status --json 2>/dev/null) == *'"ready": true'* ]]; do
+            if [ "$stopping" = 1 ] || ! kill -0 "$syncd_pid" 2>/dev/null; then
+                break
+            fi
+            sleep 0.2 & wait $!  # `wait` returns at once when a trapped signal arrives
+        done
+    fi
+    current=""
+    if [ "$stopping" = 1 ]; then
+        log "stopped before syncd was ready"
+        kill -TERM "$syncd_pid" 2>/dev/null
+        wait_pid "$syncd_pid"
+        exit 143
+    fi
+    if ! kill -0 "$syncd_pid" 2>/dev/null; then
+        wait_pid "$syncd_pid"; rc=$?
+        log "syncd exited (status $rc) before it was ready; not starting the app"
+        exit $(( rc == 0 ? 1 : rc ))
+    fi
+}
 
 # 2. syncd beside the app
-"$syncd" run & syncd_pid=$!
+if [ "${SYNCD_LAZY:-0}" = 1 ]; then
+    start_lazy
+else
+    restore_first
+    "$syncd" run & syncd_pid=$!
+fi
 "$@" & app_pid=$!
 if [ "$stopping" = 1 ]; then  # a signal between the restore and here
     kill -TERM "$app_pid" 2>/dev/null
