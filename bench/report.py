@@ -141,6 +141,11 @@ def verdicts(results: dict[str, Result]) -> list[Verdict]:
                          f"{g.rate('syncd'):.0f} vs {g.rate('aws'):.0f} files/s ({ratio:.2f}x)"))
     else:
         v.append(Verdict(7, text, "SKIP", "not run or aws missing"))
+
+    from bench.loss_window import verdicts as loss_verdicts
+
+    for text, status, detail in loss_verdicts(results.get("h")):
+        v.append(Verdict(8, text, status, detail))
     return v
 
 
@@ -164,6 +169,10 @@ def markdown(results: dict[str, Result], verdicts_: list[Verdict], header: list[
             out += ["", f"{e['readable']}/{e['files']} files readable; daemon CPU {e['daemon_cpu_s']:.1f}s "
                         f"({e['daemon_cpu_s'] / max(1, e['files']) * 1000:.2f} ms/file); daemon VmHWM "
                         f"{e['daemon_hwm_mib']:.0f} MiB"]
+        if key == "h" and res.extra:
+            from bench.loss_window import markdown as loss_markdown
+
+            out += loss_markdown(res)
         if key == "f" and res.extra:
             out += ["| tracked files | VmHWM MiB | VmRSS MiB | ready after s |", "|---|---|---|---|"]
             for n, runs in sorted(res.extra.items()):

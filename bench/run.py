@@ -29,12 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import report, tools  # noqa: E402
+from bench import loss_window, report, tools  # noqa: E402
 from bench.scenarios import FULL, QUICK, Bench, Result  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
-ALL = "abcdefg"
+ALL = "abcdefgh"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     failed: list[str] = []
     steps = [("a", bench.scenario_a), ("b", bench.scenario_b), ("c", bench.scenario_c),
-             ("d", None), ("e", bench.scenario_e), ("g", bench.scenario_g)]
+             ("d", None), ("e", bench.scenario_e), ("g", bench.scenario_g),
+             ("h", lambda: loss_window.scenario_h(bench))]
     try:
         for key, fn in steps:
             if key == "d":

@@ -55,10 +55,15 @@ class Sizes:
     e_settle: float = 2.0
     f_small: int = 10_000
     f_large: int = 100_000
+    h_rate: float = 50.0  # (h) the loss window: files/s, for h_seconds; the crash after h_crash_at
+    h_seconds: float = 30.0
+    h_crash_at: float = 10.0
+    h_compare: bool = True  # also the run with upload_on_close = false (for comparison)
 
 
 FULL = Sizes()
-QUICK = Sizes(a_files=300, b_files=2, d_files=10_000, e_seconds=8.0, f_small=2_000, f_large=10_000)
+QUICK = Sizes(a_files=300, b_files=2, d_files=10_000, e_seconds=8.0, f_small=2_000, f_large=10_000,
+              h_seconds=8.0, h_crash_at=5.0)
 
 
 @dataclass

@@ -13,12 +13,13 @@ from bench.scenarios import Bench, Result, Sizes
 from bench.tools import Sample
 
 TINY = Sizes(a_files=20, a_size=512, b_files=1, b_size=1024, d_files=50, d_size=64, e_rate=20.0, e_seconds=1.0,
-             e_settle=0.3, f_small=20, f_large=50)
+             e_settle=0.3, f_small=20, f_large=50, h_rate=20.0, h_seconds=1.0, h_crash_at=2.0,
+             h_compare=False)
 
 
 def test_args() -> None:
     a = parse_args(["--quick"])
-    assert a.rounds == 1 and a.only == "abcdefg"
+    assert a.rounds == 1 and a.only == "abcdefgh"
     assert parse_args(["--rounds", "5", "--only", "ac"]).rounds == 5
 
 
@@ -48,3 +49,16 @@ def test_verdicts_pass_and_fail() -> None:
     }
     by_n = {v.n: v.status for v in report.verdicts(results)}
     assert by_n[1] == "PASS" and by_n[3] == "FAIL" and by_n[7] == "PASS" and by_n[2] == "SKIP"
+
+
+def test_loss_window_scenario_on_a_tiny_run(tmp_path: Path) -> None:
+    from bench.loss_window import scenario_h
+
+    bench = Bench({"syncd": tools.find_syncd()}, tmp_path, TINY, rounds=1, say=lambda _m: None)
+    res = scenario_h(bench)
+    lat, crash = res.extra["latency"], res.extra["crash"]
+    assert lat["files"] == 20 and lat["stored"] == 20 and lat["hist_count"] == 20
+    assert crash["acknowledged"] > 0
+    md = report.markdown({"h": res}, report.verdicts({"h": res}), ["# t"])
+    assert "close -> stored (server clock)" in md and "acknowledged more than 1s before it" in md
+    assert {v.n for v in report.verdicts({"h": res}) if v.status != "SKIP"} == {8}
