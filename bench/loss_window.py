@@ -160,32 +160,40 @@ def crash(bench: Bench, srv: MotoServer) -> dict:
     acked = [(rel, t) for rel, t in writer.closed if t <= crash_t]
     old = [rel for rel, t in acked if t < crash_t - ACK_MARGIN]
     recent = [rel for rel, t in acked if t >= crash_t - ACK_MARGIN]
+    when = dict(acked)
     return {"acknowledged": len(acked), "acked_before_margin": len(old),
+            "lost_closed_s_before": sorted(round(crash_t - when[rel], 3) for rel in old if _key(rel) not in stored),
             "lost": sorted(rel for rel in old if _key(rel) not in stored),
             "recent": len(recent), "recent_missing": sum(1 for rel in recent if _key(rel) not in stored),
             "crash_after_s": s.h_crash_at}
+
+
+def _fresh(bench: Bench, part):  # noqa: ANN001, ANN202 - part(bench, srv) -> dict
+    """Each part on a fresh server: moto keeps every object in memory (PITFALLS §3, §8), and one
+    part's 200 MB must not slow the next one down."""
+    srv = bench.server()
+    try:
+        return part(bench, srv)
+    finally:
+        srv.stop()
 
 
 def scenario_h(bench: Bench) -> Result:
     s = bench.sizes
     res = Result("h", f"loss window: {s.h_rate:.0f} files/s of 4-300 KB closed by the writer, "
                       f"settle_seconds 2.0, upload_on_close")
-    srv = bench.server()
-    try:
-        lat = latency(bench, srv)
-        bench.say(f"  (h) {lat['stored']}/{lat['files']} stored; close -> durable p50 {lat['latency']['p50']:.3f}s "
-                  f"p99 {lat['latency']['p99']:.3f}s max {lat['latency']['max']:.3f}s; "
-                  f"syncd's histogram: {lat['hist_count']:.0f} uploads, mean {lat['hist_mean']:.3f}s")
-        base = latency(bench, srv, on_close=False) if s.h_compare else None
-        if base is not None:
-            bench.say(f"  (h) for comparison, upload_on_close = false: p50 {base['latency']['p50']:.3f}s "
-                      f"p99 {base['latency']['p99']:.3f}s")
-        cr = crash(bench, srv)
-        bench.say(f"  (h) crash after {cr['crash_after_s']:.0f}s: {cr['acknowledged']} acknowledged, "
-                  f"{len(cr['lost'])} of the {cr['acked_before_margin']} acknowledged > {ACK_MARGIN:.0f}s before "
-                  f"it lost; {cr['recent_missing']} of the {cr['recent']} of the last second not stored")
-    finally:
-        srv.stop()
+    lat = _fresh(bench, latency)
+    bench.say(f"  (h) {lat['stored']}/{lat['files']} stored; close -> durable p50 {lat['latency']['p50']:.3f}s "
+              f"p99 {lat['latency']['p99']:.3f}s max {lat['latency']['max']:.3f}s; "
+              f"syncd's histogram: {lat['hist_count']:.0f} uploads, mean {lat['hist_mean']:.3f}s")
+    base = _fresh(bench, lambda b, srv: latency(b, srv, on_close=False)) if s.h_compare else None
+    if base is not None:
+        bench.say(f"  (h) for comparison, upload_on_close = false: p50 {base['latency']['p50']:.3f}s "
+                  f"p99 {base['latency']['p99']:.3f}s")
+    cr = _fresh(bench, crash)
+    bench.say(f"  (h) crash after {cr['crash_after_s']:.0f}s: {cr['acknowledged']} acknowledged, "
+              f"{len(cr['lost'])} of the {cr['acked_before_margin']} acknowledged > {ACK_MARGIN:.0f}s before "
+              f"it lost; {cr['recent_missing']} of the {cr['recent']} of the last second not stored")
     res.extra = {"latency": lat, "settle_only": base, "crash": cr}
     if lat["stored"] < lat["files"]:
         res.notes.append(f"{lat['files'] - lat['stored']} of {lat['files']} files were not stored "

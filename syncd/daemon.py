@@ -2,7 +2,8 @@
 
 Order: lock the ledger -> start the watcher (events are recorded from the first moment, so
 nothing written during the startup is missed) -> wait for the remote -> plan (scan, listing)
--> restore missing -> READY -> workers upload the catch-up and every later change. The
+-> restore missing -> READY -> workers upload the catch-up and every later change (with
+`lazy_restore`, READY comes before the restore, which drains behind it: `syncd.lazy`). The
 main thread supervises: rescans (periodic, or after a watcher overflow/error), the deletion
 cap, readiness and health. Remote problems never end the daemon; they are retried.
 """

@@ -13,17 +13,19 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from syncd.config import load_config
 from syncd.daemon import Daemon
 from syncd.lazy import PRESENT, RESTORED, restore_now
 from syncd.remote.local import LocalRemote
-from tests.conftest import wait_for, write_config
+from tests.conftest import free_port, wait_for, write_config
 from tests.daemon_util import write_file
 
 NEVER = 3600.0  # settle_seconds that no test waits for
@@ -71,7 +73,8 @@ def test_500_files_closed_by_their_writer_are_all_durable_without_settling(tmp_p
         # before the start: files written into a directory younger than its inotify watch have
         # no close event (PITFALLS §1); they settle
         (tmp_path / "up" / d_).mkdir(parents=True, exist_ok=True)
-    with running(config(tmp_path)) as d:
+    port = free_port()
+    with running(config(tmp_path, health_listen=f"127.0.0.1:{port}")) as d:
         wait_for(lambda: ready(d), 30, what="ready")
         for rel, data in files.items():
             with open(tmp_path / "up" / rel, "wb") as f:  # written, then closed by its writer
@@ -79,8 +82,11 @@ def test_500_files_closed_by_their_writer_are_all_durable_without_settling(tmp_p
         wait_for(lambda: all(remote_bytes(tmp_path, rel) == data for rel, data in files.items()), 120, 0.2,
                  "all 500 closed files in the remote")
         assert d.ledger.counts("up")["synced"] == 500
-        # the loss window was measured for each of them
-        hist = {s.name: s.value for m in d.engine.stats.upload_delay.collect() for s in m.samples}
+        # the loss window was measured for each of them, and /metrics shows it
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        hist = {s.name: s.value for fam in text_string_to_metric_families(text)
+                if fam.name == "syncd_upload_delay_seconds" for s in fam.samples}
         assert hist["syncd_upload_delay_seconds_count"] == 500
 
 
