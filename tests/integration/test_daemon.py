@@ -229,7 +229,8 @@ def test_deletion_follows_on_delete_and_is_not_restored_after_restart(tmp_path, 
 
 
 def test_file_deleted_before_it_settled_causes_no_upload_and_no_error(tmp_path, moto_server, puts):
-    setup = Setup(tmp_path, moto_server, settle=2.0)
+    # the settle path (a closed file is whole, and uploaded at once, under upload_on_close)
+    setup = Setup(tmp_path, moto_server, settle=2.0, upload_on_close=False)
     d = setup.daemon()
     try:
         d.wait_ready()
