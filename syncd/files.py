@@ -192,17 +192,24 @@ class FileServer:
     hides the object `obj` (its HEAD); asked before an on-demand restore of a file the ledger
     has no row for (a row is this host's own knowledge: `deleted` rows hide the file, others
     do not). Default: `remote_tombstone_hides`.
+
+    `restoring(row_id)`: whether a restore worker has started that row's download
+    (`Transfers.restoring`). A row a worker has only claimed in its batch is then not waited
+    for: the request restores it ahead of the batch, and the worker skips it when it gets there.
+    Without it, a request waits for whichever worker holds the row.
     """
 
     def __init__(self, cfg: Config, ledger: Ledger, remote: Remote, stats: Stats, *,
                  stop: threading.Event | None = None,
-                 tombstoned: Callable[[WatchConfig, str, ObjectInfo], bool] | None = None) -> None:
+                 tombstoned: Callable[[WatchConfig, str, ObjectInfo], bool] | None = None,
+                 restoring: Callable[[int], bool] | None = None) -> None:
         self.cfg = cfg
         self.ledger = ledger
         self.remote = remote
         self.stats = stats
         self.stop = stop
         self.tombstoned = tombstoned or self.remote_tombstone_hides
+        self.restoring = restoring
         # longest prefix first: "a/b" must win over "a" (prefixes never overlap, but "" may exist)
         self._watches = sorted(cfg.watches, key=lambda w: len(w.prefix), reverse=True)
         self._filters = {w.prefix: Filter(w.include, w.exclude) for w in cfg.watches}
@@ -378,6 +385,8 @@ class FileServer:
         while not os.path.lexists(target):
             row = self.ledger.get(watch.prefix, rel)
             if row is not None and row["op"] == "get" and (row["lease_until"] or 0) > time.time():
+                if self.restoring is not None and not self.restoring(row["id"]):
+                    return False  # only claimed in a worker's batch, behind other downloads: go first
                 if time.monotonic() > deadline:
                     return False
             elif row is not None and row["state"] == "synced" and row["op"] is None:

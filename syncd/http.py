@@ -239,7 +239,8 @@ class HttpEndpoint:
         if daemon.cfg.serve_files and daemon.engine is not None and daemon.ledger is not None:
             engine = daemon.engine
             self.server.files = self.collector.files = FileServer(
-                daemon.cfg, daemon.ledger, engine.remote, engine.stats, stop=daemon.stop)
+                daemon.cfg, daemon.ledger, engine.remote, engine.stats, stop=daemon.stop,
+                restoring=engine.transfers.restoring)
         self._thread = threading.Thread(target=self._serve, name="syncd-http", daemon=True)
         self._thread.start()
         log.info("health endpoint on http://%s:%d/healthz", *self.address)

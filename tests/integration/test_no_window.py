@@ -269,3 +269,25 @@ def test_lazy_restore_is_ready_before_the_restore_finishes_and_the_restore_compl
             assert (tmp_path / "up" / rel).read_bytes() == data
         wait_for(lambda: d.health() == (True, "ok"), 30, what="plain ok once restored")
         assert d.engine.stats.restored == 30
+
+
+def test_lazy_restore_serves_every_requested_file_while_the_queue_is_held_back(tmp_path: Path, slow_remote) -> None:
+    """With serve_files, a file requested during the lazy restore is served (restored ahead of
+    the queue), even one a restore worker has claimed in its batch but not started."""
+    gate, let_through = slow_remote
+    files = {f"p/{i:02d}.jpg": os.urandom(100 + i) for i in range(30)}
+    for rel, data in files.items():
+        write_file(tmp_path / "remote" / "up" / rel, data)
+    wanted = ["p/03.jpg", "p/20.jpg", "p/29.jpg"]  # behind held-back rows in the workers' batches
+    let_through.update(f"up/{rel}" for rel in wanted)
+    port = free_port()
+    with running(config(tmp_path, lazy_restore=True, serve_files=True, workers=2,
+                        health_listen=f"127.0.0.1:{port}")) as d:
+        wait_for(lambda: ready(d), 30, what="READY while the restores are held back")
+        for rel in wanted:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/files/up/{rel}", timeout=60) as r:
+                assert r.status == 200 and r.read() == files[rel]
+        assert d.lazy is not None and d.lazy.remaining() >= 30 - len(wanted)
+        gate.set()
+        wait_for(lambda: all((tmp_path / "up" / rel).exists() for rel in files), 60, what="the restore to finish")
+        assert all((tmp_path / "up" / rel).read_bytes() == data for rel, data in files.items())
