@@ -238,9 +238,10 @@ class HttpEndpoint:
     def start(self, daemon: Daemon) -> None:
         if daemon.cfg.serve_files and daemon.engine is not None and daemon.ledger is not None:
             engine = daemon.engine
+            transfers = getattr(engine, "transfers", None)  # (absent in tests' stand-in engines)
             self.server.files = self.collector.files = FileServer(
                 daemon.cfg, daemon.ledger, engine.remote, engine.stats, stop=daemon.stop,
-                restoring=engine.transfers.restoring)
+                restoring=transfers.restoring if transfers is not None else None)
         self._thread = threading.Thread(target=self._serve, name="syncd-http", daemon=True)
         self._thread.start()
         log.info("health endpoint on http://%s:%d/healthz", *self.address)
