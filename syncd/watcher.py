@@ -238,7 +238,7 @@ class Watcher:
         return rel_path(w.path, Path(path))  # also right for a drive-root watch (D:\\) on Windows
 
     def _apply_watch(self, w: WatchConfig, files: dict[str, str], new_dirs: set[str], gone_dirs: set[str],
-                     closed: set[str] = frozenset()) -> bool:
+                     closed: set[str] | frozenset[str] = frozenset()) -> bool:
         problem = self.root_ok(w)
         if problem:
             # never turn a vanished or unmounted root into remote deletions (SPEC §4.5)
