@@ -81,13 +81,17 @@ def test_500_files_closed_by_their_writer_are_all_durable_without_settling(tmp_p
                 f.write(data)
         wait_for(lambda: all(remote_bytes(tmp_path, rel) == data for rel, data in files.items()), 120, 0.2,
                  "all 500 closed files in the remote")
-        assert d.ledger.counts("up")["synced"] == 500
+        # (the object is durable a moment before the ledger records it)
+        wait_for(lambda: d.ledger.counts("up")["synced"] == 500, 30, what="500 rows synced")
+
+        def delays() -> dict[str, float]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            return {s.name: s.value for fam in text_string_to_metric_families(text)
+                    if fam.name == "syncd_upload_delay_seconds" for s in fam.samples}
+
         # the loss window was measured for each of them, and /metrics shows it
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        hist = {s.name: s.value for fam in text_string_to_metric_families(text)
-                if fam.name == "syncd_upload_delay_seconds" for s in fam.samples}
-        assert hist["syncd_upload_delay_seconds_count"] == 500
+        wait_for(lambda: delays()["syncd_upload_delay_seconds_count"] == 500, 30, what="500 delays observed")
 
 
 def test_a_file_appended_in_chunks_with_closes_between_ends_with_its_final_content(tmp_path: Path) -> None:
