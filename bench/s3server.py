@@ -12,6 +12,12 @@ commands on stdin, one JSON object per line, answering one JSON line on stdout:
 - `{"op": "stored", "bucket": B}`: when each key of B was stored (server clock, Unix seconds):
   every PUT is timestamped, so the daemon-latency benchmark can cross-check its HEAD polling.
 
+`MotoServer(latency_ms=50)` delays every request by that much before moto sees it: real S3 is
+tens of milliseconds away (a few hundred on another continent), where the number of requests
+in flight decides, not the client's CPU. The delay sleeps in the request's own thread (werkzeug
+serves each request in one), so it costs no CPU and delays concurrent requests independently,
+like a WAN round trip (there is no netem in this kernel: PITFALLS §9).
+
 PITFALLS §3, §8: moto grows large during big uploads, so each benchmark starts its own server.
 """
 
@@ -31,9 +37,10 @@ ACCOUNT = "123456789012"
 class MotoServer:
     """Parent-side handle on one child server process."""
 
-    def __init__(self) -> None:
+    def __init__(self, latency_ms: float = 0.0) -> None:
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.latency_ms = latency_ms
 
     @property
     def endpoint(self) -> str:
@@ -41,7 +48,7 @@ class MotoServer:
 
     def start(self, log_path: Path | None = None) -> MotoServer:
         err = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, __file__, str(self.latency_ms)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
         line = self.proc.stdout.readline()
         if not line.startswith("PORT "):
@@ -108,7 +115,19 @@ def _vm(pid: int, field: str) -> float:
 
 # --- the child ----------------------------------------------------------------------------------
 
-def _serve() -> None:
+def delayed(app: Any, seconds: float) -> Any:
+    """The WSGI app `app`, each request answered `seconds` later (a WAN round trip)."""
+    if seconds <= 0:
+        return app
+
+    def wrapper(environ: dict[str, Any], start_response: Any) -> Any:
+        time.sleep(seconds)
+        return app(environ, start_response)
+
+    return wrapper
+
+
+def _serve(latency_ms: float = 0.0) -> None:
     os.environ.setdefault("MOTO_ACCOUNT_ID", ACCOUNT)
     # objects stay in memory: moto spools bodies above ~5 MiB to temp files, and the disk's
     # writeback made (b)'s server time bimodal (1.1 or 1.3 s for the same upload, whichever tool)
@@ -126,7 +145,7 @@ def _serve() -> None:
     # `ThreadedMotoServer` guesses the service of every request under one global lock (scans of
     # moto's package directory, hundreds of URL patterns), 39% of the server's CPU per PUT. That
     # cost is the same for every client and hid their differences behind the server's ceiling.
-    server = make_server("127.0.0.1", 0, create_backend_app("s3"), threaded=True,
+    server = make_server("127.0.0.1", 0, delayed(create_backend_app("s3"), latency_ms / 1000), threaded=True,
                          request_handler=MotoRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     backend = models.s3_backends[ACCOUNT]["aws"]
@@ -180,4 +199,4 @@ def _serve() -> None:
 
 
 if __name__ == "__main__":
-    _serve()
+    _serve(float(sys.argv[1]) if len(sys.argv) > 1 else 0.0)
