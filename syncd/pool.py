@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from syncd.errors import LedgerError
+from syncd.lane import Lane, lane_size
 from syncd.ledger import Ledger, Row
 from syncd.retry import backoff
 
@@ -65,6 +66,8 @@ class WorkerPool:
         self._err_lock = threading.Lock()
         self._unreleased: list[int] = []
         self._logged: dict[str, float] = {}
+        # a claimed batch of small files is sent all at once (syncd.lane): latency, not `workers`
+        self.lane = Lane(lane_size(workers), on_exit=ledger.close_thread)
 
     def _loop(self) -> None:
         attempt = 0
@@ -101,20 +104,13 @@ class WorkerPool:
         rows = ledger.claim(ops, time.time(), lease=self.lease, limit=CLAIM_ROWS,
                             batch_bytes=CLAIM_BYTES, share=self.n) if ops else []
         if rows:
-            for i, row in enumerate(rows):
-                try:
-                    if i and (self.stop.is_set() or self._halt.is_set()):
-                        self._release(rows[i:])
-                        break
-                    self.handler(row)
-                except LedgerError:
-                    # their results (or their release) could not be written: they stay leased
-                    # until the ledger works again
-                    with self._err_lock:
-                        self._unreleased += [r["id"] for r in rows[i:]]
-                    raise
-                if self.on_done:
-                    self.on_done(row)
+            try:
+                self.lane.run(rows, self._one)
+            except LedgerError as e:
+                # rows never started stay leased too, until the ledger works again
+                with self._err_lock:
+                    self._unreleased += [r["id"] for r in getattr(e, "lane_unstarted", ())]
+                raise
             # idle workers re-check at once: the queue may be drained, or a retry queued
             self.wake.set()
             return True
@@ -150,6 +146,22 @@ class WorkerPool:
         with self._err_lock:
             return list(self._unreleased)
 
+    def _one(self, row: Row) -> None:
+        """One claimed row (the rows of a batch run at once, `syncd.lane`)."""
+        try:
+            if self.stop.is_set() or self._halt.is_set():  # stopping: not started, so given back
+                self._release([row])
+                return
+            self.handler(row)
+        except LedgerError:
+            # its result (or its release) could not be written: it stays leased until the
+            # ledger works again
+            with self._err_lock:
+                self._unreleased.append(row["id"])
+            raise
+        if self.on_done:
+            self.on_done(row)
+
     def _release(self, rows: list[Row]) -> None:
         """Give back claimed rows not started (stopping): queued again as they were."""
         for row in rows:
@@ -172,7 +184,10 @@ class WorkerPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in self._threads)
+        if any(t.is_alive() for t in self._threads):
+            return False
+        self.lane.close()  # the workers are done: so are their batches
+        return True
 
     def alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)

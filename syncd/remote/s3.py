@@ -27,6 +27,7 @@ from syncd import __version__
 from syncd.config import RemoteConfig
 from syncd.errors import ConfigError
 from syncd.fsutil import CHUNK, SMALL_FILE
+from syncd.lane import lane_size
 from syncd.remote.base import (
     CREDENTIALS,
     DENIED,
@@ -156,7 +157,11 @@ class S3Remote:
                 endpoint_url=cfg.endpoint_url or None,
                 region_name=cfg.region or None,
                 config=BotoConfig(
-                    max_pool_connections=workers * PART_CONCURRENCY + 4,
+                    # a connection for every request in flight at once: each worker's own, its
+                    # batch of small files in the lane (syncd.lane), multipart parts, and a few
+                    # spare (an overflow is opened, used once and dropped, with a warning)
+                    max_pool_connections=workers + lane_size(workers)
+                    + PART_CONCURRENCY * max(1, min(workers, 4)) + 4,
                     connect_timeout=10,
                     read_timeout=60,
                     retries={"mode": "standard", "total_max_attempts": 1},
