@@ -1,6 +1,7 @@
 """syncd vs `aws s3 sync` vs `rclone sync` on a local moto S3 server (issue 7).
 
     python bench/run.py [--quick] [--rounds N] [--only abcdefg] [--no-install] [--publish]
+    python bench/run.py --wan [--latency-ms N] [--wan-rounds N]     # WAN scenarios (w)(x)(y), opt-in
 
 Setup installs missing peers (awscli: pip into bench/.venv, else apt; rclone: apt) or skips them
 with a line saying so. Each scenario starts a fresh moto server on 127.0.0.1, generates seeded
@@ -31,6 +32,10 @@ if str(ROOT) not in sys.path:
 
 from bench import loss_window, report, tools  # noqa: E402
 from bench.scenarios import FULL, QUICK, Bench, Result  # noqa: E402
+from bench.wan import LATENCIES, WAN, run_wan  # noqa: E402
+from bench.wan import markdown as wan_markdown  # noqa: E402
+from bench.wan import publish as wan_publish  # noqa: E402
+from bench.wan import verdicts as wan_verdicts_of  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -48,10 +53,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS / "latest.md", help="markdown report path")
     p.add_argument("--publish", action="store_true",
                    help="also write bench/RESULTS.md and the README summary (full runs)")
+    p.add_argument("--latency-ms", type=float, default=0.0,
+                   help="delay every request of the bench server by this much (default 0: loopback); "
+                        "with --wan: the one latency of the WAN scenarios (default 50 and 200)")
+    p.add_argument("--wan", action="store_true",
+                   help=f"run the WAN scenarios ({WAN}: upload, restore, no-op at 50 and 200 ms); "
+                        "with --only, they are added to its letters")
+    p.add_argument("--wan-rounds", type=int, help="rounds of the WAN scenarios (default 2 at <= 50 ms, else 1)")
     args = p.parse_args(argv)
-    bad = set(args.only) - set(ALL)
+    if args.wan:
+        args.only = WAN if args.only == ALL else args.only + WAN
+    bad = set(args.only) - set(ALL + WAN)
     if bad:
-        p.error(f"--only: unknown scenario(s) {''.join(sorted(bad))}; choose from {ALL}")
+        p.error(f"--only: unknown scenario(s) {''.join(sorted(bad))}; choose from {ALL}, or {WAN} (WAN)")
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     return args
@@ -77,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
     work = args.workdir or Path(tempfile.mkdtemp(prefix="syncd-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    bench = Bench(found, work, sizes, args.rounds, say=say)
+    bench = Bench(found, work, sizes, args.rounds, say=say, latency_ms=args.latency_ms)
+    wan_results: dict[str, Result] = {}
     results: dict[str, Result] = {}
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -109,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
             except Exception as e:  # noqa: BLE001
                 failed.append(f"({key}): {e}")
                 say(f"  FAILED: {e}")
+        if set(args.only) & set(WAN):
+            wan_results, wan_failed = run_wan(
+                found, work, sizes, args.only, [args.latency_ms] if args.latency_ms else list(LATENCIES),
+                args.wan_rounds, say=say)
+            failed += wan_failed
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -132,19 +152,30 @@ def run(args: argparse.Namespace) -> int:
         f"{sizes.e_settle}; rclone `--checksum --fast-list --transfers {tools.RCLONE_TRANSFERS}`; "
         "aws s3 sync defaults",
     ]
+    if args.latency_ms:
+        header.append(f"- every request of the bench server delayed by {args.latency_ms:g} ms")
+    if wan_results:
+        header.append(f"- WAN scenarios: rounds {args.wan_rounds or 'per latency: 2 at 50 ms, 1 at 200 ms'}; "
+                      "tools at their defaults, rclone also tuned (the table says which)")
     header += [f"- FAILED {x}" for x in failed]
     md = report.markdown(results, verdicts, header)
+    wan_verdicts = wan_verdicts_of(wan_results)
+    md += wan_markdown(wan_results, wan_verdicts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(md)
-    args.out.with_suffix(".json").write_text(json.dumps(raw(results), indent=1))
+    args.out.with_suffix(".json").write_text(json.dumps(raw({**results, **wan_results}), indent=1))
     say("")
     for v in verdicts:
         say(f"{v.status:4}  {v.n}. {v.text}: {v.detail}")
+    for v in wan_verdicts:
+        say(f"{v.status:4}  WAN {v.text}: {v.detail}")
     for x in failed:
         say(f"FAILED {x}")
     say(f"report: {args.out}")
     if args.publish:
         publish(md, report.summary_table(results, verdicts), header)
+        if wan_results:
+            wan_publish(wan_markdown(wan_results, wan_verdicts), header)
     return 1 if failed else 0
 
 
