@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"FAILED {x}")
     say(f"report: {args.out}")
     if args.publish:
-        publish(md, report.summary_table(results, verdicts), header)
+        if results:  # a WAN-only run leaves the loopback figures as they are
+            publish(md, report.summary_table(results, verdicts), header)
         if wan_results:
             wan_publish(wan_markdown(wan_results, wan_verdicts), header)
     return 1 if failed else 0
