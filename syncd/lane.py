@@ -112,8 +112,13 @@ class Lane:
 
         helpers = min(width, len(items)) - 1
         batch = _Batch(helpers)
-        for _ in range(helpers):
-            self._submit(pull, None, batch)
+        for i in range(helpers):
+            try:
+                self._submit(pull, None, batch)
+            except RuntimeError:  # no thread could be started: fewer helpers
+                for _ in range(helpers - i):
+                    batch.done(None)
+                break
         first: BaseException | None = None
         try:
             pull(None)
@@ -127,17 +132,16 @@ class Lane:
 
     def _submit(self, fn: Callable[[Any], None], item: Any, batch: _Batch) -> None:
         with self._lock:
-            # one more thread only when none is idle: a task queued now finds an idle one
-            spawn = self._idle == 0 and len(self._threads) < self.size
-            if spawn:
+            # `_idle`: idle threads minus queued tasks (below 0 when the lane is full). One more
+            # thread only when none is idle: otherwise an idle one takes the task
+            if self._idle <= 0 and len(self._threads) < self.size:
                 self._made += 1
                 t = threading.Thread(target=self._work, name=f"{self.name}-{self._made}", daemon=True)
+                t.start()  # raises RuntimeError when no thread can be started: nothing queued then
                 self._threads.add(t)
             else:
-                self._idle -= 1  # claimed by this task; the thread counts itself idle again after it
+                self._idle -= 1  # an idle thread's; it counts itself idle again after the task
             self._tasks.put((fn, item, batch))
-        if spawn:
-            t.start()
 
     def _work(self) -> None:
         me = threading.current_thread()
@@ -154,7 +158,7 @@ class Lane:
                             self._threads.discard(me)
                             return
                     continue
-                if task is None:
+                if task is None:  # close(): its count was taken there
                     return
                 fn, item, batch = task
                 try:
@@ -183,7 +187,8 @@ class Lane:
         later `run` makes new ones."""
         with self._lock:
             threads = list(self._threads)
-        for _ in threads:
-            self._tasks.put(None)
+            for _ in threads:  # one end for each thread; taken like tasks (no idle end meanwhile)
+                self._tasks.put(None)
+            self._idle -= len(threads)
         for t in threads:
             t.join(timeout)

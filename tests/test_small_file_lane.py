@@ -129,3 +129,28 @@ def test_stop_during_a_batch_finishes_the_transfers_in_flight_and_gives_back_the
         stop.set()
         gate.release.set()
         ledger.close()
+
+
+def test_lane_raises_the_first_error_after_the_others_and_can_run_again_after_close():
+    pool = lane.Lane(3, name="syncd-lane-test")
+    gate = threading.Barrier(4, timeout=10)
+    seen: list[int] = []
+
+    def fn(i: int) -> None:
+        if i < 4:
+            gate.wait()  # the first four are in flight together
+        if i == 5:
+            raise ValueError("boom")
+        seen.append(i)
+
+    with pytest.raises(ValueError) as e:
+        pool.run(list(range(20)), fn, width=4)
+    assert set(seen) | {5} | set(e.value.lane_unstarted) == set(range(20))  # each item ran or is handed back
+    assert e.value.lane_unstarted  # taking new items stopped at the error
+    pool.close()
+    assert pool.threads() == 0
+    seen.clear()
+    pool.run(list(range(8)), lambda i: seen.append(i), width=4)  # a closed lane makes new threads
+    assert sorted(seen) == list(range(8))
+    pool.close()
+    assert pool.threads() == 0
