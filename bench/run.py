@@ -2,6 +2,7 @@
 
     python bench/run.py [--quick] [--rounds N] [--only abcdefg] [--no-install] [--publish]
     python bench/run.py --wan [--latency-ms N] [--wan-rounds N]     # WAN scenarios (w)(x)(y), opt-in
+    python bench/run.py --only m [--scale-files 100000,1000000]     # scale (m), opt-in
 
 Setup installs missing peers (awscli: pip into bench/.venv, else apt; rclone: apt) or skips them
 with a line saying so. Each scenario starts a fresh moto server on 127.0.0.1, generates seeded
@@ -60,10 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"run the WAN scenarios ({WAN}: upload, restore, no-op at 50 and 200 ms); "
                         "with --only, they are added to its letters")
     p.add_argument("--wan-rounds", type=int, help="rounds of the WAN scenarios (default 2 at <= 50 ms, else 1)")
+    p.add_argument("--scale-files", default="100000,1000000",
+                   help="(m): tracked-tree sizes, smallest first (default 100000,1000000)")
     args = p.parse_args(argv)
+    from bench.scale import SCALE
+
     if args.wan:
         args.only = WAN if args.only == ALL else args.only + WAN
-    bad = set(args.only) - set(ALL + WAN)
+    bad = set(args.only) - set(ALL + WAN + SCALE)
     if bad:
         p.error(f"--only: unknown scenario(s) {''.join(sorted(bad))}; choose from {ALL}, or {WAN} (WAN)")
     if args.rounds is None:
@@ -84,6 +89,10 @@ def machine() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bench.scale import SCALE, scenario_m
+    from bench.scale import markdown as scale_markdown
+    from bench.scale import verdicts as scale_verdicts
+
     say = print
     found = tools.setup(install=not args.no_install, say=say)
     wanted = {p.strip() for p in args.peers.split(",") if p.strip()}
@@ -93,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     bench = Bench(found, work, sizes, args.rounds, say=say, latency_ms=args.latency_ms)
     wan_results: dict[str, Result] = {}
+    scale_results: dict[str, Result] = {}
     results: dict[str, Result] = {}
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -129,6 +139,13 @@ def run(args: argparse.Namespace) -> int:
                 found, work, sizes, args.only, [args.latency_ms] if args.latency_ms else list(LATENCIES),
                 args.wan_rounds, say=say)
             failed += wan_failed
+        if SCALE in args.only:
+            say("(m) a large tracked tree: start-to-READY and RSS (file:// remote)")
+            try:
+                scale_results["m"] = scenario_m(bench, tuple(int(x) for x in args.scale_files.split(",")))
+            except Exception as e:  # noqa: BLE001
+                failed.append(f"(m): {e}")
+                say(f"  FAILED: {e}")
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -161,14 +178,18 @@ def run(args: argparse.Namespace) -> int:
     md = report.markdown(results, verdicts, header)
     wan_verdicts = wan_verdicts_of(wan_results)
     md += wan_markdown(wan_results, wan_verdicts)
+    big_verdicts = scale_verdicts({**results, **scale_results})
+    md += scale_markdown(scale_results, big_verdicts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(md)
-    args.out.with_suffix(".json").write_text(json.dumps(raw({**results, **wan_results}), indent=1))
+    args.out.with_suffix(".json").write_text(json.dumps(raw({**results, **wan_results, **scale_results}), indent=1))
     say("")
     for v in verdicts:
         say(f"{v.status:4}  {v.n}. {v.text}: {v.detail}")
     for v in wan_verdicts:
         say(f"{v.status:4}  WAN {v.text}: {v.detail}")
+    for v in big_verdicts:
+        say(f"{v.status:4}  scale {v.text}: {v.detail}")
     for x in failed:
         say(f"FAILED {x}")
     say(f"report: {args.out}")
