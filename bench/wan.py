@@ -254,6 +254,7 @@ START, END = "<!-- wan:start -->", "<!-- wan:end -->"
 def publish(md: str, header: list[str]) -> None:
     """The WAN table into bench/README.md, between its markers (added at the end when missing)."""
     text = README.read_text()
+    md = md.replace("\n## ", "\n### ")  # a subsection there
     block = "\n".join([START, *header[2:], md.rstrip(), END])
     if START in text:
         text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _m: block, text, flags=re.S)
