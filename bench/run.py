@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.only = WAN if args.only == ALL else args.only + WAN
     bad = set(args.only) - set(ALL + WAN + SCALE)
     if bad:
-        p.error(f"--only: unknown scenario(s) {''.join(sorted(bad))}; choose from {ALL}, or {WAN} (WAN)")
+        p.error(f"--only: unknown scenario(s) {''.join(sorted(bad))}; choose from {ALL}, {WAN} (WAN) or {SCALE} (scale)")
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     return args
