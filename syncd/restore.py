@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from syncd.fsutil import publish
 from syncd.keys import RESTORE_TEMP_PREFIX, UnsafeKey
@@ -55,7 +56,7 @@ class _HashingWriter:
         self.h = hashlib.sha256()
         self.size = 0
 
-    def write(self, b: bytes) -> int:
+    def write(self, b: bytes) -> int:  # the one method of BinaryIO a remote uses
         self.h.update(b)
         self.size += len(b)
         return self.f.write(b)
@@ -133,8 +134,9 @@ def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False, ex
     try:
         with os.fdopen(fd, "wb") as f:
             w = _HashingWriter(f)
+            sink = cast(BinaryIO, w)  # remotes only ever call write() on it
             try:
-                fetched = remote.get(key, w, version_id=version_id) if version_id else remote.get(key, w)
+                fetched = remote.get(key, sink, version_id=version_id) if version_id else remote.get(key, sink)
                 f.flush()
                 os.fsync(f.fileno())
             except OSError as e:

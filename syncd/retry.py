@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import tenacity
 
@@ -37,7 +38,8 @@ _WAIT = tenacity.wait_random_exponential(multiplier=0.5, max=CAP_SECONDS)
 
 def backoff(attempt: int) -> float:
     """Seconds to wait before attempt `attempt + 1` (full jitter, capped at 5 minutes)."""
-    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    # the wait strategy only reads the attempt number of the state it is given
+    state = tenacity.RetryCallState(retry_object=cast(tenacity.BaseRetrying, None), fn=None, args=(), kwargs={})
     state.attempt_number = max(1, attempt)
     # never zero: a hot loop against a failing server helps nobody
     return max(0.05, _WAIT(state))
@@ -81,9 +83,9 @@ def call(fn, *, attempts: int = ONESHOT_ATTEMPTS, forever: bool = False, stop_ev
     """Run `fn()` with the same policy, in-process: for single calls outside the ledger queue
     (probing the remote, listing). `forever` keeps trying transient errors (the daemon).
     `on_retry(exc)` hears of every failure that is retried (so none is silent)."""
-    stop = tenacity.stop_never if forever else tenacity.stop_after_attempt(attempts)
+    stop: tenacity.stop.stop_base = tenacity.stop_never if forever else tenacity.stop_after_attempt(attempts)
     if stop_event is not None:
-        stop = stop | (lambda _s: stop_event.is_set())
+        stop = stop | tenacity.stop_when_event_set(stop_event)
     sleep = (lambda s: stop_event.wait(s)) if stop_event is not None else tenacity.nap.sleep
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_transient),

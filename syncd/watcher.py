@@ -266,13 +266,13 @@ class Watcher:
         for rel, fs_path in sorted(files.items()):
             if not filt.wants(rel):
                 continue
-            entry = self._stat(w, rel, fs_path)
-            if entry is None:
+            found = self._stat(w, rel, fs_path)
+            if found is None:
                 row = self.ledger.get(w.prefix, rel)
                 if row is not None:
                     sc.on_missing(row)
             else:
-                self._seen(sc, entry, closed=rel in closed)
+                self._seen(sc, found, closed=rel in closed)
         for d in sorted(gone_dirs):
             for row in self.ledger.iter_rows(w.prefix, "path >= ? AND path < ?", [d + "/", d + "0"]):
                 if not os.path.lexists(w.path.joinpath(*row["path"].split("/"))):
