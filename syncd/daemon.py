@@ -1,11 +1,14 @@
 """`syncd run`: the resync startup sequence, then live watching until SIGTERM/SIGINT.
 
 Order: lock the ledger -> start the watcher (events are recorded from the first moment, so
-nothing written during the startup is missed) -> wait for the remote -> plan (scan, listing)
--> restore missing -> READY -> workers upload the catch-up and every later change (with
-`lazy_restore`, READY comes before the restore, which drains behind it: `syncd.lazy`). The
-main thread supervises: rescans (periodic, or after a watcher overflow/error), the deletion
-cap, readiness and health. Remote problems never end the daemon; they are retried.
+nothing written during the startup is missed) -> wait for the remote -> plan (scan; a listing
+only when the ledger has never listed the remote: a new or lost ledger) -> restore missing ->
+READY -> workers upload the catch-up and every later change (with `lazy_restore`, READY comes
+before the restore, which drains behind it: `syncd.lazy`). The listing thread lists the remote
+right after READY (READY never waits for it when the ledger knows the remote) and then every
+`remote_rescan_interval` (SPEC §3). The main thread supervises: rescans (periodic, or after a
+watcher overflow/error), the deletion cap, readiness and health. Remote problems never end the
+daemon; they are retried.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from syncd.config import Config
-from syncd.engine import RESTORE_OPS, UPLOAD_OPS, Engine
+from syncd.engine import LOCAL_DELETE_OPS, RESTORE_OPS, UPLOAD_OPS, Engine
 from syncd.errors import LedgerError, RemoteUnavailable
 from syncd.interrupt import unless_stopped
 from syncd.lazy import LazyRestore, oldest_upload
@@ -37,8 +40,8 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT = 10.0
 TICK = 0.5
 DELETE_WINDOW = 60.0
-NO_DELETE_OPS = ("put", "get")
-ALL_OPS = ("get", *UPLOAD_OPS)
+NO_DELETE_OPS = ("put", "get", "tomb")
+ALL_OPS = ("get", *UPLOAD_OPS, *LOCAL_DELETE_OPS)
 
 
 class Daemon:
@@ -69,6 +72,8 @@ class Daemon:
         self._ledger_logged: dict[str, float] = {}
         self._next_rescan: float | None = None
         self._next_status = 0.0
+        self.lister: threading.Thread | None = None
+        self._listed_before_ready: set[str] = set()
 
     # --- requests from other threads -------------------------------------------------------
     def request_rescan(self, reason: str) -> None:
@@ -93,7 +98,7 @@ class Daemon:
         assert self.ledger is not None and self.engine is not None
         paused = self.ledger.get_meta("deletes_paused")
         if paused:
-            return False, f"remote deletions paused ({paused}); release with `syncd retry --deletes`"
+            return False, f"deletions paused ({paused}); release with `syncd retry --deletes`"
         stats = self.engine.stats
         if stats.remote_fail_since and now - stats.remote_fail_since > self.cfg.max_backlog_age:
             return False, (f"remote failing for {now - stats.remote_fail_since:.0f}s: "
@@ -170,6 +175,7 @@ class Daemon:
         self.engine = engine = Engine(cfg, ledger, remote, oneshot=False, stop=self.stop)
         engine.transfers.delete_gate = self.deletes_allowed
         engine.stats.on_remote = self._remote_changed
+        engine.on_too_many_deletes = self._pause_deletes
         ledger.set_meta("ready", "0")
         ledger.set_meta("startup_restore", None)  # of the previous start
         ledger.set_meta("remote_error", None)
@@ -211,6 +217,9 @@ class Daemon:
                     ", ".join(str(w.path) for w in cfg.watches))
             self.pool = WorkerPool(ledger, engine.transfers.handle, cfg.workers, stop=self.stop, wake=engine.wake)
             self.pool.start(self._ops())
+            self.lister = threading.Thread(target=self._list_remote, args=(engine,), name="syncd-listing",
+                                           daemon=True)
+            self.lister.start()
             self._supervise()
             return 0
         finally:
@@ -222,7 +231,56 @@ class Daemon:
     def _plan(self, engine: Engine) -> bool:
         """The startup plan; a remote that refuses the listing (denied, credentials) is reported
         and retried like any remote problem: `run` never exits because of the remote."""
-        return self._until_remote_works(engine, lambda: engine.plan(restore=True), "remote listing failing")
+        self._listed_before_ready = {w.prefix for w in self.cfg.watches if engine.never_listed(w)}
+        return self._until_remote_works(engine, lambda: engine.plan(restore=True, list_remote=False),
+                                        "remote listing failing")
+
+    def _list_remote(self, engine: Engine) -> None:
+        """The listing thread: right after READY (watches not listed before it), then every
+        `remote_rescan_interval` (0: at start only). A failure is reported (once per cause,
+        then counted) and retried with backoff; it never ends the daemon."""
+        skip = set(self._listed_before_ready)
+        interval = self.cfg.remote_rescan_interval
+        attempt = 0
+        try:
+            while not self.stop.is_set():
+                try:
+                    for w in self.cfg.watches:
+                        if w.prefix in skip:
+                            continue
+                        engine.listing(w)
+                        if self.stop.is_set():
+                            return
+                        skip.add(w.prefix)  # listed: not again after a failure of another watch
+                except (RemoteError, RemoteUnavailable) as e:
+                    attempt += 1
+                    err = e if isinstance(e, RemoteError) else e.__cause__
+                    cause = err.cause if isinstance(err, RemoteError) else str(e)
+                    engine.stats.remote_failed(cause)
+                    engine.causes.report(f"remote listing failed: {cause}", engine.remote.name, logging.ERROR)
+                    self.stop.wait(backoff(attempt))
+                    continue
+                except LedgerError as e:
+                    attempt += 1
+                    self._ledger_failed(e)
+                    self.stop.wait(backoff(attempt))
+                    continue
+                except Exception:  # noqa: BLE001 - the thread must survive; the next round retries
+                    log.exception("remote listing failed")
+                    attempt += 1
+                    self.stop.wait(backoff(attempt))
+                    continue
+                if attempt:
+                    log.info("remote listing works again")
+                    engine.stats.remote_ok()
+                attempt = 0
+                skip.clear()
+                if not interval:
+                    return
+                self.stop.wait(interval)
+        finally:
+            if self.ledger is not None:
+                self.ledger.close_thread()
 
     def _restore_missing(self, engine: Engine) -> bool:
         """The startup restore, with its progress in STATUS= and /healthz (`restoring 812/2000`)."""
@@ -500,6 +558,8 @@ class Daemon:
         if self.lazy is not None and not self.lazy.join(timeout=max(0.0, deadline - time.monotonic() - 1)):
             clean = False
             log.warning("transfers still running at stop; aborting them (they are retried at next start)")
+        if self.lister is not None:
+            self.lister.join(timeout=max(0.0, deadline - time.monotonic()))
         if self.watcher is not None:
             self.watcher.stop()
         for h in self.hooks:

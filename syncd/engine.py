@@ -1,36 +1,35 @@
 """Reconcile: check remote -> restore missing -> upload what changed (SPEC §3 `run`, `resync`).
 
-`resync` calls `Engine.reconcile` once; the daemon calls the same method at startup and then
-keeps the worker pool running. There is no second implementation.
+`resync` calls `Engine.reconcile` once; the daemon calls the same steps at startup and then
+keeps the worker pool running. There is no second implementation. Comparing with the remote is
+`Engine.listing`, one pass of `syncd.reconcile` per watch: `resync`, `restore`, the daemon's
+listings and the rebuild of a lost ledger all use it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from syncd import refusals
 from syncd.closes import Closes
 from syncd.config import Config, WatchConfig
 from syncd.errors import Interrupted, LedgerError, RemoteUnavailable
 from syncd.interrupt import unless_stopped
-from syncd.keys import UnsafeKey, is_reserved, join_key, rel_from_key
+from syncd.keys import join_key
 from syncd.ledger import Ledger, Row
 from syncd.logs import CauseLog
-from syncd.patterns import Filter, matches_any
 from syncd.pool import Wake, WorkerPool
+from syncd.reconcile import Listing, Options, Result, cancel_held, remote_files
 from syncd.remote import remote_identity
 from syncd.remote.base import (
     CREDENTIALS,
     DENIED,
     NO_BUCKET,
     UNREACHABLE,
-    ObjectInfo,
     Remote,
     RemoteError,
 )
@@ -40,9 +39,10 @@ from syncd.scanner import PlanHook, Scanner, ScanStats
 from syncd.transfers import Stats, Transfers
 
 log = logging.getLogger(__name__)
-UPLOAD_OPS = ("put", "delete", "trash")
+UPLOAD_OPS = ("put", "delete", "trash", "tomb")
 RESTORE_OPS = ("get",)
-LIST_BATCH = 500
+LOCAL_DELETE_OPS = ("unlink",)  # shared watches: files deleted remotely (SPEC §4.12)
+__all__ = ["Engine", "Summary", "remote_files", "unavailable"]
 
 
 @dataclass
@@ -64,30 +64,6 @@ class Summary:
                     f"{deletes}unchanged {self.unchanged}, failed {self.failed}")
         return (f"uploaded {self.uploaded}, restored {self.restored}, unchanged {self.unchanged}, "
                 f"failed {self.failed}")
-
-
-def remote_files(remote: Remote, base: str, watch: WatchConfig, globs: Iterable[str],
-                 refused: list[tuple[str, str]]) -> Iterator[tuple[str, ObjectInfo]]:
-    """(ledger path, object) for every object of a watch that a restore may write.
-
-    Keys that would escape the root are refused (logged, appended to `refused`); syncd's own
-    objects (trash, check probes), folder markers and excluded or unmatched names are skipped.
-    """
-    filt = Filter(watch.include, watch.exclude)
-    globs = tuple(globs)
-    for obj in remote.list(base + "/" if base else ""):
-        if obj.key.endswith("/"):
-            continue  # "folder" marker objects made by consoles
-        try:
-            rel = rel_from_key(obj.key, base)
-        except UnsafeKey as e:
-            log.error("refusing remote key %r: %s", obj.key, e)
-            refused.append((obj.key, f"unsafe key: {e}"))
-            refusals.count(refusals.UNSAFE_KEY)
-            continue
-        if is_reserved(rel) or not filt.wants(rel) or (globs and not matches_any(globs, rel)):
-            continue
-        yield rel, obj
 
 
 def unavailable(remote: Remote, err: RemoteError) -> RemoteUnavailable:
@@ -126,6 +102,9 @@ class Engine:
         self.refused: list[tuple[str, str]] = []
         self.scans: dict[str, ScanStats] = {}
         self.reuploads = 0  # synced files whose object `--verify` found missing or different
+        self.listings: dict[str, Result] = {}
+        # called when one listing holds more local deletions than max_deletes (the daemon's pause)
+        self.on_too_many_deletes: Callable[[str], None] | None = None
         self.wake = Wake()
         self._held: list[int] = []
 
@@ -194,48 +173,43 @@ class Engine:
                  stats.to_restore, time.monotonic() - t0)
         return stats
 
-    def queue_from_listing(self, watch: WatchConfig, *, include_tombstones: bool = False,
-                           globs: Iterable[str] = (), overwrite: bool = False, dry_run: bool = False,
-                           restore: bool = True) -> int:
-        """List the remote under the watch and queue restores for what is missing locally.
-
-        Also marks local files that already exist remotely with `probe`, so they are compared
-        (HEAD) instead of uploaded again: this is how a lost ledger is rebuilt.
-        """
-        queued = 0
-        batch: list[tuple[str, str, int]] = []
-
-        def flush() -> None:
-            nonlocal queued
-            queued += self._queue_batch(watch, batch, include_tombstones, overwrite, dry_run, restore)
-            batch.clear()
-
-        for rel, obj in remote_files(self.remote, self.key_base(watch), watch, globs, self.refused):
-            batch.append((rel, obj.key, obj.size))
-            if len(batch) >= LIST_BATCH:
-                flush()
-        flush()
-        return queued
-
-    def listing(self, watch: WatchConfig, **kw) -> int:
-        """`queue_from_listing` under the retry policy: after a transient error (a 503, a reset
-        mid-page) the listing starts over (queuing is idempotent). One-shot commands give up
-        after a few tries with exit 3; the daemon retries until it is stopped (then returns 0)."""
+    def listing(self, watch: WatchConfig, *, sync: bool = True, globs: Iterable[str] = (),
+                include_tombstones: bool = False, overwrite: bool = False, dry_run: bool = False,
+                restore: bool = True) -> int:
+        """Reconcile the watch with a listing of the remote (`syncd.reconcile`). Each page of it
+        is retried under the retry policy (`reconcile.resumable`, the one retry layer here): a
+        transient error retries that page, not the whole listing, and is reported
+        (`listing_failed`). One-shot commands give up after a few failures in a row with exit 3;
+        the daemon retries until it is stopped (then returns 0). Returns the restores queued; a
+        complete listing is recorded as the watch's last listing (`watches.listed_at`)."""
         mark = len(self.refused)
-
-        def attempt() -> int:
-            del self.refused[mark:]
-            return self.queue_from_listing(watch, **kw)
-
+        opts = Options(sync=sync, restore=restore, dry_run=dry_run, globs=tuple(globs),
+                       include_tombstones=include_tombstones, overwrite=overwrite)
         try:
-            queued = retry_call(attempt, forever=not self.oneshot, stop_event=self.stop,
-                                on_retry=self.listing_failed)
+            res = Listing(self.cfg, self.ledger, self.remote, watch, opts,
+                          on_too_many_deletes=self.on_too_many_deletes, stop=self.stop,
+                          report_refused=None if self.oneshot else self._report_refused,
+                          on_plan=self._plan_hook(), forever=not self.oneshot,
+                          on_retry=self.listing_failed).run()
         except RemoteError as e:
             if self.stop.is_set():
                 return 0
             raise unavailable(self.remote, e) from e
+        self.refused += res.refused
+        if not self.oneshot:
+            del self.refused[mark:]  # reported (rate-limited) already; a daemon lists again and again
+        if not res.complete:
+            return res.restores
         self.stats.remote_ok()
-        return queued
+        self.listings[watch.prefix] = res
+        if sync and not dry_run:
+            self.ledger.set_watch(watch.prefix, listed_at=time.time())
+        if res.restores or res.replaces or res.uploads or res.local_deletes:
+            log.info("listing of %s: %d objects; queued %d restores, %d replaces, %d uploads, %d local "
+                     "deletions", watch.prefix or self.remote.name, res.objects, res.restores, res.replaces,
+                     res.uploads, res.local_deletes)
+        self.wake.set()
+        return res.restores
 
     def listing_failed(self, err: BaseException) -> None:
         """A listing failure about to be retried: logged (once per cause, then counted), and
@@ -244,37 +218,9 @@ class Engine:
         self.stats.remote_failed(cause)
         self.causes.report(f"remote listing failing (retrying): {cause}", self.remote.name)
 
-    def _queue_batch(self, watch: WatchConfig, batch: list[tuple[str, str, int]], include_tombstones: bool,
-                     overwrite: bool, dry_run: bool, restore: bool) -> int:
-        if not batch:
-            return 0
-        marks = ",".join("?" for _ in batch)
-        rows = {r["path"]: r for r in self.ledger.query(
-            f"SELECT * FROM files WHERE watch=? AND path IN ({marks})", [watch.prefix, *(b[0] for b in batch)])}
-        now = time.time()
-        upserts: list[Row] = []
-        probes: list[int] = []
-        for rel, key, size in batch:
-            row = rows.get(rel)
-            if row is not None and row["state"] in ("deleted", "deleting") and not include_tombstones:
-                continue  # the app deleted it: not restored (SPEC §4.5)
-            exists = os.path.lexists(watch.path.joinpath(*rel.split("/")))
-            if exists and not overwrite:
-                if row is not None and row["op"] == "put" and not row["probe"]:
-                    probes.append(row["id"])
-                continue
-            if not restore or (row is not None and row["op"] == "get" and row["state"] == "pending"):
-                continue
-            self.planned("restore", watch.prefix, rel)
-            upserts.append({"watch": watch.prefix, "path": rel, "key": key, "size": size, "state": "pending",
-                            "op": "get", "due_at": now, "queued_at": now, "updated_at": now, "attempts": 0,
-                            "last_error": None, "error_kind": None})
-        if not dry_run:
-            self.ledger.upsert_many(upserts)
-            if probes:
-                with self.ledger.write() as w:
-                    w.conn.executemany("UPDATE files SET probe=1 WHERE id=?", [(i,) for i in probes])
-        return len(upserts)
+    def _report_refused(self, key: str, why: str) -> None:
+        """The daemon lists again and again: a hostile key is logged once, then counted."""
+        self.causes.report(f"refusing remote key {key!r}: {why}", self.remote.name, logging.ERROR)
 
     def verify(self, watch: WatchConfig, *, dry_run: bool = False) -> int:
         """HEAD every synced object; queue a re-upload for any missing or different one."""
@@ -347,23 +293,27 @@ class Engine:
         return self.ledger.outstanding(ops)
 
     # --- the whole startup sequence ---------------------------------------------------------
-    def plan(self, *, restore: bool = True, verify: bool = False, dry_run: bool = False) -> int:
-        """Compare every watch with the ledger (and, for a ledger that never listed this
-        remote, with a listing) and queue the work. Returns the restores found in listings."""
+    def never_listed(self, watch: WatchConfig) -> bool:
+        rows = self.ledger.query("SELECT listed_at FROM watches WHERE prefix=?", [watch.prefix])
+        return not rows or rows[0]["listed_at"] is None
+
+    def plan(self, *, restore: bool = True, verify: bool = False, dry_run: bool = False,
+             list_remote: bool = True) -> int:
+        """Compare every watch with the ledger and with a listing of the remote, and queue the
+        work. `list_remote=False` (the daemon's fast start) lists only watches whose ledger has
+        never listed the remote (a new or lost ledger): the others are listed after READY.
+        Returns the restores found in listings."""
         self.prepare(create=not dry_run)
         if not dry_run:
             self.ledger.recover()
+            cancel_held(self.ledger)
         from_listing = 0
         for w in self.cfg.watches:
             self.scan(w, missing="restore" if restore else "ignore", retry_failed=True, dry_run=dry_run)
-            watch_row = self.ledger.query("SELECT listed_at FROM watches WHERE prefix=?", [w.prefix])
-            if not watch_row or watch_row[0]["listed_at"] is None:
-                # a ledger that has never seen this watch's remote: rebuild it from a listing
+            if list_remote or self.never_listed(w):
                 from_listing += self.listing(w, dry_run=dry_run, restore=restore and w.restore)
                 if self.stop.is_set():
                     return from_listing  # not listed to the end: listed again at the next start
-                if not dry_run:
-                    self.ledger.set_watch(w.prefix, listed_at=time.time())
             if verify:
                 self.reuploads += self.verify(w, dry_run=dry_run)
         return from_listing
@@ -380,15 +330,21 @@ class Engine:
         self.check_stop(dry_run=dry_run)
         summary = Summary(dry_run=dry_run)
         if dry_run:
+            listed = self.listings.values()
             if upload:
-                summary.would_upload = self.reuploads + sum(s.new + s.changed for s in self.scans.values())
-                summary.would_delete = sum(s.to_delete for s in self.scans.values())
-            summary.would_restore = from_listing + sum(s.to_restore for s in self.scans.values())
+                summary.would_upload = (self.reuploads + sum(s.new + s.changed for s in self.scans.values())
+                                        + sum(r.uploads for r in listed))
+                summary.would_delete = (sum(s.to_delete for s in self.scans.values())
+                                        + sum(r.local_deletes for r in listed))
+            summary.would_restore = (from_listing + sum(r.replaces for r in listed)
+                                     + sum(s.to_restore for s in self.scans.values()))
             return self.summarize(summary)
         if on_total:
             on_total(self.outstanding(RESTORE_OPS) + (self.outstanding(UPLOAD_OPS) if upload else 0))
         if restore:
             self.drain(RESTORE_OPS)
+        if not self.ledger.get_meta("deletes_paused"):
+            self.drain(LOCAL_DELETE_OPS)
         if upload:
             self.drain(UPLOAD_OPS)
         return self.summarize(summary)

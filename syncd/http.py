@@ -28,7 +28,7 @@ from syncd.files import ROUTE as FILES_ROUTE
 from syncd.files import FileServer
 from syncd.page import ACTIONS, PAGE_HEADERS, Console
 from syncd.remote import base as remote_base
-from syncd.status import collect
+from syncd.status import collect, last_listing
 
 if TYPE_CHECKING:
     from syncd.daemon import Daemon
@@ -91,6 +91,16 @@ class _Collector:
         for source in ("disk", "remote"):
             served.add_metric([source], self.files.served[source] if self.files is not None else 0)
         yield served
+        listed = GaugeMetricFamily("syncd_remote_listing_timestamp_seconds",
+                                   "End of the last complete listing of the remote, per watch", labels=["watch"])
+        for w in d.cfg.watches:
+            listed.add_metric([w.prefix], last_listing(ledger, w.prefix) or 0)
+        yield listed
+        changes = CounterMetricFamily("syncd_remote_changes", "Local files restored, replaced or deleted "
+                                      "because of the remote", labels=["kind"])
+        for kind in ("restored", "replaced", "deleted"):
+            changes.add_metric([kind], stats.remote_changes.get(kind, 0))
+        yield changes
         ok, _ = d.health()
         yield GaugeMetricFamily("syncd_healthy", "1 when /healthz answers 200", value=1 if ok else 0)
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from syncd.config import Config
 from syncd.keys import join_key
+from syncd.tombstones import tomb_base
 
 CHECK_DIR = ".syncd-check"
 OBJECT_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"]
@@ -38,6 +39,12 @@ def policy(cfg: Config) -> dict[str, Any]:
         actions.append("s3:DeleteObject")
     resources = [f"arn:aws:s3:::{bucket}/*"] if unrestricted else [f"arn:aws:s3:::{bucket}/{b}/*" for b in bases]
     statements.append({"Sid": "SyncdObjects", "Effect": "Allow", "Action": actions, "Resource": resources})
+    keep = [tomb_base(join_key(cfg.remote.prefix, w.prefix)) for w in cfg.watches if w.on_delete == "keep"]
+    if keep and not needs_delete(cfg):
+        # under keep nothing is deleted but tombstones: an upload of a deleted path lifts its own
+        # (SPEC §4.5); they live under the watch prefix, so put and list are granted above
+        statements.append({"Sid": "SyncdTombstones", "Effect": "Allow", "Action": ["s3:DeleteObject"],
+                           "Resource": [f"arn:aws:s3:::{bucket}/{t}/*" for t in keep]})
     if cfg.remote.sse == "aws:kms":
         key = cfg.remote.sse_kms_key_id
         statements.append({"Sid": "SyncdKms", "Effect": "Allow", "Action": list(KMS_ACTIONS),

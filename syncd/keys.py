@@ -11,7 +11,7 @@ from pathlib import PurePath
 
 MAX_KEY_BYTES = 1024
 # Names under a watch prefix that are syncd's own and never restored or listed as files.
-RESERVED_DIRS = (".trash", ".syncd-check")
+RESERVED_DIRS = (".trash", ".syncd-check", ".syncd")  # .syncd/tombstones/ (SPEC §4.5)
 RESTORE_TEMP_PREFIX = ".syncd-restore-"
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -113,7 +113,7 @@ def rel_from_key(key: str, base: str) -> str:
 
 
 def is_reserved(rel: str) -> bool:
-    """syncd's own objects under a watch prefix: trash, check probes, restore temp files."""
+    """syncd's own objects under a watch prefix: trash, check probes, tombstones, restore temp files."""
     first = rel.split("/", 1)[0]
     if first in RESERVED_DIRS:
         return True

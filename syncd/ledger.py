@@ -12,6 +12,13 @@ the row waits for:
 - `remote_sha256`: the content known to be at `key` (NULL: nothing, or unknown).
 - `probe`: 1 when the remote may already hold this content (crash during upload, ledger rebuilt
   from a listing): the worker asks the remote (HEAD) before it sends anything.
+- `remote_etag`: what a listing shows for `key` (its ETag) when this host last synced it; a
+  listing that shows something else means the object changed remotely (`syncd.reconcile`).
+- `tomb`: 1 when a remote tombstone may exist for the path (SPEC §4.5): an upload lifts it.
+- `overwrite`: 1 on a restore (`op='get'`) that may replace the local file, as long as the
+  file still has the row's size and mtime (a remote change in a shared watch, SPEC §4.12).
+- further ops: `tomb` (write the remote tombstone, `on_delete = "keep"`) and `unlink` (delete
+  the local file because its object was deleted remotely, shared watches).
 
 Writes use `BEGIN IMMEDIATE` (a deferred read-then-write fails at once in WAL mode, PITFALLS
 §6) and `synchronous=FULL` (the ledger drives restores and tombstones), all on one writer
@@ -36,10 +43,11 @@ import sqlite_utils
 
 from syncd.errors import LedgerCorrupt, LedgerError, LedgerUnwritable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATES = ("pending", "uploading", "synced", "failed", "deleting", "deleted")
 QUEUE_STATES = ("pending", "failed", "deleting")
 BATCHED = ("put", "get")  # claimed a few small files at a time
+DELETE_OPS = ("delete", "trash", "tomb", "unlink")  # rows in state 'deleting'
 Row = dict[str, Any]
 T = TypeVar("T")
 
@@ -75,7 +83,15 @@ def _migrate_2(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX files_state ON files(state, op)")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2]
+def _migrate_3(db: sqlite_utils.Database) -> None:
+    # the listing reconcile (remote changes without a HEAD per object), remote tombstones and
+    # shared watches' guarded replaces
+    db.execute("ALTER TABLE files ADD COLUMN remote_etag TEXT")
+    db.execute("ALTER TABLE files ADD COLUMN tomb INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE files ADD COLUMN overwrite INTEGER NOT NULL DEFAULT 0")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2, _migrate_3]
 
 
 def recovery_hint(path: Path) -> str:
@@ -566,7 +582,7 @@ class Ledger:
         """Apply a worker's result if nobody changed the row meanwhile; always release it.
 
         Returns False when the row changed during the work (the outside change stands; only
-        `remote_sha256`, a fact about the remote, is kept from the result).
+        `remote_sha256` and `remote_etag`, facts about the remote, are kept from the result).
         """
         now = time.time()
         fields.setdefault("updated_at", now)
@@ -577,7 +593,7 @@ class Ledger:
                             [*fields.values(), row["id"], row["gen"]])
             if cur.rowcount:
                 return True
-            extra = {"remote_sha256": fields["remote_sha256"]} if "remote_sha256" in fields else {}
+            extra = {k: fields[k] for k in ("remote_sha256", "remote_etag") if k in fields}
             keep = "".join(f", {k}=?" for k in extra)
             w.execute(
                 f"UPDATE files SET lease_until=NULL, state=CASE WHEN state='uploading' THEN 'pending' "
@@ -613,7 +629,8 @@ class Ledger:
         now = time.time()
         with self.write() as w:
             cur = w.execute(
-                "UPDATE files SET state=CASE WHEN op IN ('delete','trash') THEN 'deleting' ELSE 'pending' END, "
+                "UPDATE files SET state=CASE WHEN op IN ('delete','trash','tomb','unlink') THEN 'deleting' "
+                "ELSE 'pending' END, "
                 "op=COALESCE(op, 'get'), attempts=0, due_at=0, queued_at=?, updated_at=?, gen=gen+1 "
                 f"WHERE {' AND '.join(where)}", [now, now, *params])
             return cur.rowcount

@@ -48,6 +48,7 @@ class Restored:
     mtime_ns: int
     sha256: str
     verified: bool = True  # checked against syncd-sha256, the ledger's SHA-256 or the store's checksum
+    etag: str = ""  # the object's etag as the GET saw it (what a listing shows while unchanged)
 
 
 class _HashingWriter:
@@ -159,7 +160,7 @@ def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False, ex
         if sys.platform != "win32":  # Windows has ACLs, inherited from the directory
             os.chmod(tmp, _FILE_MODE)
         os.utime(tmp, ns=(mtime_ns, mtime_ns))
-        result = Restored(size=w.size, mtime_ns=mtime_ns, sha256=sha, verified=verified)
+        result = Restored(size=w.size, mtime_ns=mtime_ns, sha256=sha, verified=verified, etag=info.etag)
         if before_publish is not None and not before_publish(result):
             return None
         publish(tmp, target, overwrite=overwrite)

@@ -70,7 +70,8 @@ def restore_in_place(cfg: Config, ledger: Ledger, remote: Remote, *, globs: Iter
         ledger.recover()
     queued = 0
     for w in cfg.watches:
-        queued += engine.listing(w, include_tombstones=True, globs=globs, overwrite=overwrite, dry_run=dry_run)
+        queued += engine.listing(w, sync=False, include_tombstones=True, globs=globs, overwrite=overwrite,
+                                 dry_run=dry_run)
     out = RestoreSummary(dry_run=dry_run)
     if dry_run:
         out.would_restore = queued

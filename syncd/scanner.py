@@ -248,7 +248,12 @@ class Scanner:
         if state == "synced" and same:
             self.stats.unchanged += 1
             return
-        if state in ("deleted", "deleting") or op in ("get", "delete", "trash"):
+        if same and (op == "unlink" or (op == "get" and row["overwrite"])):
+            # unchanged since its last sync: the queued remote change (a deletion, a newer
+            # version from another host) stands (SPEC §4.12)
+            self.stats.unchanged += 1
+            return
+        if state in ("deleted", "deleting") or op in ("get", "delete", "trash", "tomb", "unlink"):
             # the file is (back) on disk: it wins over a queued restore or deletion
             self.stats.changed += 1
             self._queue_put(entry, probe=1 if op == "get" else row["probe"])
@@ -277,7 +282,7 @@ class Scanner:
 
     def on_missing(self, row: Row) -> None:
         state, op = row["state"], row["op"]
-        if state == "deleted":
+        if state == "deleted" or (state == "deleting" and op in ("tomb", "unlink")):
             return
         if state == "deleting" and op in ("delete", "trash"):
             self.stats.to_delete += 1  # queued before (a stopped daemon): the next drain sends it
@@ -342,8 +347,12 @@ def deletion_fields(row: Row, on_delete: str, now: float) -> Row:
     # the key too: if a worker dropped the row meanwhile (its file vanished), this re-creates it
     base = {"watch": row["watch"], "path": row["path"], "key": row["key"], "updated_at": now, "attempts": 0,
             "last_error": None, "error_kind": None}
-    if on_delete == "keep" or not maybe_remote(row):
+    if not maybe_remote(row):
         # queued_at marks remote deletions only: the max_deletes cap counts them
         return {**base, "state": "deleted", "op": None, "queued_at": None}
+    if on_delete == "keep":
+        # the remote keeps the object and a tombstone of the deletion (SPEC §4.5): not a remote
+        # deletion (no queued_at, no cap), but remote work all the same, retried through the ledger
+        return {**base, "state": "deleting", "op": "tomb", "tomb": 1, "due_at": now, "queued_at": None}
     return {**base, "state": "deleting", "op": "delete" if on_delete == "mirror" else "trash",
             "due_at": now, "queued_at": now}

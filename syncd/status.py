@@ -21,6 +21,12 @@ def _iso(t: float | None) -> str | None:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def last_listing(ledger: Ledger, prefix: str) -> float | None:
+    """When the watch's last complete listing of the remote ended (SPEC §3)."""
+    rows = ledger.query("SELECT listed_at FROM watches WHERE prefix=?", [prefix])
+    return rows[0]["listed_at"] if rows else None
+
+
 def collect(cfg: Config, ledger: Ledger | None = None, now: float | None = None) -> dict[str, Any]:
     """The object of SPEC §3 `status --json`."""
     now = time.time() if now is None else now
@@ -44,7 +50,7 @@ def collect(cfg: Config, ledger: Ledger | None = None, now: float | None = None)
             entry: dict[str, Any] = {"prefix": w.prefix, "path": str(w.path)}
             if ledger is None:
                 entry.update(counts=dict.fromkeys(STATES, 0), oldest_pending_age_s=None, last_success=None,
-                             failures=[], failures_total=0, backlog=0)
+                             failures=[], failures_total=0, backlog=0, last_listing=None)
             else:
                 counts = ledger.counts(w.prefix)
                 oldest = ledger.oldest_pending(w.prefix)
@@ -57,6 +63,7 @@ def collect(cfg: Config, ledger: Ledger | None = None, now: float | None = None)
                     failures=[{"path": f["path"], "error": f["last_error"], "attempts": f["attempts"],
                                "updated_at": _iso(f["updated_at"])} for f in fails],
                     failures_total=total,
+                    last_listing=_iso(last_listing(ledger, w.prefix)),
                 )
             watches.append(entry)
     except sqlite3.Error as e:
@@ -104,6 +111,7 @@ def render_text(data: dict[str, Any], now: float) -> str:
         age = w["oldest_pending_age_s"]
         lines.append(f"  backlog: {w['backlog']} files" + (f", oldest {age:.0f}s" if age is not None else ""))
         lines.append(f"  last success: {w['last_success'] or 'never'}")
+        lines.append(f"  last remote listing: {w.get('last_listing') or 'never'}")
         if w["failures_total"]:
             lines.append(f"  failures ({len(w['failures'])} of {w['failures_total']}, most recent first):")
             for f in w["failures"]:

@@ -1,4 +1,5 @@
-"""What a worker does with one claimed ledger row: upload, restore, or delete remotely.
+"""What a worker does with one claimed ledger row: upload, restore, or delete remotely; write a
+remote tombstone (`tomb`); delete a local file whose object was deleted remotely (`unlink`).
 
 Every outcome goes back to the ledger through `Ledger.finish`, which only applies it when the
 row did not change meanwhile; errors are classified by `syncd.retry` in one place (`handle`).
@@ -19,7 +20,7 @@ from datetime import UTC, datetime
 
 from prometheus_client import Histogram
 
-from syncd import fsutil
+from syncd import fsutil, tombstones
 from syncd.closes import Closes
 from syncd.config import Config, WatchConfig
 from syncd.errors import LedgerError
@@ -67,6 +68,8 @@ class Stats:
     last_remote_error: str = ""
     fail_reasons: Counter = field(default_factory=Counter)  # error kind -> failed attempts
     upload_delay: Histogram = field(default_factory=delay_histogram, repr=False)
+    # restored | replaced | deleted: local changes made because of the remote (SPEC §6)
+    remote_changes: Counter = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # told (cause, since) when the remote starts failing or its cause changes, (None, None) when
     # it works again: the daemon records it for `status` (SPEC §3: failures are visible)
@@ -146,6 +149,10 @@ class Transfers:
                 self._get(row, watch)
             elif op in ("delete", "trash"):
                 self._delete(row, watch, op)
+            elif op == "tomb":
+                self._tomb(row, watch)
+            elif op == "unlink":
+                self._unlink(row, watch)
             else:
                 self.ledger.finish(row)
         except RemoteError as e:
@@ -173,7 +180,7 @@ class Transfers:
             return
         d = decide(err, attempts, oneshot=self.oneshot, op=op)
         state = d.state
-        if state == "pending" and op in ("delete", "trash"):
+        if state == "pending" and op in ("delete", "trash", "tomb", "unlink"):
             state = "deleting"
         fields = {"state": state, "attempts": attempts, "last_error": err.cause, "error_kind": err.kind,
                   "due_at": now + d.delay}
@@ -232,8 +239,11 @@ class Transfers:
             self._vanished(row)
             return
         key = row["key"]
-        if sha == row["remote_sha256"] or (row["probe"] and self._remote_has(key, sha)):
-            self._synced(row, sha, st, watch)
+        etag: str | None = row["remote_etag"] if sha == row["remote_sha256"] else None
+        if sha != row["remote_sha256"] and row["probe"]:
+            etag = self._remote_has(key, sha)
+        if sha == row["remote_sha256"] or etag is not None:
+            self._synced(row, watch, sha, st, etag)
             self.stats.add(already_remote=1)
             return
         copied = False
@@ -241,14 +251,15 @@ class Transfers:
             src = self.ledger.find_remote_copy(sha, row["id"])
             if src is not None:
                 try:
-                    self.remote.copy(src["key"], key, sha256=sha, mtime_ns=st.st_mtime_ns, expect_sha256=sha)
+                    etag = self.remote.copy(src["key"], key, sha256=sha, mtime_ns=st.st_mtime_ns,
+                                            expect_sha256=sha)
                     copied = True
                 except RemoteError as e:
                     if e.kind not in (NOT_FOUND,):
                         raise
         if not copied:
             try:
-                self.remote.put(key, path, size=st.st_size, sha256=sha, mtime_ns=st.st_mtime_ns, data=data)
+                etag = self.remote.put(key, path, size=st.st_size, sha256=sha, mtime_ns=st.st_mtime_ns, data=data)
             except RemoteError as e:
                 if e.kind == LOCAL and not os.path.lexists(path):
                     self._vanished(row)  # deleted between hashing and sending: no upload, no error
@@ -260,27 +271,31 @@ class Transfers:
         except FileNotFoundError:
             changed = False
         if changed:  # written to while uploading: queue it again; the remote ends with the last content
-            self.ledger.finish(row, state="pending", remote_sha256=sha, size=after.st_size,
+            self.ledger.finish(row, state="pending", remote_sha256=sha, remote_etag=etag, size=after.st_size,
                                mtime_ns=after.st_mtime_ns, due_at=time.time() + self.cfg.settle_seconds)
         else:
-            self._synced(row, sha, st, watch)
+            self._synced(row, watch, sha, st, etag)
         # counted once the ledger has it: /metrics never shows an upload its file counts lack
         self.stats.add(uploaded=1, upload_bytes=st.st_size, copied=int(copied))
         # -v logs every transfer (README: at debug, so a daemon's info log stays one line per event)
         log.debug("uploaded %s/%s (%d bytes%s)", row["watch"], row["path"], st.st_size,
                   ", server-side copy" if copied else "")
 
-    def _remote_has(self, key: str, sha: str) -> bool:
+    def _remote_has(self, key: str, sha: str) -> str | None:
+        """The object's etag when it already holds this content, else None."""
         info = self.remote.head(key)
-        return info is not None and info.sha256 == sha
+        return info.etag if info is not None and info.sha256 == sha else None
 
-    def _synced(self, row: Row, sha: str, st: os.stat_result, watch: WatchConfig) -> None:
+    def _synced(self, row: Row, watch: WatchConfig, sha: str, st: os.stat_result, etag: str | None) -> None:
+        if row["tomb"]:  # the path is back: its remote tombstone goes (SPEC §4.5)
+            tombstones.lift(self.remote, join_key(self.cfg.remote.prefix, watch.prefix), row["path"])
         now = time.time()
         self.stats.succeeded()
         self.closes.forget(watch.prefix, row["path"], st.st_size, st.st_mtime_ns)
         if self.ledger.finish(row, state="synced", op=None, sha256=sha, remote_sha256=sha, size=st.st_size,
                               mtime_ns=st.st_mtime_ns, synced_at=now, attempts=0, last_error=None,
-                              error_kind=None, probe=0) and row["queued_at"] is not None:
+                              error_kind=None, probe=0, remote_etag=etag, tomb=0, overwrite=0) \
+                and row["queued_at"] is not None:
             # the row did not change since its claim: queued_at is when its last change was seen
             self.stats.upload_delay.observe(max(0.0, time.time() - row["queued_at"]))
 
@@ -317,20 +332,46 @@ class Transfers:
 
     def _restore(self, row: Row, watch: WatchConfig) -> None:
         target = safe_target(watch.path, row["path"], follow_symlinks=watch.follow_symlinks)
+        replace = bool(row["overwrite"])
+        local_changed = False
 
         def record(res) -> bool:
+            nonlocal local_changed
+            if replace:
+                # a remote change replaces only a local copy unchanged since its last sync (SPEC §4.12)
+                try:
+                    st = os.stat(target) if watch.follow_symlinks else os.lstat(target)
+                    local_changed = (st.st_size, st.st_mtime_ns) != (row["size"], row["mtime_ns"])
+                except FileNotFoundError:
+                    # deleted here meanwhile: the deletion (the watcher's) stands, nothing comes back
+                    return self.ledger.finish(row, state="synced", op=None, overwrite=0) and False
+                if local_changed:
+                    return False
+            # recorded before the rename: the watcher then sees a synced file, not one to upload
             return self.ledger.finish(row, state="synced", op=None, size=res.size, mtime_ns=res.mtime_ns,
                                       sha256=res.sha256, remote_sha256=res.sha256, synced_at=time.time(),
-                                      attempts=0, last_error=None, error_kind=None, probe=0)
+                                      attempts=0, last_error=None, error_kind=None, probe=0,
+                                      remote_etag=res.etag or None, overwrite=0)
 
         try:
             # what the ledger knows was uploaded there checks an object without syncd-sha256
-            res = fetch(self.remote, row["key"], target, overwrite=self.overwrite,
-                        expect_sha256=row["remote_sha256"] or row["sha256"], before_publish=record)
+            # (not for a replace: the row's sha256 is the local copy's, not the new object's)
+            res = fetch(self.remote, row["key"], target, overwrite=self.overwrite or replace,
+                        expect_sha256=None if replace else (row["remote_sha256"] or row["sha256"]),
+                        before_publish=record)
         except RemoteError as e:
             if e.kind == NOT_FOUND and row["probe"] and row["remote_sha256"] is None:
                 # an upload cut off by a crash that never reached the remote: nothing to restore
                 self.ledger.forget(row)
+                return
+            if e.kind == NOT_FOUND and replace:
+                # the changed object is gone too: the local copy stays; the next listing decides
+                self.ledger.finish(row, state="synced", op=None, overwrite=0)
+                return
+            if e.kind == NOT_FOUND and watch.mode == "shared":
+                # deleted remotely since the listing (another host): nothing to bring back
+                self.ledger.finish(row, state="deleted", op=None, remote_sha256=None, remote_etag=None,
+                                   attempts=0, last_error=None, error_kind=None)
                 return
             raise
         except FileExistsError:
@@ -338,10 +379,17 @@ class Transfers:
             self.ledger.update(row["id"], state="pending", op="put", probe=1, due_at=time.time(),
                                lease_until=None)
             return
+        if local_changed:
+            # written here meanwhile: the local change wins and is uploaded (over the remote's)
+            self.ledger.finish(row, state="pending", op="put", overwrite=0, probe=0, remote_sha256=None,
+                               remote_etag=None, due_at=time.time())
+            return
         self.stats.succeeded()
         if res is not None:
             self.stats.add(restored=1)
             log.debug("restored %s/%s (%d bytes)", row["watch"], row["path"], res.size)
+            with self.stats.lock:
+                self.stats.remote_changes["replaced" if replace else "restored"] += 1
 
     # --- remote deletion ------------------------------------------------------------------
     def _copy_source(self, row: Row) -> bool:
@@ -374,9 +422,39 @@ class Transfers:
                 if e.kind != NOT_FOUND:
                     raise
         self.remote.delete(key)
-        self.ledger.finish(row, state="deleted", op=None, remote_sha256=None, attempts=0, last_error=None,
-                           error_kind=None)
+        self.ledger.finish(row, state="deleted", op=None, remote_sha256=None, remote_etag=None, attempts=0,
+                           last_error=None, error_kind=None)
         self.stats.add(deleted=1)
         self.stats.succeeded()
         log.debug("%s %s/%s", "deleted remotely" if op == "delete" else "moved to trash", row["watch"],
                   row["path"])
+
+    # --- remote tombstone (on_delete = keep) ------------------------------------------------
+    def _tomb(self, row: Row, watch: WatchConfig) -> None:
+        tombstones.write(self.remote, join_key(self.cfg.remote.prefix, watch.prefix), row["path"])
+        self.ledger.finish(row, state="deleted", op=None, attempts=0, last_error=None, error_kind=None)
+        self.stats.succeeded()
+
+    # --- local deletion of a file deleted remotely (shared watches) -------------------------
+    def _unlink(self, row: Row, watch: WatchConfig) -> None:
+        if self.delete_gate is not None and not self.delete_gate():
+            # paused by max_deletes: the row stays queued until `syncd retry --deletes`
+            self.ledger.finish(row, due_at=time.time() + 1)
+            return
+        path = watch.path.joinpath(*row["path"].split("/"))
+        try:
+            st = os.stat(path) if watch.follow_symlinks else os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and (st.st_size, st.st_mtime_ns) != (row["size"], row["mtime_ns"]):
+            # changed here since its last sync: the local change wins and is uploaded again
+            self.ledger.finish(row, state="pending", op="put", probe=0, remote_sha256=None, remote_etag=None,
+                               size=st.st_size, mtime_ns=st.st_mtime_ns, due_at=time.time())
+            return
+        if st is not None:
+            os.unlink(path)  # first: a crash before the ledger write repeats this step, finding nothing
+            fsutil.fsync_dir(path.parent)
+        if self.ledger.finish(row, state="deleted", op=None, remote_sha256=None, remote_etag=None, attempts=0,
+                              last_error=None, error_kind=None) and st is not None:
+            with self.stats.lock:
+                self.stats.remote_changes["deleted"] += 1

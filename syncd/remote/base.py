@@ -50,7 +50,7 @@ class ObjectInfo:
     size: int
     sha256: str | None = None  # syncd-sha256 metadata (lowercase hex), when known
     mtime_ns: int | None = None  # syncd-mtime-ns metadata, else the store's modification time
-    etag: str = ""
+    etag: str = ""  # the store's version tag (S3: the ETag; file://: size and mtime), for listings
 
 
 @dataclass(frozen=True)
@@ -83,24 +83,29 @@ class Remote(Protocol):
         bucket, permission)."""
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """All objects whose key starts with `prefix` (recursive, flat). Metadata may be absent."""
+        """All objects whose key starts with `prefix` (recursive, flat), in UTF-8 binary key order
+        (as S3 lists), with `etag` and `mtime_ns` (the store's modification time). Metadata may be
+        absent."""
 
     def head(self, key: str) -> ObjectInfo | None:
         """Object info with metadata, or None when the key does not exist."""
 
     def put(self, key: str, path: Path, *, size: int, sha256: str, mtime_ns: int,
-            data: bytes | None = None) -> None:
+            data: bytes | None = None) -> str | None:
         """Upload the file at `path` as `key`, with its checksum verified by the server.
 
-        `data`: the file's bytes when the caller already read them (small files): sent as is."""
+        `data`: the file's bytes when the caller already read them (small files): sent as is.
+        Returns the new object's etag as a listing will show it (None when unknown)."""
 
     def get(self, key: str, dest: BinaryIO, *, version_id: str | None = None) -> Fetched:
         """Write the object's bytes into `dest` (that version's, with `version_id`: S3 only;
         other remotes refuse it with RemoteError(INVALID)). RemoteError(NOT_FOUND) when missing."""
 
-    def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int, expect_sha256: str | None = None) -> None:
+    def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int,
+             expect_sha256: str | None = None) -> str | None:
         """Server-side copy; RemoteError(NOT_FOUND) when `src` is gone, or, with `expect_sha256`,
-        when `src` no longer holds that content (then `dst` may hold anything: upload it)."""
+        when `src` no longer holds that content (then `dst` may hold anything: upload it).
+        Returns the copy's etag (None when unknown)."""
 
     def delete(self, key: str) -> None:
         """Remove `key`; a missing key is not an error."""

@@ -35,6 +35,11 @@ NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, tmpfs)
 STALE_TEMP = 60.0  # seconds untouched before a temp of a killed upload is removed
 
 
+def _etag(st: os.stat_result) -> str:
+    """The file remote's version tag: an object rewritten or touched gets another one."""
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
 class LocalRemote:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -153,21 +158,41 @@ class LocalRemote:
             start = start / seg
         if not start.is_dir():
             return
-        for dirpath, dirnames, filenames in os.walk(start):
-            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
-            if rel_dir == ".":
-                rel_dir = ""
-                dirnames[:] = [d for d in dirnames if d != META_DIR]
-            dirnames.sort()
-            for name in sorted(filenames):
-                key = f"{rel_dir}/{name}" if rel_dir else name
+
+        def rec(abs_dir: str, rel_dir: str) -> Iterator[ObjectInfo]:
+            try:
+                with os.scandir(abs_dir) as it:
+                    entries = list(it)
+            except FileNotFoundError:
+                return
+            items = []
+            for de in entries:
+                if not rel_dir and de.name == META_DIR:
+                    continue
+                try:
+                    is_dir = de.is_dir()
+                    if is_dir and de.is_symlink():
+                        continue  # not followed (as os.walk), and not a file either
+                except OSError:
+                    continue
+                # a directory's keys all start with "name/": sorting it as that gives S3's order
+                items.append((de.name + "/" if is_dir else de.name, de, is_dir))
+            items.sort(key=lambda t: t[0])
+            for _sort, de, is_dir in items:
+                key = f"{rel_dir}/{de.name}" if rel_dir else de.name
+                if is_dir:
+                    yield from rec(de.path, key)
+                    continue
                 if not key.startswith(prefix):
                     continue
                 try:
-                    st = os.lstat(os.path.join(dirpath, name))
+                    st = de.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                yield ObjectInfo(key=key, size=st.st_size, mtime_ns=st.st_mtime_ns)
+                yield ObjectInfo(key=key, size=st.st_size, mtime_ns=st.st_mtime_ns, etag=_etag(st))
+
+        rel = start.relative_to(self.root).as_posix()
+        yield from rec(str(start), "" if rel == "." else rel)
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
@@ -176,10 +201,10 @@ class LocalRemote:
             return None
         meta = self._read_meta(key, st)
         return ObjectInfo(key=key, size=st.st_size, sha256=meta.get("sha256"),
-                          mtime_ns=meta.get("mtime_ns", st.st_mtime_ns))
+                          mtime_ns=meta.get("mtime_ns", st.st_mtime_ns), etag=_etag(st))
 
     def put(self, key: str, path: Path, *, size: int, sha256: str, mtime_ns: int,
-            data: bytes | None = None) -> None:
+            data: bytes | None = None) -> str:
         target = self._path(key)
         digest = hashlib.sha256()
 
@@ -201,7 +226,9 @@ class LocalRemote:
             self._atomic_write(target, fill, mtime_ns)
         except FileNotFoundError as e:
             raise RemoteError(LOCAL, f"{path} vanished", code="NoSuchFile") from e
-        self._write_meta(key, sha256, mtime_ns, os.stat(target).st_size)
+        st = os.stat(target)
+        self._write_meta(key, sha256, mtime_ns, st.st_size)
+        return _etag(st)
 
     def get(self, key: str, dest: BinaryIO, *, version_id: str | None = None) -> Fetched:
         if version_id is not None:
@@ -218,17 +245,18 @@ class LocalRemote:
                 dest.write(chunk)
         meta = self._read_meta(key, st)
         info = ObjectInfo(key=key, size=st.st_size, sha256=meta.get("sha256"),
-                          mtime_ns=meta.get("mtime_ns", st.st_mtime_ns))
+                          mtime_ns=meta.get("mtime_ns", st.st_mtime_ns), etag=_etag(st))
         return Fetched(info=info, server_verified=False)
 
-    def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int, expect_sha256: str | None = None) -> None:
+    def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int,
+             expect_sha256: str | None = None) -> str | None:
         sp = self._path(src)
         if not sp.is_file():
             raise RemoteError(NOT_FOUND, f"no object {src}", code="NoSuchKey")
         # the metadata is always the hash of what is copied (checked while copying, by `put`)
         want = expect_sha256 or hashlib.sha256(sp.read_bytes()).hexdigest()
         try:
-            self.put(dst, sp, size=sp.stat().st_size, sha256=want, mtime_ns=mtime_ns)
+            return self.put(dst, sp, size=sp.stat().st_size, sha256=want, mtime_ns=mtime_ns)
         except RemoteError as e:
             if e.kind == INTEGRITY:
                 raise RemoteError(NOT_FOUND, f"{src} changed before it could be copied",

@@ -258,7 +258,7 @@ class S3Remote:
         return self._info(key, resp)
 
     def put(self, key: str, path: Path, *, size: int, sha256: str, mtime_ns: int,
-            data: bytes | None = None) -> None:
+            data: bytes | None = None) -> str | None:
         extra = self._extra(key, sha256, mtime_ns)
         try:
             if data is None and size > self.threshold:  # *larger* than the threshold, as rclone's upload_cutoff
@@ -266,7 +266,9 @@ class S3Remote:
                     # per-part SHA-256, verified by the server part by part (a composite checksum)
                     extra["ChecksumAlgorithm"] = "SHA256"
                 self._tm.upload(str(path), self.bucket, key, extra_args=extra).result()
-                return
+                # s3transfer does not hand back CompleteMultipartUpload's ETag: ask (large files only)
+                info = self.head(key)
+                return info.etag if info is not None else None
             if self.cfg.checksum == "sha256":
                 extra["ChecksumAlgorithm"] = "SHA256"
                 extra["ChecksumSHA256"] = _b64(sha256)
@@ -274,10 +276,12 @@ class S3Remote:
                 md5 = hashlib.md5(data, usedforsecurity=False).digest() if data is not None else _md5_file(path)
                 extra["ContentMD5"] = base64.b64encode(md5).decode()
             if data is not None:  # already read (a small file): sent from memory
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
-                return
-            with open(path, "rb") as body:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=size, **extra)
+                resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
+            else:
+                with open(path, "rb") as body:
+                    resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=size,
+                                                  **extra)
+            return str(resp.get("ETag", "")).strip('"') or None
         except Exception as e:
             raise map_error(e, "s3:PutObject", key) from e
 
@@ -371,7 +375,8 @@ class S3Remote:
         except Exception as e:
             raise map_error(e, "s3:ListBucketVersions", prefix) from e
 
-    def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int, expect_sha256: str | None = None) -> None:
+    def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int,
+             expect_sha256: str | None = None) -> str | None:
         extra = self._extra(dst, sha256, mtime_ns)
         if self.cfg.checksum == "sha256":
             extra["ChecksumAlgorithm"] = "SHA256"
@@ -397,6 +402,7 @@ class S3Remote:
         copied = str(resp.get("CopyObjectResult", {}).get("ETag", "")).strip('"')
         if etag and copied and copied != etag and self.cfg.sse != "aws:kms":  # KMS ETags are not MD5s
             raise _source_changed(src)  # the caller uploads, which overwrites `dst`
+        return copied or None
 
     def delete(self, key: str) -> None:
         try:
