@@ -123,7 +123,8 @@ def test_page_shows_what_status_says_per_watch(endpoint):
         assert f'<td>{state}</td><td class="n" data-state="{state}">{n}</td>' in page
     assert '<b class="failures-total">1</b>' in page and "<td class=\"err\">AccessDenied: s3:PutObject</td>" in page
     assert "Last success: <span class=\"last-success\">never</span>" in page
-    assert "Last remote listing" not in page  # not in the status data: not shown
+    # shown exactly when the status data has it (the listing reconcile reports it, SPEC §3)
+    assert ("Last remote listing" in page) == ("last_listing" in status["watches"][0])
 
 
 def test_last_listing_is_rendered_when_the_status_data_has_it():
