@@ -63,6 +63,7 @@ from syncd.keys import UnsafeKey, is_reserved, join_key, rel_from_key
 from syncd.ledger import Ledger, Row
 from syncd.patterns import Filter, matches_any
 from syncd.remote.base import INVALID, ObjectInfo, Remote, RemoteError
+from syncd.retry import ONESHOT_ATTEMPTS, backoff, is_transient
 
 log = logging.getLogger(__name__)
 BATCH = 500
@@ -97,7 +98,8 @@ class Result:
 
 def remote_files(remote: Remote, base: str, watch: WatchConfig, globs: Iterable[str],
                  refused: list[tuple[str, str]], counted: list[int] | None = None, *, filtered: bool = True,
-                 report: Callable[[str, str], None] | None = None) -> Iterator[tuple[str, ObjectInfo]]:
+                 report: Callable[[str, str], None] | None = None,
+                 objects: Iterable[ObjectInfo] | None = None) -> Iterator[tuple[str, ObjectInfo]]:
     """(ledger path, object) for every object of a watch that a restore may write, in order.
 
     Keys that would escape the root are refused (logged, appended to `refused`); syncd's own
@@ -105,12 +107,13 @@ def remote_files(remote: Remote, base: str, watch: WatchConfig, globs: Iterable[
     are skipped. `counted[0]` counts the objects that are files of the watch (reserved keys and
     folder markers excluded), for the empty-listing guard. `filtered=False` leaves the include /
     exclude patterns to the caller (a listing checks them only for objects without a row).
-    `report(key, why)` logs a refused key (default: an error line each time).
+    `report(key, why)` logs a refused key (default: an error line each time). `objects`: the
+    listing of `base + "/"` when the caller makes it (e.g. `resumable`).
     """
     filt = Filter(watch.include, watch.exclude)
     globs = tuple(globs)
     last = ""
-    for obj in remote.list(base + "/" if base else ""):
+    for obj in remote.list(base + "/" if base else "") if objects is None else objects:
         if obj.key <= last:
             # a merge join over an unsorted stream would take present objects for missing ones
             raise RemoteError(INVALID, f"the remote listed {obj.key!r} after {last!r}: not in key order",
@@ -139,6 +142,33 @@ def remote_files(remote: Remote, base: str, watch: WatchConfig, globs: Iterable[
 
 _COLS = ("id", "path", "state", "op", "size", "mtime_ns", "remote_sha256", "remote_etag", "probe", "tomb",
          "overwrite", "lease_until", "updated_at", "gen")
+
+
+def resumable(remote: Remote, prefix: str, *, forever: bool, stop: threading.Event,
+              on_retry: Callable[[BaseException], None] | None = None) -> Iterator[ObjectInfo]:
+    """`remote.list(prefix)`, where a transient failure (a 503, a reset mid-page) retries that
+    page (`start_after` the last key seen) under the retry policy, instead of starting the whole
+    listing over: a million-object listing is not lost to one bad page, and a listing made of
+    several streams (objects, tombstones) gets through whenever each request does. One-shot:
+    `ONESHOT_ATTEMPTS` failures in a row give up (the error is raised); `forever`: until stopped.
+    `on_retry(exc)` hears of every failure that is retried (none is silent)."""
+    last = ""
+    failures = 0
+    while True:
+        try:
+            for obj in remote.list(prefix, start_after=last) if last else remote.list(prefix):
+                failures = 0
+                last = obj.key
+                yield obj
+            return
+        except RemoteError as e:
+            failures += 1
+            if not is_transient(e) or stop.is_set() or (not forever and failures >= ONESHOT_ATTEMPTS):
+                raise
+            log.debug("listing %s failed (%s); retrying after %s", prefix, e, last or "the start")
+            if on_retry is not None:
+                on_retry(e)
+            stop.wait(backoff(failures))
 
 
 def _rows(ledger: Ledger, watch: str, page: int = 2000) -> Iterator[Row]:
@@ -396,8 +426,11 @@ class Listing:
                  on_too_many_deletes: Callable[[str], None] | None = None,
                  stop: threading.Event | None = None,
                  report_refused: Callable[[str, str], None] | None = None,
-                 on_plan: Callable[[str, str, str], None] | None = None) -> None:
+                 on_plan: Callable[[str, str, str], None] | None = None, forever: bool = False,
+                 on_retry: Callable[[BaseException], None] | None = None) -> None:
+        self.on_retry = on_retry
         self.on_plan = on_plan
+        self.forever = forever  # the daemon: a failing page is retried until it works or a stop
         self.cfg = cfg
         self.report_refused = report_refused
         self.stop = stop or threading.Event()
@@ -416,9 +449,14 @@ class Listing:
             cancel_held(self.ledger, w.prefix)
         filt = Filter(w.include, w.exclude)
         counted = [0]
-        objects = remote_files(self.remote, self.key_base, w, opts.globs, res.refused, counted, filtered=False,
-                               report=self.report_refused)
-        tombs = tombstones.listing(self.remote, self.key_base)
+        base = self.key_base
+        objects = remote_files(self.remote, base, w, opts.globs, res.refused, counted, filtered=False,
+                               report=self.report_refused,
+                               objects=resumable(self.remote, base + "/" if base else "", forever=self.forever,
+                                                 stop=self.stop, on_retry=self.on_retry))
+        tombs = tombstones.listing(self.remote, base, resumable(self.remote, tombstones.tomb_base(base) + "/",
+                                                                forever=self.forever, stop=self.stop,
+                                                                on_retry=self.on_retry))
         rows = _rows(self.ledger, w.prefix)
         work = Work(self.ledger, w, self.key_base, now=since, dry_run=opts.dry_run, on_plan=self.on_plan)
         o, t, r = next(objects, None), next(tombs, None), next(rows, None)

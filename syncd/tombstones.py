@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from syncd.keys import UnsafeKey, join_key, rel_from_key
@@ -51,12 +51,14 @@ def lift(remote: Remote, key_base: str, rel: str) -> None:
     remote.delete(tomb_key(key_base, rel))
 
 
-def listing(remote: Remote, key_base: str) -> Iterator[tuple[str, ObjectInfo]]:
+def listing(remote: Remote, key_base: str, objects: Iterable[ObjectInfo] | None = None
+            ) -> Iterator[tuple[str, ObjectInfo]]:
     """(relative path, tombstone) for every tombstone of a watch, in path order (the listing's
     order, since every key shares the tombstone prefix). Keys that are not safe paths are
-    skipped: they can hide nothing."""
+    skipped: they can hide nothing. `objects`: the listing of `tomb_base(key_base) + "/"` when
+    the caller makes it (e.g. resumable)."""
     base = tomb_base(key_base)
-    for obj in remote.list(base + "/"):
+    for obj in remote.list(base + "/") if objects is None else objects:
         try:
             yield rel_from_key(obj.key, base), obj
         except UnsafeKey:

@@ -82,10 +82,10 @@ class Remote(Protocol):
         """Raise RemoteError unless keys under `prefix` can be listed (unreachable, credentials,
         bucket, permission)."""
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def list(self, prefix: str, *, start_after: str = "") -> Iterator[ObjectInfo]:
         """All objects whose key starts with `prefix` (recursive, flat), in UTF-8 binary key order
         (as S3 lists), with `etag` and `mtime_ns` (the store's modification time). Metadata may be
-        absent."""
+        absent. `start_after`: only keys after it (a listing resumed after a failed page)."""
 
     def head(self, key: str) -> ObjectInfo | None:
         """Object info with metadata, or None when the key does not exist."""

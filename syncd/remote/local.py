@@ -152,7 +152,7 @@ class LocalRemote:
             self._owner = (st.st_uid, st.st_gid)
         self._clean_stale_temps()
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def list(self, prefix: str, *, start_after: str = "") -> Iterator[ObjectInfo]:
         start = self.root
         for seg in [p for p in prefix.rstrip("/").split("/") if p]:
             start = start / seg
@@ -183,7 +183,7 @@ class LocalRemote:
                 if is_dir:
                     yield from rec(de.path, key)
                     continue
-                if not key.startswith(prefix):
+                if not key.startswith(prefix) or (start_after and key <= start_after):
                     continue
                 try:
                     st = de.stat(follow_symlinks=False)

@@ -233,9 +233,10 @@ class S3Remote:
         except Exception as e:
             raise map_error(e, "s3:ListBucket", f"s3://{self.bucket}/{prefix}") from e
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def list(self, prefix: str, *, start_after: str = "") -> Iterator[ObjectInfo]:
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            more = {"StartAfter": start_after} if start_after else {}
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix, **more)
             for page in pages:
                 for o in page.get("Contents", ()):
                     lm = o.get("LastModified")
