@@ -227,7 +227,12 @@ class Engine:
         bad: list[int] = []
         lock = threading.Lock()
 
+        listed = self.listings.get(watch.prefix)
+        already = listed.dry_uploads if listed is not None else set()  # named by the listing already
+
         def check(row: Row) -> None:
+            if row["path"] in already:
+                return
             info = retry_call(lambda: self.remote.head(row["key"]), forever=not self.oneshot,
                               stop_event=self.stop)
             if info is None or info.sha256 != row["remote_sha256"]:

@@ -93,13 +93,15 @@ class Result:
     adopted: int = 0  # rows that learnt their object's etag (ledgers from before schema 3)
     tombstones_lifted: int = 0
     complete: bool = False  # False: stopped before the end (not a listing of the whole watch)
+    dry_uploads: set[str] = field(default_factory=set)  # a dry run's uploads (`--verify` skips them)
     refused: list[tuple[str, str]] = field(default_factory=list)
 
 
 def remote_files(remote: Remote, base: str, watch: WatchConfig, globs: Iterable[str],
                  refused: list[tuple[str, str]], counted: list[int] | None = None, *, filtered: bool = True,
                  report: Callable[[str, str], None] | None = None,
-                 objects: Iterable[ObjectInfo] | None = None) -> Iterator[tuple[str, ObjectInfo]]:
+                 objects: Iterable[ObjectInfo] | None = None, check_order: bool = False
+                 ) -> Iterator[tuple[str, ObjectInfo]]:
     """(ledger path, object) for every object of a watch that a restore may write, in order.
 
     Keys that would escape the root are refused (logged, appended to `refused`); syncd's own
@@ -108,13 +110,14 @@ def remote_files(remote: Remote, base: str, watch: WatchConfig, globs: Iterable[
     folder markers excluded), for the empty-listing guard. `filtered=False` leaves the include /
     exclude patterns to the caller (a listing checks them only for objects without a row).
     `report(key, why)` logs a refused key (default: an error line each time). `objects`: the
-    listing of `base + "/"` when the caller makes it (e.g. `resumable`).
+    listing of `base + "/"` when the caller makes it (e.g. `resumable`). `check_order`: raise
+    when a key does not sort after the one before (a merge join needs the order).
     """
     filt = Filter(watch.include, watch.exclude)
     globs = tuple(globs)
     last = ""
     for obj in remote.list(base + "/" if base else "") if objects is None else objects:
-        if obj.key <= last:
+        if check_order and obj.key <= last:
             # a merge join over an unsorted stream would take present objects for missing ones
             raise RemoteError(INVALID, f"the remote listed {obj.key!r} after {last!r}: not in key order",
                               code="ListingOrder", action="s3:ListBucket")
@@ -358,6 +361,8 @@ def _present(work: Work, watch: WatchConfig, rel: str, obj: ObjectInfo, tomb: Ob
         else:
             work.upload(row, probe=True, tomb=tomb is not None)  # the local copy is the truth here
             res.uploads += 1
+            if work.dry_run:
+                res.dry_uploads.add(row["path"])
         return
     if op == "put":
         facts: dict[str, Any] = {}
@@ -401,6 +406,8 @@ def _absent(work: Work, watch: WatchConfig, rel: str, tomb: ObjectInfo | None, r
     else:
         work.upload(row, probe=False, tomb=tomb is not None)  # backup: the object vanished
         res.uploads += 1
+        if work.dry_run:
+            res.dry_uploads.add(row["path"])
 
 
 def _restore_only(work: Work, watch: WatchConfig, rel: str, obj: ObjectInfo, tomb: ObjectInfo | None,
@@ -451,7 +458,7 @@ class Listing:
         counted = [0]
         base = self.key_base
         objects = remote_files(self.remote, base, w, opts.globs, res.refused, counted, filtered=False,
-                               report=self.report_refused,
+                               report=self.report_refused, check_order=True,
                                objects=resumable(self.remote, base + "/" if base else "", forever=self.forever,
                                                  stop=self.stop, on_retry=self.on_retry))
         tombs = tombstones.listing(self.remote, base, resumable(self.remote, tombstones.tomb_base(base) + "/",
