@@ -432,7 +432,8 @@ class Ledger:
                 return None
             requeued = w.execute("SELECT count(*) FROM files WHERE state='synced'").fetchone()[0]
             w.execute(
-                "UPDATE files SET remote_sha256=NULL, sha256=NULL, probe=CASE WHEN op='get' THEN 1 ELSE 0 END, "
+                "UPDATE files SET remote_sha256=NULL, remote_etag=NULL, tomb=0, sha256=NULL, "
+                "probe=CASE WHEN op='get' THEN 1 ELSE 0 END, "
                 "op=CASE WHEN state='synced' THEN 'put' ELSE op END, "
                 "attempts=CASE WHEN state='synced' THEN 0 ELSE attempts END, "
                 "due_at=CASE WHEN state='synced' THEN ? ELSE due_at END, "
