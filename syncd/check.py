@@ -94,4 +94,24 @@ def run_check(cfg: Config, remote: Remote) -> list[Probe]:
             _run(probes["delete"], lambda: remote.delete(key))
     else:
         probes["delete"].outcome = "not needed (no watch uses on_delete = mirror or trash)"
+    if cfg.remote.events_queue:
+        probes["events"] = probe_events_queue(cfg)
     return list(probes.values())
+
+
+def probe_events_queue(cfg: Config) -> Probe:
+    """Receive once from `events_queue`, hiding nothing (SPEC §3 `check`)."""
+    import threading
+
+    from syncd.events import EventConsumer, describe
+
+    probe = Probe("events", "sqs:ReceiveMessage")
+    try:
+        EventConsumer(cfg.remote.events_queue, lambda _c: None, threading.Event(), region=cfg.remote.region,
+                      profile=cfg.remote.profile).probe()
+        probe.outcome = "ok"
+    except Exception as e:  # noqa: BLE001 - every failure of the probe is its outcome
+        cause = describe(e)
+        code = cause.split(":", 1)[0]
+        probe.outcome = f"denied ({code})" if "AccessDenied" in code else f"failed ({cause})"
+    return probe

@@ -49,4 +49,10 @@ def policy(cfg: Config) -> dict[str, Any]:
         key = cfg.remote.sse_kms_key_id
         statements.append({"Sid": "SyncdKms", "Effect": "Allow", "Action": list(KMS_ACTIONS),
                            "Resource": key if key.startswith("arn:") else "*"})
+    if cfg.remote.events_queue:
+        from syncd.events import queue_arn
+
+        statements.append({"Sid": "SyncdEvents", "Effect": "Allow",
+                           "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage"],
+                           "Resource": queue_arn(cfg.remote.events_queue, cfg.remote.region)})
     return {"Version": "2012-10-17", "Statement": statements}

@@ -1,0 +1,226 @@
+"""S3 event notifications through SQS: remote changes within seconds (SPEC §2 `events_queue`).
+
+The bucket sends its `ObjectCreated:*` / `ObjectRemoved:*` notifications to an SQS queue,
+directly or through an SNS topic (one queue per host subscribed to the topic: the fan-out that
+lets several hosts share a prefix). This module only turns messages into `Change`s and hands
+each to a callback that records it durably in the ledger; the message is deleted only after
+that callback returned, so a crash at any moment loses nothing (the message comes back after
+the queue's visibility timeout). The periodic listing stays the safety net: a lost, late or
+misconfigured queue only slows convergence down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_plus, urlsplit
+
+from syncd.logs import CauseLog
+from syncd.retry import backoff
+
+log = logging.getLogger(__name__)
+WAIT_SECONDS = 10  # SQS long poll: an answer as soon as a message arrives, one request per 10 s idle
+BATCH = 10  # the most SQS returns per receive
+
+
+@dataclass(frozen=True)
+class Change:
+    """One object event: `created` is False for a removal (delete or delete marker)."""
+
+    bucket: str
+    key: str
+    created: bool
+    size: int = 0
+    etag: str = ""
+    sequencer: str = ""
+
+
+class BadMessage(ValueError):
+    """A message that is not an S3 event notification (deleted, never retried)."""
+
+
+def parse_body(body: str) -> list[Change]:
+    """The changes of one SQS message body: an S3 notification, raw or wrapped by SNS (unless
+    the subscription delivers raw messages). `s3:TestEvent` (sent when notifications are set
+    up) and events other than creations and removals give no change."""
+    try:
+        doc = json.loads(body)
+        if isinstance(doc, dict) and "Records" not in doc and isinstance(doc.get("Message"), str):
+            doc = json.loads(doc["Message"])  # SNS envelope ("Type": "Notification")
+    except (TypeError, ValueError) as e:
+        raise BadMessage(f"not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise BadMessage("not a JSON object")
+    if doc.get("Event") == "s3:TestEvent":
+        return []
+    records = doc.get("Records")
+    if not isinstance(records, list):
+        raise BadMessage("no Records")
+    out = []
+    for r in records:
+        try:
+            name = str(r.get("eventName", ""))
+            s3 = r["s3"]
+            obj = s3["object"]
+            # keys in notifications are URL-encoded, spaces as '+'
+            key = unquote_plus(str(obj["key"]))
+            bucket = str(s3["bucket"]["name"])
+        except (AttributeError, KeyError, TypeError) as e:
+            raise BadMessage(f"malformed record: {e!r}") from None
+        if name.startswith("ObjectCreated"):
+            created = True
+        elif name.startswith(("ObjectRemoved", "LifecycleExpiration")):
+            created = False
+        else:
+            continue
+        out.append(Change(bucket=bucket, key=key, created=created, size=int(obj.get("size") or 0),
+                          etag=str(obj.get("eTag") or "").strip('"'), sequencer=str(obj.get("sequencer") or "")))
+    return out
+
+
+def queue_client(queue_url: str, region: str = "", profile: str = "") -> Any:
+    """A botocore SQS client for `queue_url`: its endpoint is the URL's own scheme and host (AWS's
+    `sqs.REGION.amazonaws.com`, or a local or compatible service), its region the URL's or the
+    config's."""
+    import botocore.session
+    from botocore.config import Config as BotoConfig
+
+    parts = urlsplit(queue_url)
+    host = parts.hostname or ""
+    if not region and host.startswith("sqs.") and host.endswith(".amazonaws.com"):
+        region = host.split(".")[1]
+    session = botocore.session.get_session()
+    if profile:
+        session.set_config_variable("profile", profile)
+    return session.create_client(
+        "sqs", endpoint_url=f"{parts.scheme}://{parts.netloc}", region_name=region or "us-east-1",
+        config=BotoConfig(connect_timeout=10, read_timeout=WAIT_SECONDS + 10,
+                          retries={"mode": "standard", "total_max_attempts": 1}))
+
+
+def queue_arn(queue_url: str, region: str = "") -> str:
+    """`arn:aws:sqs:REGION:ACCOUNT:NAME` of an AWS queue URL (for the IAM policy)."""
+    parts = urlsplit(queue_url)
+    host = parts.hostname or ""
+    if host.startswith("sqs.") and host.endswith(".amazonaws.com"):
+        region = host.split(".")[1]
+    path = [p for p in parts.path.split("/") if p]
+    account, name = (path[0], path[1]) if len(path) >= 2 else ("*", path[-1] if path else "*")
+    return f"arn:aws:sqs:{region or '*'}:{account}:{name}"
+
+
+def describe(e: BaseException) -> str:
+    """A short cause for a failed queue call (the error code when the service gave one)."""
+    resp = getattr(e, "response", None)
+    if isinstance(resp, dict):
+        err = resp.get("Error", {})
+        code = err.get("Code") or ""
+        return f"{code}: {err.get('Message') or code}" if code else str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+class EventConsumer:
+    """Long-polls the queue in its own thread until `stop` is set.
+
+    `apply(change)` records one change durably (the ledger) or raises; a message is deleted only
+    when every change in it was applied. `state` tells the daemon how the queue is doing, for
+    /healthz, `status` and the logs."""
+
+    def __init__(self, queue_url: str, apply: Callable[[Change], None], stop: threading.Event, *,
+                 region: str = "", profile: str = "", client: Any = None) -> None:
+        self.queue_url = queue_url
+        self.apply = apply
+        self.stop = stop
+        self.client = client if client is not None else queue_client(queue_url, region, profile)
+        self.causes = CauseLog(log)
+        self.error: str | None = None  # the current failure, None while the queue works
+        self.error_since: float | None = None
+        self.received = 0
+        self.applied = 0
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        # a daemon thread: a long poll in progress must not hold up a stop; an unfinished
+        # message simply comes back after its visibility timeout
+        self._thread = threading.Thread(target=self.run, name="syncd-events", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run(self) -> None:
+        attempt = 0
+        while not self.stop.is_set():
+            try:
+                self.poll_once()
+            except Exception as e:  # noqa: BLE001 - the consumer must outlive any queue failure
+                attempt += 1
+                self._failed(describe(e))
+                self.stop.wait(backoff(attempt))
+                continue
+            if attempt:
+                log.info("events queue %s works again", self.queue_url)
+                self.causes.clear()
+            attempt = 0
+            self.error = self.error_since = None
+
+    def _failed(self, cause: str) -> None:
+        if self.error_since is None:
+            self.error_since = time.time()
+        self.error = cause
+        self.causes.report(f"events queue failing: {cause}; the periodic listing still converges",
+                           self.queue_url, logging.ERROR)
+
+    def poll_once(self, wait: int = WAIT_SECONDS) -> int:
+        """One receive; returns how many messages were handled (and deleted)."""
+        resp = self.client.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=BATCH,
+                                           WaitTimeSeconds=wait)
+        messages = resp.get("Messages") or []
+        self.received += len(messages)
+        done = []
+        for m in messages:
+            if self.stop.is_set():
+                break  # not deleted: comes back after the visibility timeout
+            try:
+                self._handle(m)
+            except Exception as e:  # noqa: BLE001 - not deleted: it comes back and is tried again
+                self.causes.report(f"could not apply an event: {type(e).__name__}: {e}",
+                                   m.get("MessageId", "?"), logging.ERROR)
+                continue
+            done.append(m)
+        self._delete(done)
+        return len(done)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        try:
+            changes = parse_body(message.get("Body", ""))
+        except BadMessage as e:
+            # nothing can make it readable later: dropped, once said
+            self.causes.report(f"ignoring a message that is not an S3 event notification ({e})",
+                               message.get("MessageId", "?"))
+            return
+        for change in changes:
+            self.apply(change)  # raises: the message stays and comes back
+            self.applied += 1
+
+    def _delete(self, messages: Iterable[dict[str, Any]]) -> None:
+        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
+        if entries:
+            resp = self.client.delete_message_batch(QueueUrl=self.queue_url, Entries=entries)
+            for f in resp.get("Failed") or []:
+                # harmless: the message comes back and its change is applied again (idempotent)
+                log.debug("events: could not delete a message (%s); it will be seen again", f.get("Code"))
+
+    def probe(self) -> None:
+        """For `syncd check`: one receive that hides nothing (visibility 0); raises on failure."""
+        self.client.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=1, WaitTimeSeconds=0,
+                                    VisibilityTimeout=0)
