@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from syncd.config import Config
 from syncd.engine import LOCAL_DELETE_OPS, RESTORE_OPS, UPLOAD_OPS, Engine
@@ -35,6 +35,9 @@ from syncd.retry import backoff
 from syncd.scanner import Scanner
 from syncd.service.systemd import Notifier
 from syncd.watcher import Watcher
+
+if TYPE_CHECKING:
+    from syncd.events import EventConsumer
 
 log = logging.getLogger(__name__)
 STOP_TIMEOUT = 10.0
@@ -73,6 +76,7 @@ class Daemon:
         self._next_rescan: float | None = None
         self._next_status = 0.0
         self.lister: threading.Thread | None = None
+        self.events: EventConsumer | None = None  # events_queue: S3 notifications through SQS
         self._listed_before_ready: set[str] = set()
 
     # --- requests from other threads -------------------------------------------------------
@@ -116,6 +120,9 @@ class Daemon:
             return True, f"ok ({failed} of {self._restore['total']} startup restores failed; see `syncd status`)"
         if lazy is not None and (n := lazy.remaining()):
             return True, f"ok (restoring {n})"
+        if self.events is not None and self.events.error:
+            # 200: the periodic listing still converges; a restart would not mend a queue
+            return True, f"ok (events queue failing: {self.events.error})"
         return True, "ok"
 
     def _starting(self) -> str:
@@ -220,6 +227,10 @@ class Daemon:
             self.lister = threading.Thread(target=self._list_remote, args=(engine,), name="syncd-listing",
                                            daemon=True)
             self.lister.start()
+            if cfg.remote.events_queue:  # remote changes within seconds (SPEC §2; syncd.events)
+                from syncd import events
+
+                self.events = events.start(cfg, ledger, engine, self.stop)
             self._supervise()
             return 0
         finally:
@@ -560,6 +571,8 @@ class Daemon:
             log.warning("transfers still running at stop; aborting them (they are retried at next start)")
         if self.lister is not None:
             self.lister.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self.events is not None:  # a message it had not applied comes back to the next start
+            self.events.join(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
         if self.watcher is not None:
             self.watcher.stop()
         for h in self.hooks:

@@ -17,11 +17,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus, urlsplit
 
+from syncd import refusals
+from syncd.keys import UnsafeKey
 from syncd.logs import CauseLog
+from syncd.remote.base import ObjectInfo
 from syncd.retry import backoff
+
+if TYPE_CHECKING:
+    from syncd.config import Config
+    from syncd.engine import Engine
+    from syncd.ledger import Ledger
 
 log = logging.getLogger(__name__)
 WAIT_SECONDS = 10  # SQS long poll: an answer as soon as a message arrives, one request per 10 s idle
@@ -38,6 +47,7 @@ class Change:
     size: int = 0
     etag: str = ""
     sequencer: str = ""
+    at: float = 0.0  # the event's time (Unix seconds), 0 when the notification has none
 
 
 class BadMessage(ValueError):
@@ -79,8 +89,16 @@ def parse_body(body: str) -> list[Change]:
         else:
             continue
         out.append(Change(bucket=bucket, key=key, created=created, size=int(obj.get("size") or 0),
-                          etag=str(obj.get("eTag") or "").strip('"'), sequencer=str(obj.get("sequencer") or "")))
+                          etag=str(obj.get("eTag") or "").strip('"'), sequencer=str(obj.get("sequencer") or ""),
+                          at=_event_time(r.get("eventTime"))))
     return out
+
+
+def _event_time(value: Any) -> float:
+    try:
+        return datetime.fromisoformat(str(value)).timestamp() if value else 0.0
+    except ValueError:
+        return 0.0
 
 
 def queue_client(queue_url: str, region: str = "", profile: str = "") -> Any:
@@ -132,10 +150,12 @@ class EventConsumer:
     /healthz, `status` and the logs."""
 
     def __init__(self, queue_url: str, apply: Callable[[Change], None], stop: threading.Event, *,
-                 region: str = "", profile: str = "", client: Any = None) -> None:
+                 region: str = "", profile: str = "", client: Any = None,
+                 on_exit: Callable[[], None] | None = None) -> None:
         self.queue_url = queue_url
         self.apply = apply
         self.stop = stop
+        self.on_exit = on_exit  # run by the consumer's thread when it ends (its ledger connection)
         self.client = client if client is not None else queue_client(queue_url, region, profile)
         self.causes = CauseLog(log)
         self.error: str | None = None  # the current failure, None while the queue works
@@ -158,6 +178,13 @@ class EventConsumer:
         return self._thread is not None and self._thread.is_alive()
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            if self.on_exit is not None:
+                self.on_exit()
+
+    def _run(self) -> None:
         attempt = 0
         while not self.stop.is_set():
             try:
@@ -224,3 +251,35 @@ class EventConsumer:
         """For `syncd check`: one receive that hides nothing (visibility 0); raises on failure."""
         self.client.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=1, WaitTimeSeconds=0,
                                     VisibilityTimeout=0)
+
+
+def start(cfg: Config, ledger: Ledger, engine: Engine, stop: threading.Event) -> EventConsumer:
+    """The daemon's consumer of `events_queue`: each change goes through the listing's rules for
+    one key (`reconcile.apply_remote_change`, durable in the ledger when it returns), then the
+    workers are woken. Own uploads show the etag the ledger already has and cost nothing."""
+    from syncd.reconcile import apply_remote_change, watch_for_key
+
+    def apply(change: Change) -> None:
+        if change.bucket != cfg.remote.bucket:
+            return
+        try:
+            found = watch_for_key(cfg, change.key)
+        except UnsafeKey as e:
+            refusals.count(refusals.UNSAFE_KEY)
+            engine.causes.report(f"refusing remote key from an event: {e}", change.key, logging.ERROR)
+            return
+        if found is None:
+            return  # another prefix of the bucket
+        watch, rel = found
+        info = (ObjectInfo(key=change.key, size=change.size, etag=change.etag) if change.created else None)
+        kind = apply_remote_change(ledger, cfg, watch, rel, info, seen_at=change.at or time.time(),
+                                   remote=engine.remote)
+        if kind is not None:
+            log.debug("event %s %s: %s", "created" if change.created else "removed", change.key, kind)
+            engine.wake.set()
+
+    consumer = EventConsumer(cfg.remote.events_queue, apply, stop, region=cfg.remote.region,
+                             profile=cfg.remote.profile, on_exit=ledger.close_thread)
+    consumer.start()
+    log.info("events queue %s: remote changes arrive as they happen", cfg.remote.events_queue)
+    return consumer

@@ -1,0 +1,122 @@
+"""Shared watches with `events_queue` (issue 12, SPEC §2, §4.12): the bucket's notifications
+reach every host through SNS -> one SQS queue per host, against moto's server (which serves S3,
+SNS and SQS and sends S3's notifications). The listing runs only at start
+(`remote_rescan_interval = 0`), so what reaches the other host after READY came by the queue."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.conftest import free_port, wait_for, write_config
+from tests.daemon_util import DaemonProc, write_file
+
+
+def fanout(endpoint: str, hosts: int = 2) -> tuple[str, list[str], Any]:
+    """A bucket whose notifications go to an SNS topic, one queue per host subscribed to it."""
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1")
+    sns = boto3.client("sns", endpoint_url=endpoint, region_name="us-east-1")
+    name = f"ev-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=name)
+    topic = sns.create_topic(Name=name)["TopicArn"]
+    queues = []
+    for i in range(hosts):
+        url = sqs.create_queue(QueueName=f"{name}-{i}", Attributes={"VisibilityTimeout": "5"})["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=arn)
+        queues.append(url)
+    s3.put_bucket_notification_configuration(Bucket=name, NotificationConfiguration={"TopicConfigurations": [
+        {"TopicArn": topic, "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]}]})
+    return name, queues, sqs
+
+
+class Host:
+    def __init__(self, tmp: Path, name: str, endpoint: str, bucket: str, queue: str, rescan: float = 0) -> None:
+        self.tmp = tmp / name
+        self.root = self.tmp / "uploads"
+        self.root.mkdir(parents=True)
+        self.ledger = self.tmp / "ledger.db"
+        self.port = free_port()
+        self.config = write_config(
+            self.tmp / "syncd.toml",
+            remote={"url": f"s3://{bucket}/backups", "endpoint_url": endpoint, "region": "us-east-1",
+                    "events_queue": queue},
+            watches=[{"path": str(self.root), "prefix": "uploads", "mode": "shared", "on_delete": "mirror"}],
+            syncd={"ledger": str(self.ledger), "settle_seconds": 0.3, "workers": 4, "rescan_interval": 0,
+                   "health_listen": f"127.0.0.1:{self.port}", "remote_rescan_interval": rescan})
+        self.proc = DaemonProc(self.config, self.ledger, self.tmp / "daemon.log")
+
+    def files(self) -> dict[str, bytes]:
+        return {p.relative_to(self.root).as_posix(): p.read_bytes() for p in self.root.rglob("*")
+                if p.is_file() and not p.name.startswith(".syncd-")}
+
+    def healthz(self) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+
+@pytest.fixture
+def two_hosts(tmp_path: Path, moto_server: str):
+    bucket, queues, sqs = fanout(moto_server)
+    hosts = [Host(tmp_path, n, moto_server, bucket, q) for n, q in zip("ab", queues, strict=True)]
+    for h in hosts:
+        h.proc.start()
+    try:
+        for h in hosts:
+            h.proc.wait_ready()
+        yield hosts, sqs, queues
+    finally:
+        for h in hosts:
+            if h.proc.alive():
+                h.proc.stop()
+
+
+def test_a_file_written_on_one_host_reaches_the_other_through_the_queue(two_hosts) -> None:
+    (a, b), sqs, queues = two_hosts
+    files = {f"dir{i % 3}/photo {i}.jpg": f"photo {i} from a".encode() * (i + 1) for i in range(12)}
+    for rel, data in files.items():
+        write_file(a.root / rel, data)
+    wait_for(lambda: b.files() == files, 60, 0.1, "a's files on b (through the events queue)")
+    # a change on b travels back; a deletion on a (mirror) deletes b's unchanged copy
+    write_file(b.root / "dir0/photo 0.jpg", b"edited on b")
+    files["dir0/photo 0.jpg"] = b"edited on b"
+    (a.root / "dir1/photo 1.jpg").unlink()
+    del files["dir1/photo 1.jpg"]
+    wait_for(lambda: a.files() == files and b.files() == files, 60, 0.1, "both hosts converged")
+    # every message was applied and deleted (own uploads included), none left to come back
+    for q in queues:
+        wait_for(lambda q=q: sqs.get_queue_attributes(
+            QueueUrl=q, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        )["Attributes"] == {"ApproximateNumberOfMessages": "0", "ApproximateNumberOfMessagesNotVisible": "0"},
+                 30, what="the queues to be drained")
+    assert a.healthz() == (200, "ok\n") and b.healthz() == (200, "ok\n")
+
+
+def test_a_missing_queue_is_reported_and_the_listing_still_converges(tmp_path: Path, moto_server: str) -> None:
+    bucket, queues, _sqs = fanout(moto_server, hosts=1)
+    a = Host(tmp_path, "a", moto_server, bucket, queues[0])
+    b = Host(tmp_path, "b", moto_server, bucket, f"{moto_server}/123456789012/no-such-queue", rescan=1)
+    for h in (a, b):
+        h.proc.start()
+    try:
+        for h in (a, b):
+            h.proc.wait_ready()
+        wait_for(lambda: "events queue failing" in b.healthz()[1], 30, what="the queue failure in /healthz")
+        assert b.healthz()[0] == 200
+        write_file(a.root / "x.txt", b"through the listing")
+        wait_for(lambda: b.files() == {"x.txt": b"through the listing"}, 60, 0.1, "x.txt on b by listing")
+        assert "events queue failing" in b.proc.log()
+    finally:
+        for h in (a, b):
+            if h.proc.alive():
+                h.proc.stop()
