@@ -260,8 +260,9 @@ class Engine:
         if self._held:  # rows a drain stopped by the ledger could not give back (`run` retries)
             self.ledger.release(self._held)
             self._held = []
+        progress = self.on_progress
         pool = WorkerPool(self.ledger, self.transfers.handle, self.cfg.workers, stop=self.stop,
-                          wake=self.wake, on_done=(lambda _r: self.on_progress(1)) if self.on_progress else None)
+                          wake=self.wake, on_done=(lambda _r: progress(1)) if progress is not None else None)
         try:
             pool.run(ops)
         except LedgerError:

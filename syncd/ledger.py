@@ -34,7 +34,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,7 +53,7 @@ T = TypeVar("T")
 
 
 def _migrate_1(db: sqlite_utils.Database) -> None:
-    db["files"].create(
+    db.table("files").create(
         {
             "id": int, "watch": str, "path": str, "size": int, "mtime_ns": int, "sha256": str,
             "state": str, "op": str, "key": str, "attempts": int, "last_error": str,
@@ -64,17 +64,17 @@ def _migrate_1(db: sqlite_utils.Database) -> None:
         not_null={"watch", "path", "state", "attempts", "due_at", "gen", "probe"},
         defaults={"attempts": 0, "due_at": 0.0, "gen": 0, "probe": 0},
     )
-    db["files"].create_index(["watch", "path"], unique=True, index_name="files_watch_path")
+    db.table("files").create_index(["watch", "path"], unique=True, index_name="files_watch_path")
     db.execute(
         "CREATE INDEX files_queue ON files(due_at) WHERE state IN ('pending','failed','deleting')"
     )
     db.execute("CREATE INDEX files_remote_sha ON files(remote_sha256) WHERE remote_sha256 IS NOT NULL")
-    db["watches"].create(
+    db.table("watches").create(
         {"prefix": str, "path": str, "listed_at": float, "last_reconcile": float,
          "last_reconcile_ok": int},
         pk="prefix",
     )
-    db["meta"].create({"name": str, "value": str}, pk="name")
+    db.table("meta").create({"name": str, "value": str}, pk="name")
 
 
 def _migrate_2(db: sqlite_utils.Database) -> None:
@@ -377,7 +377,7 @@ class Ledger:
                 version += 1
                 w.execute(f"PRAGMA user_version={version}")
 
-    def query(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> list[Row]:
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Row]:
         try:
             return list(self.db.query(sql, params))
         except sqlite3.Error as e:
