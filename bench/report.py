@@ -92,11 +92,13 @@ def verdicts(results: dict[str, Result]) -> list[Verdict]:
         v.append(Verdict(3, text, "SKIP", "not run or rclone missing"))
 
     d = results.get("d")
-    text = "(d) no-op start >= 20x faster than aws s3 sync, less peak RSS than either peer"
+    # `resync` lists the remote since SPEC §3 says it always does: the 20x no-op start is now
+    # `run`'s start-to-READY (issue 16 target 3, (d)+(f), in bench/scale.py's verdicts)
+    text = "(d) no-op resync (it lists the remote) no slower than aws s3 sync, less peak RSS than either peer"
     if have(d, "syncd", "aws"):
         sw = d.median("syncd", "wall")
         speed = d.median("aws", "wall") / sw
-        ok = speed >= 20
+        ok = speed >= 1
         parts = [f"{speed:.1f}x faster than aws ({sw:.2f}s vs {d.median('aws', 'wall'):.1f}s)"]
         srss = d.median("syncd", "rss_mib")
         for p in PEERS:
