@@ -139,22 +139,24 @@ def test_two_shared_hosts_converge_byte_identical(tmp_path, moto_server):
     try:
         da.wait_ready()
         db.wait_ready()
-        for i in range(40):
-            write_file(a.root / f"a/{i:02d}.bin", os.urandom(1000 + i))
-            write_file(b.root / f"b/{i:02d}.bin", os.urandom(2000 + i))
-        wait_for(lambda: len(a.files()) == 80 and len(b.files()) == 80, timeout=120, interval=0.5,
-                 what="both hosts have all 80 files")
+        # issue 12, acceptance 3: 200 files written on each host, 20 changed and 20 deleted on each
+        for i in range(200):
+            write_file(a.root / f"a/{i:03d}.bin", os.urandom(1000 + i))
+            write_file(b.root / f"b/{i:03d}.bin", os.urandom(2000 + i))
+        wait_for(lambda: len(a.files()) == 400 and len(b.files()) == 400, timeout=180, interval=0.5,
+                 what="both hosts have all 400 files")
         # each host changes and deletes some of its own files and some of the other's
-        for i in range(5):
-            write_file(a.root / f"a/{i:02d}.bin", b"changed on a " + os.urandom(50))
-            write_file(b.root / f"a/{i + 10:02d}.bin", b"changed on b " + os.urandom(50))
-            (a.root / f"b/{i + 20:02d}.bin").unlink()
-            (b.root / f"b/{i + 30:02d}.bin").unlink()
-        wait_for(lambda: converged(a, b, client, bucket), timeout=120, interval=0.5, what="convergence")
+        for i in range(10):
+            for side in ("a", "b"):
+                write_file(a.root / f"{side}/{i:03d}.bin", b"changed on a " + os.urandom(50))
+                write_file(b.root / f"{side}/{i + 10:03d}.bin", b"changed on b " + os.urandom(50))
+                (a.root / f"{side}/{i + 20:03d}.bin").unlink()
+                (b.root / f"{side}/{i + 30:03d}.bin").unlink()
+        wait_for(lambda: converged(a, b, client, bucket), timeout=180, interval=0.5, what="convergence")
         files = a.files()
-        assert len(files) == 70
-        assert files["a/00.bin"].startswith(b"changed on a ")
-        assert files["a/10.bin"].startswith(b"changed on b ")
+        assert len(files) == 360
+        assert files["a/000.bin"].startswith(b"changed on a ") and files["b/000.bin"].startswith(b"changed on a ")
+        assert files["a/010.bin"].startswith(b"changed on b ") and files["b/010.bin"].startswith(b"changed on b ")
         assert not [p for p in tmp_path.rglob(".syncd-restore-*")]
     finally:
         assert da.stop() == 0, da.log()
