@@ -175,6 +175,7 @@ def run(c: Ctx) -> None:
     import signal
 
     from syncd.daemon import Daemon
+    from syncd.interrupt import set_from_handler
 
     cfg = c.cfg
     daemon = Daemon(cfg)
@@ -182,7 +183,7 @@ def run(c: Ctx) -> None:
     def on_signal(signum: int, _frame: object) -> None:
         if not daemon.stop.is_set():
             log.info("received %s; stopping", signal.Signals(signum).name)
-        daemon.stop.set()
+        set_from_handler(daemon.stop)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

@@ -16,6 +16,13 @@ from contextlib import contextmanager
 log = logging.getLogger(__name__)
 
 
+def set_from_handler(event: threading.Event) -> None:
+    """Set `event` from a signal handler. A handler runs in the main thread between two of its
+    bytecodes, possibly while that thread holds the event's own lock (inside `event.wait()`):
+    `event.set()` there would wait for that lock forever. A short-lived thread sets it instead."""
+    threading.Thread(target=event.set, name="syncd-signal", daemon=True).start()
+
+
 @contextmanager
 def stop_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
     if threading.current_thread() is not threading.main_thread():
@@ -27,7 +34,7 @@ def stop_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
             raise KeyboardInterrupt
         log.warning("received %s; stopping: no new transfers, the ones in flight get 10 s "
                     "(send it again to quit at once)", signal.Signals(signum).name)
-        stop.set()
+        set_from_handler(stop)
 
     signums = [signal.SIGINT, signal.SIGTERM]
     old = {s: signal.signal(s, on_signal) for s in signums}

@@ -465,3 +465,17 @@ def test_run_with_a_full_ledger_disk_is_503_with_the_reason_and_catches_up_when_
     text = (tmp_path / "d.log").read_text()
     assert code == 0, text[-3000:]
     assert "Traceback" not in text, text[-5000:]
+
+
+def test_a_signal_arriving_inside_the_stop_events_wait_never_deadlocks_the_stop() -> None:
+    """`run` stopped dead (no "stopped", killed after 15 s) when SIGINT arrived right after READY:
+    the handler ran in the main thread while it held the stop event's lock inside `wait()`, and
+    `stop.set()` waited for that lock forever. The handlers set it from another thread."""
+    import threading
+
+    from syncd.interrupt import set_from_handler
+
+    stop = threading.Event()
+    with stop._cond:  # what the main thread holds inside stop.wait() (CPython's Event)
+        set_from_handler(stop)  # returns at once; `stop.set()` here would never return
+    assert stop.wait(10)
