@@ -19,7 +19,9 @@ first (`syncd/files.py`), while the rest of the restore runs behind.
    median `synced_at` of the 4 files nearest to it in the listing order that no request touched:
    the restore works in that order), and when the whole restore was done; all from READY.
 2. For comparison (`i_compare`): the same start without `lazy_restore`, where READY (and any
-   answer from the app's files) comes only after the whole restore.
+   answer from the app's files) comes only after the whole restore; and the same requests to a
+   daemon with no restore behind them (`restore = false`: each file is fetched on demand
+   alone), which shows what the background restore's downloads cost the requests.
 
 No target is defined by the issue: the figures are printed, not judged.
 """
@@ -84,6 +86,54 @@ def pick(paths: list[str], n: int, rng: random.Random) -> list[str]:
     return out
 
 
+class Clients:
+    """`n` threads that GET every path of `want` once through /files/, in a random order, one
+    request after another each: `start()` at READY, `join()` returns path -> answer."""
+
+    def __init__(self, port: int, want: dict[str, str], n: int) -> None:
+        self.port = port
+        self.todo = list(want)
+        random.Random(7).shuffle(self.todo)
+        self.results: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._client, name=f"bench-client-{i}") for i in range(n)]
+
+    def start(self) -> Clients:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def join(self) -> dict[str, dict]:
+        for t in self.threads:
+            t.join()
+        return self.results
+
+    def _client(self) -> None:
+        while True:
+            with self.lock:
+                if not self.todo:
+                    return
+                rel = self.todo.pop()
+            try:
+                r = get(self.port, f"/files/{WATCH_PREFIX}/{rel}")
+            except (OSError, ValueError) as e:
+                r = {"status": 0, "ttfb": float("nan"), "total": float("nan"), "sha256": "", "error": str(e)}
+            with self.lock:
+                self.results[rel] = r
+
+
+def answers(results: dict[str, dict], want: dict[str, str]) -> dict:
+    """How many answers were 200 with the right bytes, their statuses, TTFB and total."""
+    ok = [rel for rel, r in results.items() if r["status"] == 200 and r["sha256"] == want[rel]]
+    statuses: dict[str, int] = {}
+    for r in results.values():
+        statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+    return {"requests": len(want), "right": len(ok), "statuses": statuses,
+            "wrong": sorted(rel for rel in want if rel not in ok)[:20],
+            "ttfb": pctl([r["ttfb"] for r in results.values()]),
+            "total": pctl([r["total"] for r in results.values()])}
+
+
 def _config(bench: Bench, srv: MotoServer, bucket: str, watch: Path, run_dir: Path, port: int, lazy: bool) -> Path:
     cfg = bench.syncd_config(srv, bucket, watch, run_dir, fresh=True)
     extra = f'health_listen = "127.0.0.1:{port}"\nserve_files = true\nlazy_restore = {str(lazy).lower()}'
@@ -116,25 +166,6 @@ def lazy_start(bench: Bench, srv: MotoServer, tree: Path, want: dict[str, str]) 
     watch.mkdir(parents=True)  # empty: the container's fresh disk
     port = _free_port()
     cfg = _config(bench, srv, "lazy", watch, run_dir, port, lazy=True)
-    todo = list(want)
-    random.Random(7).shuffle(todo)
-    results: dict[str, dict] = {}
-    lock = threading.Lock()
-
-    def client() -> None:
-        while True:
-            with lock:
-                if not todo:
-                    return
-                rel = todo.pop()
-            try:
-                r = get(port, f"/files/{WATCH_PREFIX}/{rel}")
-            except OSError as e:
-                r = {"status": 0, "ttfb": float("nan"), "total": float("nan"), "sha256": "", "error": str(e)}
-            r["at"] = time.time()
-            with lock:
-                results[rel] = r
-
     daemon = Daemon(bench.tools["syncd"], cfg, run_dir / "ledger.db", bench.logs / "i-syncd.log")
     t_start = time.time()
     daemon.start()
@@ -144,12 +175,9 @@ def lazy_start(bench: Bench, srv: MotoServer, tree: Path, want: dict[str, str]) 
                 raise RuntimeError(f"(i) syncd run not ready (log {daemon.log})")
             time.sleep(READY_POLL)
         t_ready = time.time()
-        threads = [threading.Thread(target=client, name=f"bench-client-{i}") for i in range(s.i_clients)]
-        for t in threads:
-            t.start()
+        clients = Clients(port, want, s.i_clients).start()
         queued_at_ready = daemon._query("SELECT count(*) FROM files WHERE op='get'")
-        for t in threads:
-            t.join()
+        results = clients.join()
         t_answered = time.time()
         daemon.wait(lambda: daemon._query("SELECT count(*) FROM files WHERE state='synced'")[0][0] >= s.i_files,
                     1800, "restored")
@@ -169,20 +197,31 @@ def lazy_start(bench: Bench, srv: MotoServer, tree: Path, want: dict[str, str]) 
         near = sorted(untouched[max(0, at - NEIGHBOURS):at + NEIGHBOURS], key=lambda u, i=index[rel]: abs(u[0] - i))
         if near:
             reached[rel] = statistics.median(t for _, t in near[:NEIGHBOURS]) - t_ready
-    ok = [rel for rel, r in results.items() if r["status"] == 200 and r["sha256"] == want[rel]]
-    statuses: dict[str, int] = {}
-    for r in results.values():
-        statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
     return {
-        "files": s.i_files, "requests": len(want), "clients": s.i_clients, "right": len(ok),
-        "statuses": statuses, "wrong": sorted(rel for rel in results if rel not in ok)[:20],
+        **answers(results, want), "files": s.i_files, "clients": s.i_clients,
         "ready_s": t_ready - t_start, "queued_at_ready": queued_at_ready[0][0] if queued_at_ready else -1,
-        "ttfb": pctl([r["ttfb"] for r in results.values()]),
-        "total": pctl([r["total"] for r in results.values()]),
         "answered_s": t_answered - t_ready,
         "reached": pctl(list(reached.values())),
         "done_s": t_done - t_ready, "on_disk": on_disk, "served": served,
     }
+
+
+def quiet_start(bench: Bench, srv: MotoServer, tree: Path, want: dict[str, str]) -> dict:
+    """Part 3: the same requests with no restore behind them (`restore = false`): what an
+    on-demand restore costs alone, without the background restore's downloads beside it."""
+    _seeded(bench, srv, "quiet", tree)
+    watch, run_dir = bench.work / "i-quiet-watch", bench.work / "i-quiet"
+    watch.mkdir(parents=True)
+    port = _free_port()
+    cfg = _config(bench, srv, "quiet", watch, run_dir, port, lazy=False)
+    cfg.write_text(cfg.read_text() + "restore = false\n")  # the [[watch]] table is the last one
+    daemon = Daemon(bench.tools["syncd"], cfg, run_dir / "ledger.db", bench.logs / "i-quiet-syncd.log").start()
+    try:
+        daemon.wait(lambda: daemon.meta("ready") == "1", 600, "ready")
+        results = Clients(port, want, bench.sizes.i_clients).start().join()
+    finally:
+        daemon.stop()
+    return answers(results, want)
 
 
 def eager_start(bench: Bench, srv: MotoServer, tree: Path) -> dict:
@@ -220,10 +259,15 @@ def scenario_i(bench: Bench) -> Result:
     eager = _fresh(bench, lambda b, srv: eager_start(b, srv, tree)) if s.i_compare else None
     if eager is not None:
         bench.say(f"  (i) without lazy_restore: READY after {eager['ready_s']:.1f}s")
-    res.extra = {"lazy": lazy, "eager": eager, "size": s.i_size}
-    if lazy["right"] < lazy["requests"]:
-        res.notes.append(f"{lazy['requests'] - lazy['right']} of {lazy['requests']} requests did not get "
-                         f"200 with the right bytes (statuses {lazy['statuses']}): {', '.join(lazy['wrong'])}")
+    quiet = _fresh(bench, lambda b, srv: quiet_start(b, srv, tree, want)) if s.i_compare else None
+    if quiet is not None:
+        bench.say(f"  (i) the same requests with no restore behind them: {quiet['right']}/{quiet['requests']} right; "
+                  f"TTFB p50 {quiet['ttfb']['p50']:.3f}s p99 {quiet['ttfb']['p99']:.3f}s")
+    res.extra = {"lazy": lazy, "eager": eager, "quiet": quiet, "size": s.i_size}
+    for what, a in (("lazy start", lazy), ("no restore behind", quiet)):
+        if a is not None and a["right"] < a["requests"]:
+            res.notes.append(f"{what}: {a['requests'] - a['right']} of {a['requests']} requests did not get 200 "
+                             f"with the right bytes (statuses {a['statuses']}): {', '.join(a['wrong'])}")
     for what, got in (("lazy", lazy["on_disk"]), ("without lazy_restore", eager["on_disk"] if eager else s.i_files)):
         if got != s.i_files:
             res.notes.append(f"{what}: {got} of {s.i_files} files on disk at the end")
@@ -246,6 +290,9 @@ def markdown(res: Result) -> list[str]:
         f"{lz['ttfb']['p99']:.3f} | {lz['ttfb']['max']:.3f} |",
         f"| time to the last byte ({res.extra['size'] // 1024} KiB) | {lz['total']['p50']:.3f} | "
         f"{lz['total']['p99']:.3f} | {lz['total']['max']:.3f} |",
+        *([f"| (comparison) first byte of the same requests with no restore behind them (`restore = false`) | "
+           f"{q['ttfb']['p50']:.3f} | {q['ttfb']['p99']:.3f} | {q['ttfb']['max']:.3f} |"]
+          if (q := res.extra.get("quiet")) else []),
         f"| (comparison) when the background restore reached the same files | {lz['reached']['p50']:.2f} | "
         f"{lz['reached']['p99']:.2f} | {lz['reached']['max']:.2f} |",
         "",

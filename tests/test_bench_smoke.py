@@ -70,11 +70,11 @@ def test_first_byte_scenario_on_a_tiny_run(tmp_path: Path) -> None:
 
     bench = Bench({"syncd": tools.find_syncd()}, tmp_path, TINY, rounds=1, say=lambda _m: None)
     res = scenario_i(bench)
-    lazy, eager = res.extra["lazy"], res.extra["eager"]
+    lazy, eager, quiet = res.extra["lazy"], res.extra["eager"], res.extra["quiet"]
     # every missing file requested at READY came back 200 with the seeded bytes, and the restore
     # behind READY still brought back all of them
     assert lazy["requests"] == 8 and lazy["right"] == 8 and lazy["statuses"] == {"200": 8}
-    assert lazy["on_disk"] == 60 and eager["on_disk"] == 60
+    assert lazy["on_disk"] == 60 and eager["on_disk"] == 60 and quiet["right"] == 8
     assert lazy["ttfb"]["p50"] > 0 and lazy["reached"]["p50"] == lazy["reached"]["p50"]  # not NaN
     md = report.markdown({"i": res}, report.verdicts({"i": res}), ["# t"])
     assert "time to first byte of a missing file through /files/" in md and "without lazy_restore" in md
