@@ -168,10 +168,16 @@ def lazy_start(bench: Bench, srv: MotoServer, tree: Path, want: dict[str, str]) 
     cfg = _config(bench, srv, "lazy", watch, run_dir, port, lazy=True)
     daemon = Daemon(bench.tools["syncd"], cfg, run_dir / "ledger.db", bench.logs / "i-syncd.log")
     t_start = time.time()
-    daemon.start()
+    proc = daemon.start().proc
+    assert proc is not None
+
+    def restored() -> bool:
+        rows = daemon._query("SELECT count(*) FROM files WHERE state='synced'")  # [] while the ledger is busy
+        return bool(rows) and rows[0][0] >= s.i_files
+
     try:
         while daemon.meta("ready") != "1":  # Daemon.wait polls every 50 ms: too coarse here
-            if daemon.proc.poll() is not None or time.time() - t_start > 600:
+            if proc.poll() is not None or time.time() - t_start > 600:
                 raise RuntimeError(f"(i) syncd run not ready (log {daemon.log})")
             time.sleep(READY_POLL)
         t_ready = time.time()
@@ -179,8 +185,7 @@ def lazy_start(bench: Bench, srv: MotoServer, tree: Path, want: dict[str, str]) 
         queued_at_ready = daemon._query("SELECT count(*) FROM files WHERE op='get'")
         results = clients.join()
         t_answered = time.time()
-        daemon.wait(lambda: daemon._query("SELECT count(*) FROM files WHERE state='synced'")[0][0] >= s.i_files,
-                    1800, "restored")
+        daemon.wait(restored, 1800, "restored")
         served = _served(port)
         rows = daemon._query("SELECT id, path, synced_at FROM files ORDER BY id")
     finally:
@@ -193,8 +198,9 @@ def lazy_start(bench: Bench, srv: MotoServer, tree: Path, want: dict[str, str]) 
     index = {r[1]: i for i, r in enumerate(rows)}
     reached: dict[str, float] = {}
     for rel in want:
-        at = bisect.bisect(untouched, (index[rel], 0.0))
-        near = sorted(untouched[max(0, at - NEIGHBOURS):at + NEIGHBOURS], key=lambda u, i=index[rel]: abs(u[0] - i))
+        i = index[rel]
+        at = bisect.bisect(untouched, (i, 0.0))
+        near = sorted((abs(j - i), t) for j, t in untouched[max(0, at - NEIGHBOURS):at + NEIGHBOURS])
         if near:
             reached[rel] = statistics.median(t for _, t in near[:NEIGHBOURS]) - t_ready
     return {
