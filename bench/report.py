@@ -175,6 +175,10 @@ def markdown(results: dict[str, Result], verdicts_: list[Verdict], header: list[
             from bench.loss_window import markdown as loss_markdown
 
             out += loss_markdown(res)
+        if key == "i" and res.extra:
+            from bench.first_byte import markdown as first_byte_markdown
+
+            out += first_byte_markdown(res)
         if key == "f" and res.extra:
             out += ["| tracked files | VmHWM MiB | VmRSS MiB | ready after s |", "|---|---|---|---|"]
             for n, runs in sorted(res.extra.items()):

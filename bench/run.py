@@ -3,6 +3,7 @@
     python bench/run.py [--quick] [--rounds N] [--only abcdefg] [--no-install] [--publish]
     python bench/run.py --wan [--latency-ms N] [--wan-rounds N]     # WAN scenarios (w)(x)(y), opt-in
     python bench/run.py --only m [--scale-files 100000,1000000]     # scale (m), opt-in
+    python bench/run.py --only i [--latency-ms 50]                  # first byte via /files/ (i), opt-in
 
 Setup installs missing peers (awscli: pip into bench/.venv, else apt; rclone: apt) or skips them
 with a line saying so. Each scenario starts a fresh moto server on 127.0.0.1, generates seeded
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import loss_window, report, tools  # noqa: E402
+from bench import first_byte, loss_window, report, tools  # noqa: E402
 from bench.scenarios import FULL, QUICK, Bench, Result  # noqa: E402
 from bench.wan import LATENCIES, WAN, run_wan  # noqa: E402
 from bench.wan import markdown as wan_markdown  # noqa: E402
@@ -41,6 +42,7 @@ from bench.wan import verdicts as wan_verdicts_of  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 ALL = "abcdefgh"
+FIRST_BYTE = "i"  # opt-in: first byte through /files/ during a lazy start (bench/first_byte.py)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,9 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if args.wan:
         args.only = WAN if args.only == ALL else args.only + WAN
-    bad = set(args.only) - set(ALL + WAN + SCALE)
+    bad = set(args.only) - set(ALL + FIRST_BYTE + WAN + SCALE)
     if bad:
-        p.error(f"--only: unknown scenario(s) {''.join(sorted(bad))}; choose from {ALL}, {WAN} (WAN) or {SCALE} (scale)")
+        p.error(f"--only: unknown scenario(s) {''.join(sorted(bad))}; choose from {ALL}, {FIRST_BYTE} (first byte "
+                f"through /files/), {WAN} (WAN) or {SCALE} (scale)")
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     return args
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     failed: list[str] = []
     steps = [("a", bench.scenario_a), ("b", bench.scenario_b), ("c", bench.scenario_c),
              ("d", None), ("e", bench.scenario_e), ("g", bench.scenario_g),
-             ("h", lambda: loss_window.scenario_h(bench))]
+             ("h", lambda: loss_window.scenario_h(bench)), ("i", lambda: first_byte.scenario_i(bench))]
     try:
         for key, fn in steps:
             if key == "d":

@@ -59,11 +59,16 @@ class Sizes:
     h_seconds: float = 30.0
     h_crash_at: float = 10.0
     h_compare: bool = True  # also the run with upload_on_close = false (for comparison)
+    i_files: int = 10_000  # (i) first byte through /files/ during a lazy start of i_files x i_size
+    i_size: int = 16 * 1024
+    i_requests: int = 100  # missing files requested at READY, by i_clients threads
+    i_clients: int = 4
+    i_compare: bool = True  # also the start without lazy_restore (time to READY, for comparison)
 
 
 FULL = Sizes()
 QUICK = Sizes(a_files=300, b_files=2, d_files=10_000, e_seconds=8.0, f_small=2_000, f_large=10_000,
-              h_seconds=8.0, h_crash_at=5.0)
+              h_seconds=8.0, h_crash_at=5.0, i_files=2_000, i_requests=50)
 
 
 @dataclass

@@ -14,12 +14,13 @@ from bench.tools import Sample
 
 TINY = Sizes(a_files=20, a_size=512, b_files=1, b_size=1024, d_files=50, d_size=64, e_rate=20.0, e_seconds=1.0,
              e_settle=0.3, f_small=20, f_large=50, h_rate=20.0, h_seconds=1.0, h_crash_at=2.0,
-             h_compare=False)
+             h_compare=False, i_files=60, i_size=512, i_requests=8, i_clients=2)
 
 
 def test_args() -> None:
     a = parse_args(["--quick"])
     assert a.rounds == 1 and a.only == "abcdefgh"
+    assert parse_args(["--only", "i", "--latency-ms", "50"]).only == "i"
     assert parse_args(["--rounds", "5", "--only", "ac"]).rounds == 5
 
 
@@ -62,3 +63,21 @@ def test_loss_window_scenario_on_a_tiny_run(tmp_path: Path) -> None:
     md = report.markdown({"h": res}, report.verdicts({"h": res}), ["# t"])
     assert "close -> stored (server clock)" in md and "acknowledged more than 1s before it" in md
     assert {v.n for v in report.verdicts({"h": res}) if v.status != "SKIP"} == {8}
+
+
+def test_first_byte_scenario_on_a_tiny_run(tmp_path: Path) -> None:
+    from bench.first_byte import scenario_i
+
+    bench = Bench({"syncd": tools.find_syncd()}, tmp_path, TINY, rounds=1, say=lambda _m: None)
+    res = scenario_i(bench)
+    lazy, eager, quiet = res.extra["lazy"], res.extra["eager"], res.extra["quiet"]
+    # every missing file requested at READY came back 200 with the seeded bytes, and the restore
+    # behind READY still brought back all of them
+    assert lazy["requests"] == 8 and lazy["right"] == 8 and lazy["statuses"] == {"200": 8}
+    assert lazy["on_disk"] == 60 and eager["on_disk"] == 60 and quiet["right"] == 8
+    assert lazy["ttfb"]["p50"] > 0 and lazy["reached"]["p50"] == lazy["reached"]["p50"]  # not NaN
+    md = report.markdown({"i": res}, report.verdicts({"i": res}), ["# t"])
+    assert "time to first byte of a missing file through /files/" in md and "without lazy_restore" in md
+    assert not res.notes
+    # figures only: (i) adds no target
+    assert all(v.status == "SKIP" for v in report.verdicts({"i": res}))
