@@ -59,11 +59,14 @@ class Sizes:
     h_seconds: float = 30.0
     h_crash_at: float = 10.0
     h_compare: bool = True  # also the run with upload_on_close = false (for comparison)
+    s_files: int = 100  # (s) shared watches: files written on host a, at s_rate files/s
+    s_rate: float = 10.0
+    s_rescan: float = 5.0  # remote_rescan_interval of the run without events_queue
 
 
 FULL = Sizes()
 QUICK = Sizes(a_files=300, b_files=2, d_files=10_000, e_seconds=8.0, f_small=2_000, f_large=10_000,
-              h_seconds=8.0, h_crash_at=5.0)
+              h_seconds=8.0, h_crash_at=5.0, s_files=30)
 
 
 @dataclass

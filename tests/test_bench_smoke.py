@@ -14,7 +14,7 @@ from bench.tools import Sample
 
 TINY = Sizes(a_files=20, a_size=512, b_files=1, b_size=1024, d_files=50, d_size=64, e_rate=20.0, e_seconds=1.0,
              e_settle=0.3, f_small=20, f_large=50, h_rate=20.0, h_seconds=1.0, h_crash_at=2.0,
-             h_compare=False)
+             h_compare=False, s_files=6, s_rate=5.0, s_rescan=1.0)
 
 
 def test_args() -> None:
@@ -62,3 +62,17 @@ def test_loss_window_scenario_on_a_tiny_run(tmp_path: Path) -> None:
     md = report.markdown({"h": res}, report.verdicts({"h": res}), ["# t"])
     assert "close -> stored (server clock)" in md and "acknowledged more than 1s before it" in md
     assert {v.n for v in report.verdicts({"h": res}) if v.status != "SKIP"} == {8}
+
+
+def test_shared_watches_converge_scenario_on_a_tiny_run(tmp_path: Path) -> None:
+    from bench.converge import markdown, scenario_s, verdicts
+
+    bench = Bench({"syncd": tools.find_syncd()}, tmp_path, TINY, rounds=1, say=lambda _m: None)
+    res = scenario_s(bench)
+    for how in ("events", "listing"):
+        r = res.extra[how]
+        assert r["files"] == 6 and r["arrived"] == 6 and r["wrong"] == [] and r["extra_on_b"] == []
+    (v,) = verdicts(res)
+    assert v.n == 5 and v.status in ("PASS", "FAIL")  # a timing: reported, not asserted
+    md = markdown(res, [v])
+    assert "events_queue, remote_rescan_interval 0 | 6/6" in md and "listing, remote_rescan_interval 1 | 6/6" in md
