@@ -15,9 +15,12 @@ and records when each file is there. Convergence = appeared on b - closed on a (
    Target: p50 <= settle + 2 s and p99 <= settle + 5 s.
 2. listing: no `events_queue`, `remote_rescan_interval = s_rescan` (5 s): b finds a's files in
    its periodic listing. Figures only.
+3. (comparison, `s_compare`) 1. with `upload_on_close = false` on both hosts: every upload waits
+   for settle_seconds, as before issue 13.
 
 With `upload_on_close` (the default) a's upload starts at the writer's close, so settle_seconds
-is not on the path: the target's "settle +" is slack, and the figures say what the path costs.
+is not on the path: the target's "settle +" is slack, and the figures say what the path costs;
+3. shows the path with settle on it.
 """
 
 from __future__ import annotations
@@ -116,13 +119,15 @@ def fanout(srv: AllServices, bucket: str, hosts: int) -> list[str]:
     return queues
 
 
-def _config(run_dir: Path, watch: Path, endpoint: str, bucket: str, queue: str, rescan: float) -> Path:
+def _config(run_dir: Path, watch: Path, endpoint: str, bucket: str, queue: str, rescan: float,
+            on_close: bool) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     lines = ["[syncd]", f'ledger = "{run_dir / "ledger.db"}"', f"settle_seconds = {SETTLE}",
              'health_listen = ""', f"remote_rescan_interval = {rescan:g}", "",
              "[remote]", f'url = "s3://{bucket}/{PREFIX}"', f'endpoint_url = "{endpoint}"', 'region = "us-east-1"',
              *([f'events_queue = "{queue}"'] if queue else []), "",
-             "[[watch]]", f'path = "{watch}"', 'prefix = "shared"', 'mode = "shared"', 'on_delete = "mirror"']
+             "[[watch]]", f'path = "{watch}"', 'prefix = "shared"', 'mode = "shared"', 'on_delete = "mirror"',
+             *([] if on_close else ["upload_on_close = false"])]
     cfg = run_dir / "syncd.toml"
     cfg.write_text("\n".join(lines) + "\n")
     return cfg
@@ -135,10 +140,10 @@ def _files(root: Path) -> list[str]:
     return out
 
 
-def converge(bench: Bench, events: bool) -> dict:
+def converge(bench: Bench, events: bool, on_close: bool = True) -> dict:
     """One run: a writes, b is watched; what reached b, and when."""
     s = bench.sizes
-    name = "events" if events else "listing"
+    name = ("events" if events else "listing") + ("" if on_close else "-settle")
     rescan = 0.0 if events else s.s_rescan
     base = bench.work / f"s-{name}"
     srv = AllServices().start(bench.logs / f"s-{name}-moto.log")
@@ -151,7 +156,7 @@ def converge(bench: Bench, events: bool) -> dict:
         writer = Writer(watches[0], s.s_rate, s.s_files, seed=16)  # makes a's directories first
         watches[1].mkdir(parents=True, exist_ok=True)
         for host, watch, queue in zip("ab", watches, queues, strict=True):
-            cfg = _config(base / host, watch, srv.endpoint, bucket, queue, rescan)
+            cfg = _config(base / host, watch, srv.endpoint, bucket, queue, rescan, on_close)
             daemons.append(Daemon(bench.tools["syncd"], cfg, base / host / "ledger.db",
                                   bench.logs / f"s-{name}-{host}.log").start())
         for d in daemons:
@@ -191,13 +196,15 @@ def scenario_s(bench: Bench) -> Result:
     s = bench.sizes
     res = Result("s", f"shared watches: {s.s_files} files of 4-300 KB at {s.s_rate:g}/s on host a, "
                       f"until byte-complete on host b (settle_seconds {SETTLE:g}, upload_on_close)")
-    for events in (True, False):
-        r = converge(bench, events)
+    runs = [("events", True, True), ("listing", False, True)] + ([("settle", True, False)] if s.s_compare else [])
+    for key, events, on_close in runs:
+        r = converge(bench, events, on_close)
         how = "events_queue (SNS -> SQS per host)" if events else f"listing every {r['rescan']:g} s"
+        how += "" if on_close else ", upload_on_close = false (comparison)"
         bench.say(f"  (s) {how}: {r['arrived']}/{r['files']} on b, {len(r['wrong'])} wrong; close on a -> on b "
                   f"p50 {r['latency']['p50']:.3f}s p99 {r['latency']['p99']:.3f}s max {r['latency']['max']:.3f}s "
                   f"(min {r['min']:.3f}s); daemon CPU a {r['cpu_a']:.1f}s b {r['cpu_b']:.1f}s")
-        res.extra["events" if events else "listing"] = r
+        res.extra[key] = r
         if r["arrived"] < r["files"] or r["wrong"]:
             res.notes.append(f"{how}: {r['files'] - r['arrived']} of {r['files']} files not on b "
                              f"{DRAIN_WAIT + r['rescan']:.0f}s after the last write, {len(r['wrong'])} with other bytes")
@@ -225,7 +232,8 @@ def markdown(res: Result | None, verdicts_: list[Verdict]) -> str:
     out += ["", "| remote changes by | on b | p50 s | p99 s | max s | min s | daemon CPU a / b s |",
             "|---|---|---|---|---|---|---|"]
     for key, how in (("events", "events_queue, remote_rescan_interval 0"),
-                     ("listing", "listing, remote_rescan_interval {:g}")):
+                     ("listing", "listing, remote_rescan_interval {:g}"),
+                     ("settle", "(comparison) events_queue, upload_on_close = false: settle on the path")):
         if (r := res.extra.get(key)) is not None:
             out.append(f"| {how.format(r['rescan'])} | {r['arrived']}/{r['files']} | {r['latency']['p50']:.3f} | "
                        f"{r['latency']['p99']:.3f} | {r['latency']['max']:.3f} | {r['min']:.3f} | "

@@ -62,6 +62,7 @@ class Sizes:
     s_files: int = 100  # (s) shared watches: files written on host a, at s_rate files/s
     s_rate: float = 10.0
     s_rescan: float = 5.0  # remote_rescan_interval of the run without events_queue
+    s_compare: bool = True  # also the events run with upload_on_close = false (for comparison)
 
 
 FULL = Sizes()
