@@ -7,7 +7,10 @@ defaults) on one moto server that serves S3, SNS and SQS (moto's all-services
 (bench/loss_window.py's Writer) writes files of 4-300 KB on a at `s_rate` files/s, each closed by
 its writer; the bench polls b's directory every 20 ms (a download appears atomically, by rename)
 and records when each file is there. Convergence = appeared on b - closed on a (both
-`time.time()` on this host); every file's bytes on b are compared with a's at the end.
+`time.time()` on this host); every file's bytes on b are compared with a's at the end. Then,
+after a quiet `QUIET` seconds (longer than settle), each daemon's /metrics says what it did:
+a must have uploaded every file and restored none, b restored every file and uploaded none (a
+download must not be uploaded back, nor a's own notifications make a download its own files).
 
 1. events: the bucket notifies an SNS topic, one SQS queue per host subscribed to it (README
    "Several hosts"), each daemon's `events_queue` its own queue, `remote_rescan_interval = 0`
@@ -26,9 +29,11 @@ is not on the path: the target's "settle +" is slack, and the figures say what t
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +50,7 @@ SETTLE = 2.0  # syncd's default settle_seconds; the target is relative to it
 POLL = 0.02  # seconds between two looks at b's directory
 DRAIN_WAIT = 60.0  # seconds after the last write for every file to reach b (plus the rescan interval)
 PREFIX = "bench"
+QUIET = SETTLE + 2.0  # seconds after convergence before the daemons' counters are read
 
 _SERVER = """
 import logging, sys
@@ -100,6 +106,12 @@ class AllServices:
                             aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _env() -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **CREDENTIALS}
 
@@ -120,10 +132,10 @@ def fanout(srv: AllServices, bucket: str, hosts: int) -> list[str]:
 
 
 def _config(run_dir: Path, watch: Path, endpoint: str, bucket: str, queue: str, rescan: float,
-            on_close: bool) -> Path:
+            on_close: bool, port: int) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     lines = ["[syncd]", f'ledger = "{run_dir / "ledger.db"}"', f"settle_seconds = {SETTLE}",
-             'health_listen = ""', f"remote_rescan_interval = {rescan:g}", "",
+             f'health_listen = "127.0.0.1:{port}"', f"remote_rescan_interval = {rescan:g}", "",
              "[remote]", f'url = "s3://{bucket}/{PREFIX}"', f'endpoint_url = "{endpoint}"', 'region = "us-east-1"',
              *([f'events_queue = "{queue}"'] if queue else []), "",
              "[[watch]]", f'path = "{watch}"', 'prefix = "shared"', 'mode = "shared"', 'on_delete = "mirror"',
@@ -131,6 +143,22 @@ def _config(run_dir: Path, watch: Path, endpoint: str, bucket: str, queue: str, 
     cfg = run_dir / "syncd.toml"
     cfg.write_text("\n".join(lines) + "\n")
     return cfg
+
+
+def _counters(port: int) -> dict[str, float]:
+    """syncd_uploads_total and syncd_remote_changes_total{kind} from a daemon's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "syncd_uploads_total":
+                out["uploads"] = smp.value
+            elif smp.name == "syncd_remote_changes_total":
+                out[smp.labels["kind"]] = smp.value
+    return out
 
 
 def _files(root: Path) -> list[str]:
@@ -155,8 +183,9 @@ def converge(bench: Bench, events: bool, on_close: bool = True) -> dict:
         watches = [base / "a-watch", base / "b-watch"]
         writer = Writer(watches[0], s.s_rate, s.s_files, seed=16)  # makes a's directories first
         watches[1].mkdir(parents=True, exist_ok=True)
-        for host, watch, queue in zip("ab", watches, queues, strict=True):
-            cfg = _config(base / host, watch, srv.endpoint, bucket, queue, rescan, on_close)
+        ports = [_free_port(), _free_port()]
+        for host, watch, queue, port in zip("ab", watches, queues, ports, strict=True):
+            cfg = _config(base / host, watch, srv.endpoint, bucket, queue, rescan, on_close, port)
             daemons.append(Daemon(bench.tools["syncd"], cfg, base / host / "ledger.db",
                                   bench.logs / f"s-{name}-{host}.log").start())
         for d in daemons:
@@ -179,6 +208,8 @@ def converge(bench: Bench, events: bool, on_close: bool = True) -> dict:
                     raise RuntimeError(f"syncd run exited {d.proc.returncode} (log {d.log})")
             time.sleep(POLL)
         cpu = [d.cpu() - c for d, c in zip(daemons, cpu0, strict=True)]
+        time.sleep(QUIET)  # a bench, not a test: what would bounce back has had its chance
+        counters = [_counters(p) for p in ports]
     finally:
         for d in daemons:
             d.stop()
@@ -189,7 +220,7 @@ def converge(bench: Bench, events: bool, on_close: bool = True) -> dict:
     lat = [seen[rel] - closed[rel] for rel in arrived]
     return {"files": len(closed), "arrived": len(arrived), "wrong": wrong, "latency": pctl(lat),
             "min": min(lat, default=float("nan")), "rescan": rescan, "cpu_a": cpu[0], "cpu_b": cpu[1],
-            "extra_on_b": sorted(set(seen) - set(closed))[:10]}
+            "extra_on_b": sorted(set(seen) - set(closed))[:10], "a": counters[0], "b": counters[1]}
 
 
 def scenario_s(bench: Bench) -> Result:
@@ -205,10 +236,23 @@ def scenario_s(bench: Bench) -> Result:
                   f"p50 {r['latency']['p50']:.3f}s p99 {r['latency']['p99']:.3f}s max {r['latency']['max']:.3f}s "
                   f"(min {r['min']:.3f}s); daemon CPU a {r['cpu_a']:.1f}s b {r['cpu_b']:.1f}s")
         res.extra[key] = r
+        bounced = _bounced(r)
+        if bounced:
+            bench.say(f"  (s) {how}: {bounced}")
+            res.notes.append(f"{how}: {bounced}")
         if r["arrived"] < r["files"] or r["wrong"]:
             res.notes.append(f"{how}: {r['files'] - r['arrived']} of {r['files']} files not on b "
                              f"{DRAIN_WAIT + r['rescan']:.0f}s after the last write, {len(r['wrong'])} with other bytes")
     return res
+
+
+def _bounced(r: dict) -> str:
+    """What the daemons did beyond a uploading every file once and b restoring each: '' if nothing."""
+    a, b, n = r["a"], r["b"], r["files"]
+    want = {"a uploads": (a.get("uploads"), n), "b uploads": (b.get("uploads"), 0),
+            "a remote changes": (sum(a.get(k, 0) for k in ("restored", "replaced", "deleted")), 0),
+            "b restored": (b.get("restored"), n), "b replaced or deleted": (b.get("replaced", 0) + b.get("deleted", 0), 0)}
+    return ", ".join(f"{k} {got:g} (expected {exp})" for k, (got, exp) in want.items() if got != exp)
 
 
 def verdicts(res: Result | None) -> list[Verdict]:
@@ -218,7 +262,8 @@ def verdicts(res: Result | None) -> list[Verdict]:
         return []
     r = res.extra["events"]
     p50, p99 = r["latency"]["p50"], r["latency"]["p99"]
-    ok = p50 <= SETTLE + 2 and p99 <= SETTLE + 5 and r["arrived"] == r["files"] and not r["wrong"]
+    ok = (p50 <= SETTLE + 2 and p99 <= SETTLE + 5 and r["arrived"] == r["files"] and not r["wrong"]
+          and not _bounced(r))
     return [Verdict(5, text, "PASS" if ok else "FAIL",
                     f"p50 {p50:.2f}s, p99 {p99:.2f}s ({r['arrived']}/{r['files']} on b, {len(r['wrong'])} wrong)")]
 
@@ -229,14 +274,15 @@ def markdown(res: Result | None, verdicts_: list[Verdict]) -> str:
     out = ["", "## Shared watches: convergence (issue 16, target 5)", "", res.title, "",
            "| target | result | figures |", "|---|---|---|"]
     out += [f"| {v.text} | **{v.status}** | {v.detail} |" for v in verdicts_]
-    out += ["", "| remote changes by | on b | p50 s | p99 s | max s | min s | daemon CPU a / b s |",
-            "|---|---|---|---|---|---|---|"]
+    out += ["", "| remote changes by | on b | p50 s | p99 s | max s | min s | daemon CPU a / b s | "
+                "uploads a / b, restored by b |", "|---|---|---|---|---|---|---|---|"]
     for key, how in (("events", "events_queue, remote_rescan_interval 0"),
                      ("listing", "listing, remote_rescan_interval {:g}"),
                      ("settle", "(comparison) events_queue, upload_on_close = false: settle on the path")):
         if (r := res.extra.get(key)) is not None:
             out.append(f"| {how.format(r['rescan'])} | {r['arrived']}/{r['files']} | {r['latency']['p50']:.3f} | "
                        f"{r['latency']['p99']:.3f} | {r['latency']['max']:.3f} | {r['min']:.3f} | "
-                       f"{r['cpu_a']:.1f} / {r['cpu_b']:.1f} |")
+                       f"{r['cpu_a']:.1f} / {r['cpu_b']:.1f} | {r['a'].get('uploads', 0):g} / "
+                       f"{r['b'].get('uploads', 0):g}, {r['b'].get('restored', 0):g} |")
     out += [f"- {n}" for n in res.notes]
     return "\n".join(out) + "\n"

@@ -73,6 +73,7 @@ def test_shared_watches_converge_scenario_on_a_tiny_run(tmp_path: Path) -> None:
     for how in ("events", "listing"):
         r = res.extra[how]
         assert r["files"] == 6 and r["arrived"] == 6 and r["wrong"] == [] and r["extra_on_b"] == []
+        assert (r["a"]["uploads"], r["b"]["uploads"], r["b"]["restored"]) == (6, 0, 6)  # nothing bounced back
     (v,) = verdicts(res)
     assert v.n == 5 and v.status in ("PASS", "FAIL")  # a timing: reported, not asserted
     md = markdown(res, [v])
