@@ -4,6 +4,7 @@
     python bench/run.py --wan [--latency-ms N] [--wan-rounds N]     # WAN scenarios (w)(x)(y), opt-in
     python bench/run.py --only m [--scale-files 100000,1000000]     # scale (m), opt-in
     python bench/run.py --only i [--latency-ms 50]                  # first byte via /files/ (i), opt-in
+    python bench/run.py --only s                                    # shared watches converging (s), opt-in
 
 Setup installs missing peers (awscli: pip into bench/.venv, else apt; rclone: apt) or skips them
 with a line saying so. Each scenario starts a fresh moto server on 127.0.0.1, generates seeded
@@ -66,14 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale-files", default="100000,1000000",
                    help="(m): tracked-tree sizes, smallest first (default 100000,1000000)")
     args = p.parse_args(argv)
+    from bench.converge import CONVERGE
     from bench.scale import SCALE
 
     if args.wan:
         args.only = WAN if args.only == ALL else args.only + WAN
-    bad = set(args.only) - set(ALL + FIRST_BYTE + WAN + SCALE)
+    bad = set(args.only) - set(ALL + FIRST_BYTE + WAN + SCALE + CONVERGE)
     if bad:
         p.error(f"--only: unknown scenario(s) {''.join(sorted(bad))}; choose from {ALL}, {FIRST_BYTE} (first byte "
-                f"through /files/), {WAN} (WAN) or {SCALE} (scale)")
+                f"through /files/), {WAN} (WAN), {SCALE} (scale) or {CONVERGE} (shared watches)")
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     return args
@@ -92,6 +94,9 @@ def machine() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bench.converge import CONVERGE, scenario_s
+    from bench.converge import markdown as converge_markdown
+    from bench.converge import verdicts as converge_verdicts
     from bench.scale import SCALE, scenario_m
     from bench.scale import markdown as scale_markdown
     from bench.scale import verdicts as scale_verdicts
@@ -106,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     bench = Bench(found, work, sizes, args.rounds, say=say, latency_ms=args.latency_ms)
     wan_results: dict[str, Result] = {}
     scale_results: dict[str, Result] = {}
+    converge_results: dict[str, Result] = {}
     results: dict[str, Result] = {}
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -149,6 +155,13 @@ def run(args: argparse.Namespace) -> int:
             except Exception as e:  # noqa: BLE001
                 failed.append(f"(m): {e}")
                 say(f"  FAILED: {e}")
+        if CONVERGE in args.only:
+            say("(s) shared watches: a file written on host a, until it is on host b")
+            try:
+                converge_results["s"] = scenario_s(bench)
+            except Exception as e:  # noqa: BLE001
+                failed.append(f"(s): {e}")
+                say(f"  FAILED: {e}")
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -183,9 +196,12 @@ def run(args: argparse.Namespace) -> int:
     md += wan_markdown(wan_results, wan_verdicts)
     big_verdicts = scale_verdicts({**results, **scale_results})
     md += scale_markdown(scale_results, big_verdicts)
+    shared_verdicts = converge_verdicts(converge_results.get("s"))
+    md += converge_markdown(converge_results.get("s"), shared_verdicts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(md)
-    args.out.with_suffix(".json").write_text(json.dumps(raw({**results, **wan_results, **scale_results}), indent=1))
+    args.out.with_suffix(".json").write_text(json.dumps(raw({**results, **wan_results, **scale_results,
+                                                                   **converge_results}), indent=1))
     say("")
     for v in verdicts:
         say(f"{v.status:4}  {v.n}. {v.text}: {v.detail}")
@@ -193,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"{v.status:4}  WAN {v.text}: {v.detail}")
     for v in big_verdicts:
         say(f"{v.status:4}  scale {v.text}: {v.detail}")
+    for v in shared_verdicts:
+        say(f"{v.status:4}  shared {v.text}: {v.detail}")
     for x in failed:
         say(f"FAILED {x}")
     say(f"report: {args.out}")

@@ -64,11 +64,15 @@ class Sizes:
     i_requests: int = 100  # missing files requested at READY, by i_clients threads
     i_clients: int = 4
     i_compare: bool = True  # also the start without lazy_restore (time to READY, for comparison)
+    s_files: int = 100  # (s) shared watches: files written on host a, at s_rate files/s
+    s_rate: float = 10.0
+    s_rescan: float = 5.0  # remote_rescan_interval of the run without events_queue
+    s_compare: bool = True  # also the events run with upload_on_close = false (for comparison)
 
 
 FULL = Sizes()
 QUICK = Sizes(a_files=300, b_files=2, d_files=10_000, e_seconds=8.0, f_small=2_000, f_large=10_000,
-              h_seconds=8.0, h_crash_at=5.0, i_files=2_000, i_requests=50)
+              h_seconds=8.0, h_crash_at=5.0, i_files=2_000, i_requests=50, s_files=30)
 
 
 @dataclass

@@ -14,7 +14,8 @@ from bench.tools import Sample
 
 TINY = Sizes(a_files=20, a_size=512, b_files=1, b_size=1024, d_files=50, d_size=64, e_rate=20.0, e_seconds=1.0,
              e_settle=0.3, f_small=20, f_large=50, h_rate=20.0, h_seconds=1.0, h_crash_at=2.0,
-             h_compare=False, i_files=60, i_size=512, i_requests=8, i_clients=2)
+             h_compare=False, i_files=60, i_size=512, i_requests=8, i_clients=2, s_files=6, s_rate=5.0,
+             s_rescan=1.0, s_compare=False)
 
 
 def test_args() -> None:
@@ -81,3 +82,18 @@ def test_first_byte_scenario_on_a_tiny_run(tmp_path: Path) -> None:
     assert not res.notes
     # figures only: (i) adds no target
     assert all(v.status == "SKIP" for v in report.verdicts({"i": res}))
+
+
+def test_shared_watches_converge_scenario_on_a_tiny_run(tmp_path: Path) -> None:
+    from bench.converge import markdown, scenario_s, verdicts
+
+    bench = Bench({"syncd": tools.find_syncd()}, tmp_path, TINY, rounds=1, say=lambda _m: None)
+    res = scenario_s(bench)
+    for how in ("events", "listing"):
+        r = res.extra[how]
+        assert r["files"] == 6 and r["arrived"] == 6 and r["wrong"] == [] and r["extra_on_b"] == []
+        assert (r["a"]["uploads"], r["b"]["uploads"], r["b"]["restored"]) == (6, 0, 6)  # nothing bounced back
+    (v,) = verdicts(res)
+    assert v.n == 5 and v.status in ("PASS", "FAIL")  # a timing: reported, not asserted
+    md = markdown(res, [v])
+    assert "events_queue, remote_rescan_interval 0 | 6/6" in md and "listing, remote_rescan_interval 1 | 6/6" in md
