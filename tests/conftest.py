@@ -332,3 +332,28 @@ def _no_leaked_threads() -> Iterator[None]:
             return
         time.sleep(0.05)
     raise AssertionError(f"leaked threads: {[t.name for t in leaked]}")
+
+
+def sns_fanout(endpoint: str, hosts: int = 2, visibility: int = 5) -> tuple[Any, Any, str, list[str]]:
+    """A new bucket on moto's server whose S3 notifications go to an SNS topic with one SQS queue
+    per host subscribed (README "Several hosts"): (s3 client, sqs client, bucket, queue URLs)."""
+    import uuid
+
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1")
+    sns = boto3.client("sns", endpoint_url=endpoint, region_name="us-east-1")
+    name = f"ev-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=name)
+    topic = sns.create_topic(Name=name)["TopicArn"]
+    queues = []
+    for i in range(hosts):
+        url = sqs.create_queue(QueueName=f"{name}-{i}",
+                               Attributes={"VisibilityTimeout": str(visibility)})["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=arn)
+        queues.append(url)
+    s3.put_bucket_notification_configuration(Bucket=name, NotificationConfiguration={"TopicConfigurations": [
+        {"TopicArn": topic, "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]}]})
+    return s3, sqs, name, queues

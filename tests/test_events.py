@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from syncd.events import BadMessage, Change, EventConsumer, parse_body, queue_arn
-from tests.conftest import wait_for
+from tests.conftest import sns_fanout, wait_for
 
 
 def s3_event(name: str, key: str, bucket: str = "bkt", etag: str = "abc") -> dict[str, Any]:
@@ -43,27 +42,10 @@ def test_queue_arn_for_the_iam_policy() -> None:
 
 
 @pytest.fixture
-def fanout(moto_server: str) -> Iterator[dict[str, Any]]:
+def fanout(moto_server: str) -> dict[str, Any]:
     """A bucket whose notifications go to an SNS topic with two queues subscribed (one per host)."""
-    import uuid
-
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
-    sqs = boto3.client("sqs", endpoint_url=moto_server, region_name="us-east-1")
-    sns = boto3.client("sns", endpoint_url=moto_server, region_name="us-east-1")
-    name = f"ev-{uuid.uuid4().hex[:10]}"
-    s3.create_bucket(Bucket=name)
-    topic = sns.create_topic(Name=name)["TopicArn"]
-    queues = []
-    for host in ("a", "b"):
-        url = sqs.create_queue(QueueName=f"{name}-{host}", Attributes={"VisibilityTimeout": "1"})["QueueUrl"]
-        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=arn)
-        queues.append(url)
-    s3.put_bucket_notification_configuration(Bucket=name, NotificationConfiguration={"TopicConfigurations": [
-        {"TopicArn": topic, "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]}]})
-    yield {"s3": s3, "sqs": sqs, "bucket": name, "queues": queues}
+    s3, sqs, bucket, queues = sns_fanout(moto_server, visibility=1)
+    return {"s3": s3, "sqs": sqs, "bucket": bucket, "queues": queues}
 
 
 def test_every_host_queue_gets_the_change_and_deletes_it_once_applied(fanout: dict[str, Any]) -> None:

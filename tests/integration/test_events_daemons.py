@@ -7,34 +7,18 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
-from tests.conftest import free_port, wait_for, write_config
+from tests.conftest import free_port, sns_fanout, wait_for, write_config
 from tests.daemon_util import DaemonProc, write_file
 
 
 def fanout(endpoint: str, hosts: int = 2) -> tuple[str, list[str], Any]:
-    """A bucket whose notifications go to an SNS topic, one queue per host subscribed to it."""
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1")
-    sns = boto3.client("sns", endpoint_url=endpoint, region_name="us-east-1")
-    name = f"ev-{uuid.uuid4().hex[:10]}"
-    s3.create_bucket(Bucket=name)
-    topic = sns.create_topic(Name=name)["TopicArn"]
-    queues = []
-    for i in range(hosts):
-        url = sqs.create_queue(QueueName=f"{name}-{i}", Attributes={"VisibilityTimeout": "5"})["QueueUrl"]
-        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=arn)
-        queues.append(url)
-    s3.put_bucket_notification_configuration(Bucket=name, NotificationConfiguration={"TopicConfigurations": [
-        {"TopicArn": topic, "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]}]})
-    return name, queues, sqs
+    _s3, sqs, bucket, queues = sns_fanout(endpoint, hosts)
+    return bucket, queues, sqs
 
 
 class Host:
