@@ -8,6 +8,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -98,3 +100,14 @@ def write_file(path: Path, data: bytes) -> None:
 
 def now() -> float:
     return time.monotonic()
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """Status and body of a GET (an HTTP error is an answer too; 0 when nothing answers)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""

@@ -18,8 +18,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,7 +26,7 @@ import boto3
 import pytest
 
 from tests.conftest import _new_bucket, free_port, wait_for, write_config
-from tests.daemon_util import DaemonProc
+from tests.daemon_util import DaemonProc, http_get
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -290,16 +288,6 @@ class _ListingFails(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-
-
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError:
-        return 0, ""
 
 
 def daemon_env(base: Path, endpoint: str, bucket: str = "bk") -> tuple[Path, Path, str]:

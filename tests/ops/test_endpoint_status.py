@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import urllib.error
-import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import boto3
@@ -15,17 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import _new_bucket, free_port, wait_for, write_config
 from tests.daemon_util import DaemonProc, write_file
+from tests.daemon_util import http_get as get
 from tests.ops.test_check_iam import iam_user  # noqa: F401 - fixture
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError:
-        return 0, ""
 
 
 def metrics(url: str) -> dict[str, float]:
