@@ -106,3 +106,31 @@ def test_a_small_duplicate_is_a_server_side_copy(store, make_env, syncd, wire):
     puts = [h for method, url, h in wire if method == "PUT" and url.split("?")[0].endswith("renamed.txt")]
     assert len(puts) == 1 and "x-amz-copy-source" in {k.lower() for k in puts[0]}
     assert store.read(f"{env.prefix}/renamed.txt") == b"same bytes"
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+def test_a_failed_part_is_sent_again_alone_not_the_whole_file(store, make_env, syncd, wire, monkeypatch):
+    """One lost part of a large file costs that part, not a new multipart upload of the file."""
+    import botocore.endpoint
+    import botocore.exceptions
+
+    real_send = botocore.endpoint.Endpoint._send
+    failed: list[str] = []
+
+    def send(self, request):
+        if "partNumber=2" in request.url and not failed:
+            failed.append(request.url)
+            raise botocore.exceptions.ConnectionClosedError(endpoint_url=request.url)
+        return real_send(self, request)
+
+    monkeypatch.setattr(botocore.endpoint.Endpoint, "_send", send)
+    env = make_env(store, remote={"multipart_threshold_mb": 5, "multipart_chunk_mb": 5})
+    env.root.mkdir(parents=True)
+    big = os.urandom(11 * 1024 * 1024)
+    (env.root / "big.bin").write_bytes(big)
+    r = syncd("--config", str(env.config), "resync")
+    assert r.code == 0, r.err
+    assert failed, "the fault was not injected"
+    starts = [url for m, url, _ in wire if m == "POST" and url.endswith("?uploads")]
+    assert len(starts) == 1, starts
+    assert store.client.get_object(Bucket=store.bucket, Key=f"{env.prefix}/big.bin")["Body"].read() == big

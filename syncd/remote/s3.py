@@ -1,7 +1,9 @@
 """S3 remote (botocore): one shared client, s3transfer for multipart, server-verified checksums.
 
-Who retries: botocore is set to a single attempt; syncd's ledger owns every retry (backoff in
-`syncd.retry`), so attempts never multiply across layers (PITFALLS §2).
+Who retries: botocore is set to a single attempt; syncd's ledger owns every retry of a file
+(backoff in `syncd.retry`), so attempts never multiply across layers (PITFALLS §2). The one
+exception is a part of a multipart upload: its own client retries it (`PART_ATTEMPTS`), as the
+ledger can only send the whole file again.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from syncd.remote.base import (
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 PART_CONCURRENCY = 4
+PART_ATTEMPTS = 3  # tries of one part of a multipart upload before the file goes back to the ledger
 
 _CRED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                "TokenRefreshRequired", "ExpiredTokenException", "InvalidClientTokenId",
@@ -152,29 +155,11 @@ class S3Remote:
             # the body too (botocore does over plain http) would only hash each file twice more
             s3opts["payload_signing_enabled"] = False
         try:
-            self.client = session.create_client(
-                "s3",
-                endpoint_url=cfg.endpoint_url or None,
-                region_name=cfg.region or None,
-                config=BotoConfig(
-                    # a connection for every request in flight at once: each worker's own, its
-                    # batch of small files in the lane (syncd.lane), multipart parts, and a few
-                    # spare (an overflow is opened, used once and dropped, with a warning)
-                    max_pool_connections=workers + lane_size(workers)
-                    + PART_CONCURRENCY * max(1, min(workers, 4)) + 4,
-                    connect_timeout=10,
-                    read_timeout=60,
-                    retries={"mode": "standard", "total_max_attempts": 1},
-                    # syncd asks for the checksum it wants explicitly (SHA-256 or Content-MD5); the SDK's
-                    # default CRC32 breaks many S3-compatible stores (PITFALLS §2).
-                    request_checksum_calculation="when_required",
-                    response_checksum_validation="when_required",
-                    s3=s3opts,
-                ),
-            )
+            self.client = self._make_client(session, s3opts, workers, attempts=1)
         except bexc.ProfileNotFound as e:
             raise ConfigError(f"remote.profile: no AWS profile {cfg.profile!r} in the AWS config or "
                               f"credentials files ({e})") from e
+        self._s3opts, self._workers = s3opts, workers
         self._session = session  # for the presigning client (`presign_get`)
         # Expect: 100-continue spares a large body a trip to a server that refuses it; a small one
         # only gains a round trip (and the server a reply) per file
@@ -184,6 +169,29 @@ class S3Remote:
         self._part_concurrency = PART_CONCURRENCY * max(1, min(workers, 4))
         self._tm_lock = threading.Lock()
         self._tm_made: Any = None
+        self._part_client: Any = None
+
+    def _make_client(self, session: Any, s3opts: dict[str, Any], workers: int, *, attempts: int) -> Any:
+        return session.create_client(
+            "s3",
+            endpoint_url=self.cfg.endpoint_url or None,
+            region_name=self.cfg.region or None,
+            config=BotoConfig(
+                # a connection for every request in flight at once: each worker's own, its
+                # batch of small files in the lane (syncd.lane), multipart parts, and a few
+                # spare (an overflow is opened, used once and dropped, with a warning)
+                max_pool_connections=workers + lane_size(workers)
+                + PART_CONCURRENCY * max(1, min(workers, 4)) + 4,
+                connect_timeout=10,
+                read_timeout=60,
+                retries={"mode": "standard", "total_max_attempts": attempts},
+                # syncd asks for the checksum it wants explicitly (SHA-256 or Content-MD5); the SDK's
+                # default CRC32 breaks many S3-compatible stores (PITFALLS §2).
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                s3=s3opts,
+            ),
+        )
 
     @property
     def _tm(self) -> Any:
@@ -193,7 +201,13 @@ class S3Remote:
             if self._tm_made is None:
                 from s3transfer.manager import TransferConfig, TransferManager
 
-                self._tm_made = TransferManager(self.client, TransferConfig(
+                # a part that fails is sent again alone (botocore's standard retries, as `aws s3 cp`
+                # and rclone's low-level retries do); only a part failing PART_ATTEMPTS times sends
+                # the whole file back to the ledger, so one lost part of a large file does not
+                # cost the whole file again
+                self._part_client = self._make_client(self._session, self._s3opts, self._workers,
+                                                      attempts=PART_ATTEMPTS)
+                self._tm_made = TransferManager(self._part_client, TransferConfig(
                     multipart_threshold=self.threshold + 1, multipart_chunksize=self._part_size,
                     max_request_concurrency=self._part_concurrency))
             return self._tm_made
@@ -267,9 +281,10 @@ class S3Remote:
                     # per-part SHA-256, verified by the server part by part (a composite checksum)
                     extra["ChecksumAlgorithm"] = "SHA256"
                 self._tm.upload(str(path), self.bucket, key, extra_args=extra).result()
-                # s3transfer does not hand back CompleteMultipartUpload's ETag: ask (large files only)
-                info = self.head(key)
-                return info.etag if info is not None else None
+                # s3transfer does not hand back CompleteMultipartUpload's ETag: ask (large files
+                # only), retried like the parts (a lost answer should not send the file again)
+                return str(self._part_client.head_object(Bucket=self.bucket, Key=key).get("ETag", "")).strip('"') \
+                    or None
             if self.cfg.checksum == "sha256":
                 extra["ChecksumAlgorithm"] = "SHA256"
                 extra["ChecksumSHA256"] = _b64(sha256)

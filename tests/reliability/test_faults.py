@@ -74,7 +74,7 @@ def test_daemon_rides_through_resets_stalls_and_5xx(tmp_path, moto_server, soak,
                 written.add(new)
             wait_for(lambda: rig.rels() == set(expected) and rig.matches(expected), timeout=240, interval=1,
                      what=f"deletions and renames mirrored through faults (seed {s})")
-            wait_for(rig.settled, timeout=60, what="ledger settled")
+            rig.wait_settled(timeout=60)
             d.signal(signal.SIGTERM)
             assert d.stop(timeout=30) == 0, d.log()
             # files lost locally while stopped come back through the faults at the next start
@@ -86,7 +86,7 @@ def test_daemon_rides_through_resets_stalls_and_5xx(tmp_path, moto_server, soak,
             for rel in lost_locally:
                 assert (rig.root / rel).read_bytes() == expected[rel], rel
             assert not restore_temps(rig.root)
-            wait_for(rig.settled, timeout=120, what="ledger settled after the restart")
+            rig.wait_settled(timeout=120, what="ledger settled after the restart")
         finally:
             code = d.stop(timeout=30)
         assert code == 0, d.log()

@@ -132,9 +132,21 @@ class Rig:
 
     def settled(self) -> bool:
         """No work left in the ledger: nothing pending, in flight or being deleted."""
-        n = self.ledger_query("SELECT count(*) FROM files WHERE state IN ('pending','uploading','deleting') "
-                              "OR lease_until IS NOT NULL")[0][0]
-        return n == 0
+        return not self.unsettled(limit=1)
+
+    def unsettled(self, limit: int = 20) -> list[tuple]:
+        """The rows still at work (path, state, op, attempts, seconds until due, last error)."""
+        return self.ledger_query(
+            "SELECT path, state, op, attempts, round(due_at - strftime('%s','now'), 1), last_error FROM files "
+            "WHERE state IN ('pending','uploading','deleting') OR lease_until IS NOT NULL LIMIT ?", (limit,))
+
+    def wait_settled(self, timeout: float, what: str = "ledger settled") -> None:
+        """Wait until the ledger has no work left; on a timeout, say which rows were still at work."""
+        try:
+            wait_for(self.settled, timeout=timeout, what=what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; still at work (path, state, op, attempts, due in s, error): "
+                                 f"{self.unsettled()}") from None
 
 
 def is_ready(d: DaemonProc) -> bool:
