@@ -251,47 +251,24 @@ class Daemon:
         `remote_rescan_interval` (0: at start only). A failure is reported (once per cause,
         then counted) and retried with backoff; it never ends the daemon."""
         skip = set(self._listed_before_ready)
-        interval = self.cfg.remote_rescan_interval
-        attempt = 0
-        try:
-            while not self.stop.is_set():
-                try:
-                    for w in self.cfg.watches:
-                        if w.prefix in skip:
-                            continue
-                        engine.listing(w)
-                        if self.stop.is_set():
-                            return
-                        skip.add(w.prefix)  # listed: not again after a failure of another watch
-                except (RemoteError, RemoteUnavailable) as e:
-                    attempt += 1
-                    err = e if isinstance(e, RemoteError) else e.__cause__
-                    cause = err.cause if isinstance(err, RemoteError) else str(e)
-                    engine.stats.remote_failed(cause)
-                    engine.causes.report(f"remote listing failed: {cause}", engine.remote.name, logging.ERROR)
-                    self.stop.wait(backoff(attempt))
+
+        def one_round() -> None:
+            for w in self.cfg.watches:
+                if w.prefix in skip:
                     continue
-                except LedgerError as e:
-                    attempt += 1
-                    self._ledger_failed(e)
-                    self.stop.wait(backoff(attempt))
-                    continue
-                except Exception:  # noqa: BLE001 - the thread must survive; the next round retries
-                    log.exception("remote listing failed")
-                    attempt += 1
-                    self.stop.wait(backoff(attempt))
-                    continue
-                if attempt:
-                    log.info("remote listing works again")
-                    engine.stats.remote_ok()
-                attempt = 0
-                skip.clear()
-                if not interval:
+                engine.listing(w)
+                if self.stop.is_set():
                     return
-                self.stop.wait(interval)
+                skip.add(w.prefix)  # listed: not again after a failure of another watch
+
+        try:
+            while self._until_remote_works(engine, one_round, "remote listing failed", startup=False):
+                skip.clear()
+                if not self.cfg.remote_rescan_interval:
+                    return
+                self.stop.wait(self.cfg.remote_rescan_interval)
         finally:
-            if self.ledger is not None:
-                self.ledger.close_thread()
+            self._close_thread()
 
     def _restore_missing(self, engine: Engine) -> bool:
         """The startup restore, with its progress in STATUS= and /healthz (`restoring 812/2000`)."""
@@ -356,36 +333,47 @@ class Daemon:
         except LedgerError:
             pass  # said by /healthz and the log already
 
-    def _until_remote_works(self, engine: Engine, step: Callable[[], object], what: str) -> bool:
-        """Run `step` until it gets past the remote, reporting each failure and backing off;
-        False when stopped first."""
+    def _until_remote_works(self, engine: Engine, step: Callable[[], object], what: str, *,
+                            startup: bool = True) -> bool:
+        """Run `step` until it gets past the remote, reporting each failure (once per cause,
+        then counted) and backing off; False when stopped first. A `startup` step is what
+        /healthz says READY waits for, and a SIGTERM does not wait for its request; a later one
+        (the listing thread) survives any error, to try again at the next backoff."""
         attempt = 0
-        self.waiting_on = what
+        if startup:
+            self.waiting_on = what
         try:
             while not self.stop.is_set():
                 try:
-                    if not unless_stopped(step, self.stop, on_end=self._close_thread):
+                    if not startup:
+                        step()
+                    elif not unless_stopped(step, self.stop, on_end=self._close_thread):
                         return False
                 except (RemoteError, RemoteUnavailable) as e:
-                    attempt += 1
-                    cause = e.cause if isinstance(e, RemoteError) else str(e)
+                    # at startup the whole line with its hint; later, the request's own error
+                    err = e.__cause__ if isinstance(e, RemoteUnavailable) and not startup else e
+                    cause = err.cause if isinstance(err, RemoteError) else str(e)
                     engine.stats.remote_failed(cause)
                     engine.causes.report(f"{what}: {cause}", engine.remote.name, logging.ERROR)
-                    self.stop.wait(backoff(attempt))
-                    continue
                 except LedgerError as e:
-                    attempt += 1
                     self._ledger_failed(e)
-                    self.stop.wait(backoff(attempt))
-                    continue
-                engine.stats.remote_ok()
-                if attempt:
-                    log.info("remote %s is reachable again", engine.remote.name)
-                    engine.causes.clear()
-                return not self.stop.is_set()
+                except Exception:  # noqa: BLE001 - see below
+                    if startup:
+                        raise
+                    log.exception(what)  # a bug: said in full; the thread lives on
+                else:
+                    if startup or attempt:  # a listing does not vouch for what the workers meet
+                        engine.stats.remote_ok()
+                    if attempt:
+                        log.info("remote %s is reachable again", engine.remote.name)
+                        engine.causes.clear()
+                    return not self.stop.is_set()
+                attempt += 1
+                self.stop.wait(backoff(attempt))
             return False
         finally:
-            self.waiting_on = ""
+            if startup:
+                self.waiting_on = ""
 
     def _close_thread(self) -> None:
         if self.ledger is not None:
