@@ -107,6 +107,8 @@ class Engine:
         self.on_too_many_deletes: Callable[[str], None] | None = None
         self.wake = Wake()
         self._held: list[int] = []
+        self.done = 0  # rows the workers finished (the progress bar's count)
+        self.restoring: WorkerPool | None = None  # restores working while the plan lists
 
     # --- steps ----------------------------------------------------------------------------
     def prepare(self, *, create: bool = True) -> None:
@@ -190,7 +192,7 @@ class Engine:
                           on_too_many_deletes=self.on_too_many_deletes, stop=self.stop,
                           report_refused=None if self.oneshot else self._report_refused,
                           on_plan=self._plan_hook(), forever=not self.oneshot,
-                          on_retry=self.listing_failed).run()
+                          on_retry=self.listing_failed, on_flush=self.wake.set).run()
         except RemoteError as e:
             if self.stop.is_set():
                 return 0
@@ -253,18 +255,29 @@ class Engine:
                               "due_at=?, queued_at=?, gen=gen+1 WHERE id=?", [(now, now, i) for i in bad])
         return len(bad)
 
-    def drain(self, ops: tuple[str, ...]) -> None:
-        """Work through the queue for `ops`. A ledger that cannot be written stops it
-        (LedgerError, SPEC §4.11); a one-shot command stopped by a signal stops cleanly and
-        raises Interrupted (SPEC §4.10)."""
+    def _pool(self) -> WorkerPool:
+        def done(_row: Row) -> None:
+            self.done += 1
+            if self.on_progress is not None:
+                self.on_progress(1)
+
+        return WorkerPool(self.ledger, self.transfers.handle, self.cfg.workers, stop=self.stop, wake=self.wake,
+                          on_done=done)
+
+    def drain(self, ops: tuple[str, ...], *, pool: WorkerPool | None = None) -> None:
+        """Work through the queue for `ops` (with `pool` when one works on them already). A
+        ledger that cannot be written stops it (LedgerError, SPEC §4.11); a one-shot command
+        stopped by a signal stops cleanly and raises Interrupted (SPEC §4.10)."""
         if self._held:  # rows a drain stopped by the ledger could not give back (`run` retries)
             self.ledger.release(self._held)
             self._held = []
-        progress = self.on_progress
-        pool = WorkerPool(self.ledger, self.transfers.handle, self.cfg.workers, stop=self.stop,
-                          wake=self.wake, on_done=(lambda _r: progress(1)) if progress is not None else None)
+        started = pool is not None
+        pool = pool or self._pool()
         try:
-            pool.run(ops)
+            if started:
+                pool.finish()
+            else:
+                pool.run(ops)
         except LedgerError:
             self._release_claims(pool.unfinished())
             raise
@@ -304,7 +317,7 @@ class Engine:
         return not rows or rows[0]["listed_at"] is None
 
     def plan(self, *, restore: bool = True, verify: bool = False, dry_run: bool = False,
-             list_remote: bool = True) -> int:
+             list_remote: bool = True, restore_meanwhile: bool = False) -> int:
         """Compare every watch with the ledger and with a listing of the remote, and queue the
         work. `list_remote=False` (the daemon's fast start) lists only watches whose ledger has
         never listed the remote (a new or lost ledger): the others are listed after READY.
@@ -313,9 +326,16 @@ class Engine:
         if not dry_run:
             self.ledger.recover()
             cancel_held(self.ledger)
-        from_listing = 0
         for w in self.cfg.watches:
             self.scan(w, missing="restore" if restore else "ignore", retry_failed=True, dry_run=dry_run)
+        if restore_meanwhile and restore and not dry_run:
+            # restores need no listing to end: they start on the first rows queued (a listing of a
+            # large prefix takes seconds where S3 is far); not before the scans, which remove the
+            # temp files of restores a killed process left. `reconcile` ends them.
+            self.restoring = self._pool()
+            self.restoring.start(RESTORE_OPS, drain=True, filling=True)
+        from_listing = 0
+        for w in self.cfg.watches:
             if list_remote or self.never_listed(w):
                 from_listing += self.listing(w, dry_run=dry_run, restore=restore and w.restore)
                 if self.stop.is_set():
@@ -332,7 +352,13 @@ class Engine:
         self.check_stop(dry_run=dry_run)
         if not upload:  # --no-upload: queued uploads and deletions wait for the next run
             self.plan_kinds -= {"upload", "delete"}
-        from_listing = self.plan(restore=restore, verify=verify, dry_run=dry_run)
+        try:
+            from_listing = self.plan(restore=restore, verify=verify, dry_run=dry_run, restore_meanwhile=True)
+        except BaseException:
+            self._abandon_restores()
+            raise
+        if self.stop.is_set():
+            self._abandon_restores()
         self.check_stop(dry_run=dry_run)
         summary = Summary(dry_run=dry_run)
         if dry_run:
@@ -346,14 +372,23 @@ class Engine:
                                      + sum(s.to_restore for s in self.scans.values()))
             return self.summarize(summary)
         if on_total:
-            on_total(self.outstanding(RESTORE_OPS) + (self.outstanding(UPLOAD_OPS) if upload else 0))
+            on_total(self.done + self.outstanding(RESTORE_OPS) + (self.outstanding(UPLOAD_OPS) if upload else 0))
         if restore:
-            self.drain(RESTORE_OPS)
+            pool, self.restoring = self.restoring, None
+            self.drain(RESTORE_OPS, pool=pool)
         if not self.ledger.get_meta("deletes_paused"):
             self.drain(LOCAL_DELETE_OPS)
         if upload:
             self.drain(UPLOAD_OPS)
         return self.summarize(summary)
+
+    def _abandon_restores(self) -> None:
+        """The plan failed or was stopped: the restores begun meanwhile end (temps removed)."""
+        pool, self.restoring = self.restoring, None
+        if pool is not None:
+            pool.abandon()
+            if pool.alive():
+                remove_live_temps()
 
     def summarize(self, summary: Summary) -> Summary:
         summary.uploaded = self.stats.uploaded

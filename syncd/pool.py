@@ -60,6 +60,7 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self.ops: tuple[str, ...] = ()
         self.drain = False
+        self.filling = False  # a drain while rows are still being queued: an empty queue is no end
         self.last_loop = time.monotonic()  # for watchdog pings: proof the loop is alive
         self.error: LedgerError | None = None  # a drain stopped by a ledger failure
         self._halt = threading.Event()
@@ -114,7 +115,7 @@ class WorkerPool:
             # idle workers re-check at once: the queue may be drained, or a retry queued
             self.wake.set()
             return True
-        if self.drain and ledger.outstanding(ops) == 0:
+        if self.drain and not self.filling and ledger.outstanding(ops) == 0:
             return False
         nd = ledger.next_due(ops) if ops else None
         wait = IDLE_MAX if nd is None else min(IDLE_MAX, max(0.01, nd - time.time()))
@@ -167,9 +168,10 @@ class WorkerPool:
         for row in rows:
             self.ledger.finish(row, state="pending" if row["state"] == "uploading" else row["state"])
 
-    def start(self, ops: tuple[str, ...], *, drain: bool = False) -> None:
+    def start(self, ops: tuple[str, ...], *, drain: bool = False, filling: bool = False) -> None:
         self.ops = ops
         self.drain = drain
+        self.filling = filling
         self._threads = [threading.Thread(target=self._loop, name=f"syncd-worker-{i}", daemon=True)
                          for i in range(self.n)]
         for t in self._threads:
@@ -189,6 +191,13 @@ class WorkerPool:
         self.lane.close()  # the workers are done: so are their batches
         return True
 
+    def abandon(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Take no more rows (what fed the pool failed); those under way finish, the others
+        claimed are given back."""
+        self._halt.set()
+        self.wake.set()
+        self.join(timeout)
+
     def alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
@@ -204,6 +213,13 @@ class WorkerPool:
             return
         self.n = min(self.n, queued)
         self.start(ops, drain=True)
+        self.finish(stop_timeout)
+
+    def finish(self, stop_timeout: float = STOP_TIMEOUT) -> None:
+        """The rest of `run`: drain what is queued, then end. Also ends a drain started
+        `filling` (working on rows while more are queued: restores during a listing)."""
+        self.filling = False
+        self.wake.set()
         while not self.join(timeout=0.5):
             if self.stop.is_set():
                 self.join(stop_timeout)

@@ -434,8 +434,10 @@ class Listing:
                  stop: threading.Event | None = None,
                  report_refused: Callable[[str, str], None] | None = None,
                  on_plan: Callable[[str, str, str], None] | None = None, forever: bool = False,
-                 on_retry: Callable[[BaseException], None] | None = None) -> None:
+                 on_retry: Callable[[BaseException], None] | None = None,
+                 on_flush: Callable[[], None] | None = None) -> None:
         self.on_retry = on_retry
+        self.on_flush = on_flush  # work was queued (workers may start on it while the listing goes on)
         self.on_plan = on_plan
         self.forever = forever  # the daemon: a failing page is retried until it works or a stop
         self.cfg = cfg
@@ -492,6 +494,8 @@ class Listing:
                 _restore_only(work, w, rel, obj, tomb, row, opts, res)
             if len(work) >= BATCH:
                 work.flush(self.remote)
+                if self.on_flush is not None:
+                    self.on_flush()
                 if self.stop.is_set():
                     return res  # held deletions are cancelled by the next listing
         work.flush(self.remote)

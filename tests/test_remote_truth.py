@@ -361,3 +361,33 @@ def test_a_rescan_leaves_a_queued_remote_change_to_an_unchanged_file_alone(tmp_p
     finally:
         ledger.close()
     assert got == {"r.txt": ("pending", "get"), "u.txt": ("deleting", "unlink"), "edited.txt": ("pending", "put")}
+
+
+@pytest.mark.parametrize("store", ["file"], indirect=True)
+def test_resync_restores_while_its_listing_goes_on(store, make_env, syncd, monkeypatch):
+    """Restores start on the first rows a listing queues, not after its last page: where S3 is
+    tens of milliseconds away a listing of a large prefix takes seconds."""
+    import time
+
+    env = make_env(store)
+    n = 1200  # more than two batches of the listing (reconcile.BATCH)
+    for i in range(n):
+        store.put_raw(f"{env.prefix}/d/f{i:04d}.txt", b"x")
+    real_list = LocalRemote.list
+    restored_during = []
+
+    def listing(self, prefix, **kw):
+        for i, obj in enumerate(real_list(self, prefix, **kw)):
+            if i == n - 1 and ".syncd" not in prefix:  # the last object: wait for a restore
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline and not any((env.root / "d").glob("f*.txt")):
+                    time.sleep(0.01)
+                restored_during.append(sum(1 for _ in (env.root / "d").glob("f*.txt")))
+            yield obj
+
+    monkeypatch.setattr(LocalRemote, "list", listing)
+    r = syncd("--config", str(env.config), "resync")
+    assert r.code == 0, r.err
+    assert f"restored {n}" in r.out
+    assert restored_during and restored_during[0] > 0, "nothing was restored before the listing ended"
+    assert sum(1 for _ in (env.root / "d").glob("f*.txt")) == n
