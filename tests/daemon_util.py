@@ -111,3 +111,19 @@ def http_get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
     except OSError:
         return 0, ""
+
+
+def live_tree(root: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of the files under `root` while a daemon works there: its restore
+    temps (`.syncd-restore-*`) are not files of the tree, nor is a file that goes away between
+    the walk and the read (a temp renamed, a deletion applied): the next poll sees the outcome."""
+    out = {}
+    for p in root.rglob("*"):
+        if p.name.startswith(".syncd-"):
+            continue
+        try:
+            if p.is_file():
+                out[p.relative_to(root).as_posix()] = p.read_bytes()
+        except FileNotFoundError:
+            continue
+    return out

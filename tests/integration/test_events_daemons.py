@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import free_port, sns_fanout, wait_for, write_config
-from tests.daemon_util import DaemonProc, write_file
+from tests.daemon_util import DaemonProc, live_tree, write_file
 
 
 def fanout(endpoint: str, hosts: int = 2) -> tuple[str, list[str], Any]:
@@ -38,8 +38,7 @@ class Host:
         self.proc = DaemonProc(self.config, self.ledger, self.tmp / "daemon.log")
 
     def files(self) -> dict[str, bytes]:
-        return {p.relative_to(self.root).as_posix(): p.read_bytes() for p in self.root.rglob("*")
-                if p.is_file() and not p.name.startswith(".syncd-")}
+        return live_tree(self.root)
 
     def healthz(self) -> tuple[int, str]:
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import boto3
 
 from tests.conftest import _new_bucket, free_port, wait_for, write_config
-from tests.daemon_util import DaemonProc, bucket_objects, write_file
+from tests.daemon_util import DaemonProc, bucket_objects, live_tree, write_file
 
 PREFIX = "backups/uploads"
 
@@ -40,7 +40,7 @@ class Host:
         return self.proc
 
     def files(self) -> dict[str, bytes]:
-        return {p.relative_to(self.root).as_posix(): p.read_bytes() for p in self.root.rglob("*") if p.is_file()}
+        return live_tree(self.root)
 
     def healthz(self) -> int:
         try:
