@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote
 
+from syncd import tombstones
 from syncd.config import Config, WatchConfig
 from syncd.keys import UnsafeKey, is_reserved, join_key, key_problem, rel_from_key
 from syncd.ledger import Ledger
@@ -406,9 +407,7 @@ class FileServer:
         """SPEC §4.5: a tombstone at `<remote prefix>/<watch prefix>/.syncd/tombstones/<rel>` at
         least as new as the object hides it (no dates to compare: the tombstone wins)."""
         tomb = self.remote.head(join_key(self.cfg.remote.prefix, watch.prefix, TOMBSTONES, rel))
-        if tomb is None:
-            return False
-        return tomb.mtime_ns is None or obj.mtime_ns is None or tomb.mtime_ns >= obj.mtime_ns
+        return tombstones.hides(tomb, obj)  # by the store's times, as the listing judges
 
     def _remote(self, fn: Callable[[], object]):  # noqa: ANN202 - returns what fn returns
         return retry_call(fn, attempts=REQUEST_ATTEMPTS, stop_event=self.stop)

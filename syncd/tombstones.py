@@ -69,6 +69,9 @@ def hides(tomb: ObjectInfo | None, obj: ObjectInfo | None) -> bool:
     """Does the tombstone hide the object (the app deleted the file after this version)?"""
     if tomb is None or obj is None:
         return False
-    if tomb.mtime_ns is None or obj.mtime_ns is None:
+    # the store's times (a HEAD's mtime_ns is the file's own, from another host's clock)
+    t = tomb.modified_ns if tomb.modified_ns is not None else tomb.mtime_ns
+    o = obj.modified_ns if obj.modified_ns is not None else obj.mtime_ns
+    if t is None or o is None:
         return True  # no dates to compare: the deletion is what syncd knows of last
-    return tomb.mtime_ns >= obj.mtime_ns
+    return t >= o

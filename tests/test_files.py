@@ -466,3 +466,33 @@ def test_files_is_404_when_serve_files_is_off(served):
     served.seed("a.txt", b"x")
     assert served.request("/files/uploads/a.txt")[0] == 404
     assert served.remote.gets == Counter()
+
+
+@pytest.mark.parametrize("store", ["moto"], indirect=True)
+def test_a_tombstone_is_judged_by_the_store_clock_not_by_the_file_mtime(store, make_env):
+    """A file whose mtime is a day ahead (another host's clock, or an archive's) and which the
+    app deleted afterwards stays hidden: /files/ compares the store's times of the object and
+    its tombstone, as the listing does, not the object's syncd-mtime-ns."""
+    from syncd import tombstones
+    from syncd.remote import open_remote
+
+    env = make_env(store)
+    cfg = load_config(env.config)
+    watch = cfg.watches[0]
+    remote = open_remote(cfg)
+    ledger = Ledger(env.ledger)
+    try:
+        body = env.tmp / "body"
+        body.write_bytes(b"deleted by the app")
+        base = f"{cfg.remote.prefix}/{watch.prefix}"
+        remote.put(f"{base}/skewed.txt", body, size=body.stat().st_size,
+                   sha256=hashlib.sha256(b"deleted by the app").hexdigest(),
+                   mtime_ns=time.time_ns() + 86400 * 10**9)
+        tombstones.write(remote, base, "skewed.txt")  # the deletion, after the upload
+        files = FileServer(cfg, ledger, remote, Stats())
+        obj = remote.head(f"{base}/skewed.txt")
+        assert obj is not None
+        assert files.remote_tombstone_hides(watch, "skewed.txt", obj)
+    finally:
+        ledger.close()
+        remote.close()

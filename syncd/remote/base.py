@@ -51,6 +51,9 @@ class ObjectInfo:
     sha256: str | None = None  # syncd-sha256 metadata (lowercase hex), when known
     mtime_ns: int | None = None  # syncd-mtime-ns metadata, else the store's modification time
     etag: str = ""  # the store's version tag (S3: the ETag; file://: size and mtime), for listings
+    # the store's own modification time (S3: LastModified; file://: the file's mtime), what a
+    # listing shows: tombstones are compared by it, whoever asks (tombstones.hides)
+    modified_ns: int | None = None
 
 
 @dataclass(frozen=True)

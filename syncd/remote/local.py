@@ -189,7 +189,8 @@ class LocalRemote:
                     st = de.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                yield ObjectInfo(key=key, size=st.st_size, mtime_ns=st.st_mtime_ns, etag=_etag(st))
+                yield ObjectInfo(key=key, size=st.st_size, mtime_ns=st.st_mtime_ns, etag=_etag(st),
+                                 modified_ns=st.st_mtime_ns)
 
         rel = start.relative_to(self.root).as_posix()
         yield from rec(str(start), "" if rel == "." else rel)
@@ -201,7 +202,7 @@ class LocalRemote:
             return None
         meta = self._read_meta(key, st)
         return ObjectInfo(key=key, size=st.st_size, sha256=meta.get("sha256"),
-                          mtime_ns=meta.get("mtime_ns", st.st_mtime_ns), etag=_etag(st))
+                          mtime_ns=meta.get("mtime_ns", st.st_mtime_ns), etag=_etag(st), modified_ns=st.st_mtime_ns)
 
     def put(self, key: str, path: Path, *, size: int, sha256: str, mtime_ns: int,
             data: bytes | None = None) -> str:
@@ -245,7 +246,7 @@ class LocalRemote:
                 dest.write(chunk)
         meta = self._read_meta(key, st)
         info = ObjectInfo(key=key, size=st.st_size, sha256=meta.get("sha256"),
-                          mtime_ns=meta.get("mtime_ns", st.st_mtime_ns), etag=_etag(st))
+                          mtime_ns=meta.get("mtime_ns", st.st_mtime_ns), etag=_etag(st), modified_ns=st.st_mtime_ns)
         return Fetched(info=info, server_verified=False)
 
     def copy(self, src: str, dst: str, *, sha256: str, mtime_ns: int,

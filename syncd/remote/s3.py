@@ -240,8 +240,10 @@ class S3Remote:
         elif isinstance(resp.get("LastModified"), datetime):
             mtime_ns = int(resp["LastModified"].timestamp() * 1e9)
         size = resp.get("ContentLength", resp.get("Size", 0))
+        lm = resp.get("LastModified")
         return ObjectInfo(key=key, size=int(size), sha256=sha.lower() if sha else None, mtime_ns=mtime_ns,
-                          etag=str(resp.get("ETag", "")).strip('"'))
+                          etag=str(resp.get("ETag", "")).strip('"'),
+                          modified_ns=int(lm.timestamp() * 1e9) if isinstance(lm, datetime) else None)
 
     # --- Remote -------------------------------------------------------------------------
     def probe(self, prefix: str = "") -> None:
@@ -257,9 +259,9 @@ class S3Remote:
             for page in pages:
                 for o in page.get("Contents", ()):
                     lm = o.get("LastModified")
-                    yield ObjectInfo(key=o["Key"], size=int(o.get("Size", 0)),
-                                     mtime_ns=int(lm.timestamp() * 1e9) if lm else None,
-                                     etag=str(o.get("ETag", "")).strip('"'))
+                    at = int(lm.timestamp() * 1e9) if lm else None
+                    yield ObjectInfo(key=o["Key"], size=int(o.get("Size", 0)), mtime_ns=at,
+                                     etag=str(o.get("ETag", "")).strip('"'), modified_ns=at)
         except bexc.BotoCoreError as e:
             raise map_error(e, "s3:ListBucket", prefix) from e
         except bexc.ClientError as e:
