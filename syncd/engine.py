@@ -108,6 +108,7 @@ class Engine:
         self.wake = Wake()
         self._held: list[int] = []
         self.done = 0  # rows the workers finished (the progress bar's count)
+        self._done_lock = threading.Lock()
         self.restoring: WorkerPool | None = None  # restores working while the plan lists
 
     # --- steps ----------------------------------------------------------------------------
@@ -257,7 +258,8 @@ class Engine:
 
     def _pool(self) -> WorkerPool:
         def done(_row: Row) -> None:
-            self.done += 1
+            with self._done_lock:  # workers finish at once: += is not atomic
+                self.done += 1
             if self.on_progress is not None:
                 self.on_progress(1)
 
