@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -131,14 +133,26 @@ def converged(a: Host, b: Host, client, bucket: str) -> bool:
     return fa == fb and fa == bucket_files(client, bucket)
 
 
-def test_two_shared_hosts_converge_byte_identical(tmp_path, moto_server):
+@contextmanager
+def two_shared_hosts(tmp_path: Path, moto_server: str) -> Iterator[tuple]:
+    """(client, bucket, a, b): two hosts sharing one prefix (`shared`, `mirror`), READY; each
+    host's last daemon must stop cleanly at the end."""
     client, bucket = new_bucket(moto_server)
     a = Host(tmp_path, "a", moto_server, bucket, mode="shared", on_delete="mirror")
     b = Host(tmp_path, "b", moto_server, bucket, mode="shared", on_delete="mirror")
-    da, db = a.start(), b.start()
+    a.start(), b.start()
     try:
-        da.wait_ready()
-        db.wait_ready()
+        for h in (a, b):
+            assert h.proc is not None
+            h.proc.wait_ready()
+        yield client, bucket, a, b
+    finally:
+        for h in (a, b):
+            assert h.proc is not None and h.proc.stop() == 0, h.proc and h.proc.log()
+
+
+def test_two_shared_hosts_converge_byte_identical(tmp_path, moto_server):
+    with two_shared_hosts(tmp_path, moto_server) as (client, bucket, a, b):
         # issue 12, acceptance 3: 200 files written on each host, 20 changed and 20 deleted on each
         for i in range(200):
             write_file(a.root / f"a/{i:03d}.bin", os.urandom(1000 + i))
@@ -158,35 +172,22 @@ def test_two_shared_hosts_converge_byte_identical(tmp_path, moto_server):
         assert files["a/000.bin"].startswith(b"changed on a ") and files["b/000.bin"].startswith(b"changed on a ")
         assert files["a/010.bin"].startswith(b"changed on b ") and files["b/010.bin"].startswith(b"changed on b ")
         assert not [p for p in tmp_path.rglob(".syncd-restore-*")]
-    finally:
-        assert da.stop() == 0, da.log()
-        assert db.stop() == 0, db.log()
 
 
 def test_shared_kill_9_during_convergence_then_restart_still_converges(tmp_path, moto_server):
-    client, bucket = new_bucket(moto_server)
-    a = Host(tmp_path, "a", moto_server, bucket, mode="shared", on_delete="mirror")
-    b = Host(tmp_path, "b", moto_server, bucket, mode="shared", on_delete="mirror")
-    da, db = a.start(), b.start()
-    try:
-        da.wait_ready()
-        db.wait_ready()
+    with two_shared_hosts(tmp_path, moto_server) as (client, bucket, a, b):
         for i in range(60):
             write_file(a.root / f"a/{i:02d}.bin", os.urandom(20_000 + i))
         # B is killed while it restores A's files
         wait_for(lambda: len(b.files()) > 0, timeout=60, interval=0.05,
                  what="convergence under way")
-        db.kill9()
+        b.proc.kill9()
         for i in range(5):
             (a.root / f"a/{i:02d}.bin").unlink()
-        db = b.start()
-        db.wait_ready()
+        b.start().wait_ready()
         wait_for(lambda: converged(a, b, client, bucket), timeout=120, interval=0.5, what="convergence")
         assert len(a.files()) == 55
         assert not [p for p in tmp_path.rglob(".syncd-restore-*")]
-    finally:
-        assert da.stop() == 0, da.log()
-        assert db.stop() == 0, db.log()
 
 
 def test_shared_emptied_bucket_deletes_nothing_and_too_many_deletions_pause(tmp_path, moto_server):
