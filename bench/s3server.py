@@ -1,7 +1,7 @@
 """A fresh moto S3 server on 127.0.0.1 in a child process, with a fast seeding side door.
 
 `MotoServer().start()` runs this file as a script. The child serves S3 over HTTP (moto's S3
-app alone on werkzeug's threaded server, objects in memory, request logging off) and reads
+app alone on waitress, connections kept alive, objects in memory, request logging off) and reads
 commands on stdin, one JSON object per line, answering one JSON line on stdout:
 
 - `{"op": "bucket", "name": B}`: create bucket B.
@@ -14,8 +14,8 @@ commands on stdin, one JSON object per line, answering one JSON line on stdout:
 
 `MotoServer(latency_ms=50)` delays every request by that much before moto sees it: real S3 is
 tens of milliseconds away (a few hundred on another continent), where the number of requests
-in flight decides, not the client's CPU. The delay sleeps in the request's own thread (werkzeug
-serves each request in one), so it costs no CPU and delays concurrent requests independently,
+in flight decides, not the client's CPU. The delay sleeps in the request's own thread (waitress
+serves each request in one of its threads), so it costs no CPU and delays concurrent requests independently,
 like a WAN round trip (there is no netem in this kernel: PITFALLS §9).
 
 PITFALLS §3, §8: moto grows large during big uploads, so each benchmark starts its own server.
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 ACCOUNT = "123456789012"
+THREADS = 256  # requests served at once: more than any tool keeps in flight (syncd 32 small + parts)
 
 
 class MotoServer:
@@ -136,18 +137,23 @@ def _serve(latency_ms: float = 0.0) -> None:
     import logging
     import threading
 
-    from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
+    from moto.moto_server.werkzeug_app import create_backend_app
     from moto.s3 import models
-    from werkzeug.serving import make_server
+    from waitress.server import create_server
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request on stderr
+    logging.getLogger("waitress").setLevel(logging.ERROR)
     # moto's S3 app alone, as `moto_server s3` served it: the all-services dispatcher of
     # `ThreadedMotoServer` guesses the service of every request under one global lock (scans of
     # moto's package directory, hundreds of URL patterns), 39% of the server's CPU per PUT. That
     # cost is the same for every client and hid their differences behind the server's ceiling.
-    server = make_server("127.0.0.1", 0, delayed(create_backend_app("s3"), latency_ms / 1000), threaded=True,
-                         request_handler=MotoRequestHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # Served by waitress, which keeps connections alive as S3 does: werkzeug's server (moto's own)
+    # closes every connection, so each request cost every client a TCP connect and the server a
+    # new thread, on the cores the client runs on. THREADS: every request in flight sleeps its
+    # latency in one; bodies stay in memory (waitress spools those above 512 KiB to temp files)
+    server = create_server(delayed(create_backend_app("s3"), latency_ms / 1000), host="127.0.0.1", port=0,
+                           threads=THREADS, connection_limit=1000, channel_timeout=600,
+                           inbuf_overflow=1 << 30, outbuf_overflow=1 << 30, ident="moto")
+    threading.Thread(target=server.run, daemon=True).start()
     backend = models.s3_backends[ACCOUNT]["aws"]
     stored: dict[str, dict[str, float]] = {}
     original_put = backend.put_object
@@ -176,7 +182,7 @@ def _serve(latency_ms: float = 0.0) -> None:
                 n += 1
         return n
 
-    print(f"PORT {server.server_address[1]}", flush=True)
+    print(f"PORT {server.effective_port}", flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         try:
@@ -195,7 +201,7 @@ def _serve(latency_ms: float = 0.0) -> None:
             print(json.dumps({"result": result}), flush=True)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
             print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
-    server.shutdown()
+    server.close()
 
 
 if __name__ == "__main__":

@@ -579,8 +579,9 @@ class Ledger:
 
         return self._grouped(take)
 
-    def finish(self, row: Row, **fields: Any) -> bool:
-        """Apply a worker's result if nobody changed the row meanwhile; always release it.
+    def finish(self, row: Row, *, still_op: str | None = None, **fields: Any) -> bool:
+        """Apply a worker's result if nobody changed the row meanwhile (and, with `still_op`, its
+        op is still that one); always release it.
 
         Returns False when the row changed during the work (the outside change stands; only
         `remote_sha256` and `remote_etag`, facts about the remote, are kept from the result).
@@ -588,10 +589,11 @@ class Ledger:
         now = time.time()
         fields.setdefault("updated_at", now)
         sets = ", ".join(f"{k}=?" for k in fields)
+        op_check = " AND op=?" if still_op is not None else ""
 
         def apply(w: sqlite_utils.Database) -> bool:
-            cur = w.execute(f"UPDATE files SET {sets}, lease_until=NULL WHERE id=? AND gen=?",
-                            [*fields.values(), row["id"], row["gen"]])
+            cur = w.execute(f"UPDATE files SET {sets}, lease_until=NULL WHERE id=? AND gen=?{op_check}",
+                            [*fields.values(), row["id"], row["gen"], *([still_op] if still_op else [])])
             if cur.rowcount:
                 return True
             extra = {k: fields[k] for k in ("remote_sha256", "remote_etag") if k in fields}

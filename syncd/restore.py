@@ -85,7 +85,6 @@ def safe_target(root: Path, rel: str, *, follow_symlinks: bool = False, create: 
             problem = windows_name_problem(seg)
             if problem:
                 raise UnsafeKey(problem)
-    real_root = os.path.realpath(root)
     cur = Path(root)
     for seg in parts[:-1]:
         cur = cur / seg
@@ -100,7 +99,7 @@ def safe_target(root: Path, rel: str, *, follow_symlinks: bool = False, create: 
             except FileExistsError:  # another worker made it meanwhile: check what it is
                 s = os.lstat(cur)
         if st_mod.S_ISLNK(s.st_mode):
-            real = os.path.realpath(cur)
+            real, real_root = os.path.realpath(cur), os.path.realpath(root)  # only here: a stat per part
             inside = os.path.commonpath([real_root, real]) == real_root
             if not (follow_symlinks and inside and os.path.isdir(real)):
                 raise UnsafeKey(f"{cur} is a symlink; refusing to restore through it")

@@ -319,12 +319,6 @@ class Transfers:
                 return  # an on-demand request restores it right now and records the outcome
             self._restoring.add(row["id"])
         try:
-            now = self.ledger.query("SELECT op FROM files WHERE id=?", [row["id"]])
-            if not now or now[0]["op"] != "get":
-                # restored by an on-demand request since this worker claimed it (or changed):
-                # nothing left to do but to let go of the row
-                self.ledger.finish(row)
-                return
             self._restore(row, watch)
         finally:
             with self._restoring_lock:
@@ -347,8 +341,10 @@ class Transfers:
                     return self.ledger.finish(row, state="synced", op=None, overwrite=0) and False
                 if local_changed:
                     return False
-            # recorded before the rename: the watcher then sees a synced file, not one to upload
-            return self.ledger.finish(row, state="synced", op=None, size=res.size, mtime_ns=res.mtime_ns,
+            # recorded before the rename: the watcher then sees a synced file, not one to upload;
+            # not when an on-demand request restored it since the claim (the app may have
+            # deleted it since: that deletion stands)
+            return self.ledger.finish(row, still_op="get", state="synced", op=None, size=res.size, mtime_ns=res.mtime_ns,
                                       sha256=res.sha256, remote_sha256=res.sha256, synced_at=time.time(),
                                       attempts=0, last_error=None, error_kind=None, probe=0,
                                       remote_etag=res.etag or None, overwrite=0)
@@ -375,6 +371,12 @@ class Transfers:
                 return
             raise
         except FileExistsError:
+            now = self.ledger.query("SELECT op FROM files WHERE id=?", [row["id"]])
+            if not now or now[0]["op"] != "get":
+                # restored by an on-demand request since this worker claimed it: nothing left to
+                # do but to let go of the row (asked here, not before every download)
+                self.ledger.finish(row)
+                return
             # a local file is there (or appeared meanwhile): it wins; compare it with the remote
             self.ledger.update(row["id"], state="pending", op="put", probe=1, due_at=time.time(),
                                lease_until=None)

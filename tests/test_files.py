@@ -200,6 +200,27 @@ def test_a_request_for_a_file_a_restore_worker_holds_waits_for_that_download(ser
     assert served.ledger.get("uploads", "w/a.txt")["state"] == "synced"
 
 
+def test_a_claimed_restore_taken_over_on_demand_then_deleted_by_the_app_stays_deleted(served):
+    """A worker claimed the restore in its batch; an on-demand restore took it over; the app
+    deleted the file before the watcher recorded it: the worker's turn brings nothing back."""
+    from syncd.engine import Engine
+    from syncd.lazy import RESTORED, restore_now
+
+    served.seed("t/a.txt", b"served, then deleted by the app")
+    now = time.time()
+    served.ledger.upsert_many([{"watch": "uploads", "path": "t/a.txt", "key": "uploads/t/a.txt", "size": 31,
+                                "state": "pending", "op": "get", "due_at": now, "queued_at": now, "attempts": 0}])
+    held = served.ledger.claim(("get",), now=time.time() + 1)  # in a worker's batch, not started
+    engine = Engine(served.cfg, served.ledger, served.remote, oneshot=False)  # type: ignore[arg-type]
+    assert restore_now(engine, "uploads", "t/a.txt") == RESTORED
+    (served.root / "t" / "a.txt").unlink()
+    engine.transfers.handle(held[0])
+    assert not (served.root / "t" / "a.txt").exists()
+    assert not [p for p in (served.root / "t").iterdir()]  # no temp left either
+    row = served.ledger.get("uploads", "t/a.txt")
+    assert (row["state"], row["op"], row["lease_until"]) == ("synced", None, None)
+
+
 def test_a_queued_restore_taken_by_a_request_is_not_claimed_by_a_worker_meanwhile(served):
     served.seed("h/a.txt", b"taken ahead of the queue")
     now = time.time()
