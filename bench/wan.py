@@ -240,8 +240,8 @@ def markdown(results: dict[str, Result], verdicts_: list[Verdict]) -> str:
            "| target | result | figures |", "|---|---|---|"]
     out += [f"| {v.text} | **{v.status}** | {v.detail} |" for v in verdicts_]
     out += ["", *table(results), "",
-            "- the delay sleeps in the server's request thread (no CPU); moto's server closes every "
-            "connection, so each request also pays a TCP connect on loopback (microseconds)",
+            "- the delay sleeps in the server's request thread (no CPU); the server keeps connections "
+            "alive, as S3 does (every tool pools them), so a request costs no TCP handshake",
             "- rclone 1.60 sends a HEAD beside each uploaded file's PUT; at its defaults it also reads each "
             "object's modtime (a HEAD) to compare in the no-op"]
     return "\n".join(out) + "\n"

@@ -332,22 +332,25 @@ class FileServer:
                     return "remote"
                 lease = self._hold(row["id"])
         try:
-            return self._fetch(watch, rel, known=row is not None)
+            return self._fetch(watch, rel, known=row is not None, queued=row is not None and row["op"] == "get")
         finally:
             if lease is not None:  # released unless the restore recorded the row (which clears it)
                 with self.ledger.write() as w:
                     w.execute("UPDATE files SET lease_until=NULL WHERE id=? AND lease_until=?", list(lease))
 
-    def _fetch(self, watch: WatchConfig, rel: str, *, known: bool) -> str:
+    def _fetch(self, watch: WatchConfig, rel: str, *, known: bool, queued: bool = False) -> str:
         key = join_key(self.cfg.remote.prefix, watch.prefix, rel)
         t0 = time.monotonic()
         try:
-            # ask first: a miss (broken links, scanners) costs a HEAD and creates no directories
-            obj = self._remote(lambda: self.remote.head(key))
-            if obj is None:
-                raise Refusal(404, "not found (neither on disk nor in the remote)")
-            if not known and self._remote(lambda: self.tombstoned(watch, rel, obj)):
-                raise Refusal(404, "not found (deleted by the app: a remote tombstone hides it)")
+            # ask first: a miss (broken links, scanners) costs a HEAD and creates no directories;
+            # not for a queued restore: its listing saw the object and judged its tombstone (the
+            # GET answers for both, a round trip sooner)
+            if not queued:
+                obj = self._remote(lambda: self.remote.head(key))
+                if obj is None:
+                    raise Refusal(404, "not found (neither on disk nor in the remote)")
+                if not known and self._remote(lambda: self.tombstoned(watch, rel, obj)):
+                    raise Refusal(404, "not found (deleted by the app: a remote tombstone hides it)")
             target = safe_target(watch.path, rel, follow_symlinks=watch.follow_symlinks)
             res = self._remote(lambda: fetch(self.remote, key, target,
                                              before_publish=lambda r: self._record(watch, rel, key, r)))

@@ -175,6 +175,7 @@ def test_a_queued_restore_is_skipped_once_the_file_was_served(served):
     assert served.ledger.outstanding(("get",)) == 0  # the queue skips both
     assert served.ledger.claim(("get",), now=time.time() + 1) == []
     assert served.remote.gets == Counter({"uploads/q/a.txt": 1, "uploads/q/b.txt": 1})
+    assert served.remote.heads == Counter()  # the listing that queued them saw them: a GET, no HEAD
     assert {p.name: p.read_bytes() for p in (served.root / "q").iterdir()} == \
         {rel.split("/")[1]: content for rel, content in data.items()}
 
