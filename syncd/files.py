@@ -323,22 +323,23 @@ class FileServer:
         if row is not None and row["state"] in HIDDEN:
             raise Refusal(404, "not found (deleted by the app: a tombstone hides it)")
         lease: tuple[int, float] | None = None  # (row id, lease expiry) while this request holds it
+        queued = row is not None and row["op"] == "get"
         just_restored = row is not None and row["state"] == "synced" and row["op"] is None and \
             time.time() - (row["updated_at"] or 0) < PUBLISH_GRACE
-        if row is not None and (row["op"] == "get" or just_restored):
+        if row is not None and (queued or just_restored):
             lease = self._hold(row["id"])  # queued for restore: take it ahead of the queue
             if lease is None:  # a restore worker has it, or has just recorded it (the rename follows)
                 if self._queued_restore_done(watch, rel):
                     return "remote"
                 lease = self._hold(row["id"])
         try:
-            return self._fetch(watch, rel, known=row is not None, queued=row is not None and row["op"] == "get")
+            return self._fetch(watch, rel, known=row is not None, queued=queued)
         finally:
             if lease is not None:  # released unless the restore recorded the row (which clears it)
                 with self.ledger.write() as w:
                     w.execute("UPDATE files SET lease_until=NULL WHERE id=? AND lease_until=?", list(lease))
 
-    def _fetch(self, watch: WatchConfig, rel: str, *, known: bool, queued: bool = False) -> str:
+    def _fetch(self, watch: WatchConfig, rel: str, *, known: bool, queued: bool) -> str:
         key = join_key(self.cfg.remote.prefix, watch.prefix, rel)
         t0 = time.monotonic()
         try:

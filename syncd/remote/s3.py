@@ -234,16 +234,12 @@ class S3Remote:
         meta = {k.lower(): v for k, v in (resp.get("Metadata") or {}).items()}
         sha = meta.get(META_SHA)
         mtime = meta.get(META_MTIME)
-        mtime_ns: int | None = None
-        if mtime and mtime.isdigit():
-            mtime_ns = int(mtime)
-        elif isinstance(resp.get("LastModified"), datetime):
-            mtime_ns = int(resp["LastModified"].timestamp() * 1e9)
-        size = resp.get("ContentLength", resp.get("Size", 0))
         lm = resp.get("LastModified")
+        modified_ns = int(lm.timestamp() * 1e9) if isinstance(lm, datetime) else None
+        mtime_ns = int(mtime) if mtime and mtime.isdigit() else modified_ns
+        size = resp.get("ContentLength", resp.get("Size", 0))
         return ObjectInfo(key=key, size=int(size), sha256=sha.lower() if sha else None, mtime_ns=mtime_ns,
-                          etag=str(resp.get("ETag", "")).strip('"'),
-                          modified_ns=int(lm.timestamp() * 1e9) if isinstance(lm, datetime) else None)
+                          etag=str(resp.get("ETag", "")).strip('"'), modified_ns=modified_ns)
 
     # --- Remote -------------------------------------------------------------------------
     def probe(self, prefix: str = "") -> None:
