@@ -37,6 +37,7 @@ from bench.tools import (
 
 MIB = 1024 * 1024
 CEILING = "ceiling"  # (a) only, not a target: bench/ceiling.py, the same PUTs without syncd around them
+LIST_FLOOR = "list-floor"  # (c) only, not a target: bench/ceiling.py --list, the listing alone
 PREFIX = "bench"  # syncd: remote url s3://BUCKET/bench, watch prefix "data"
 WATCH_PREFIX = "data"
 KEY_PREFIX = f"{PREFIX}/{WATCH_PREFIX}"
@@ -226,6 +227,11 @@ class Bench:
                         raise RuntimeError(f"(c) {name}: the no-op run uploaded something")
                     res.add(name, smp)
                     self.say(f"  (c) round {r + 1} {name}: {smp.wall:.2f}s wall, {smp.cpu:.2f}s CPU")
+                # the floor under any botocore tool's no-op: start, client, listing of syncd's objects
+                smp = measure([sys.executable, str(Path(__file__).with_name("ceiling.py")), "--list", srv.endpoint,
+                               "c-syncd", KEY_PREFIX], env=bench_env(), log=self.logs / "c-list-floor.log")
+                res.add(LIST_FLOOR, smp)
+                self.say(f"  (c) round {r + 1} bare botocore listing: {smp.wall:.2f}s wall, {smp.cpu:.2f}s CPU")
         finally:
             srv.stop()
         return res

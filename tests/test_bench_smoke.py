@@ -31,8 +31,10 @@ def test_syncd_alone_on_a_tiny_dataset(tmp_path: Path) -> None:
     for res in results.values():
         (s,) = res.samples["syncd"]
         assert s.rc == 0 and s.wall > 0 and s.cpu > 0 and s.rss_mib > 10
+    (floor,) = results["c"].samples["list-floor"]  # the bare listing found syncd's objects
+    assert floor.rc == 0
     md = report.markdown(results, report.verdicts(results), ["# t"])
-    assert "| syncd resync | 1 |" in md
+    assert "| syncd resync | 1 |" in md and "| (info) bare botocore: import, client, list the prefix" in md
     # no peer ran: every target is skipped, none passes or fails
     assert {v.status for v in report.verdicts(results)} == {"SKIP"}
 
@@ -46,11 +48,12 @@ def test_verdicts_pass_and_fail() -> None:
 
     results = {
         "a": res("a", {"syncd": 1.0, "aws": 1.5, "rclone": 1.2}),  # 1.5x aws, 1.2x rclone
-        "c": res("c", {"syncd": 0.5, "rclone": 0.4}),  # slower than rclone
+        "c": res("c", {"syncd": 0.5, "rclone": 0.4, "list-floor": 0.6}),  # slower than rclone
         "g": res("g", {"syncd": 1.0, "aws": 1.0}),
     }
-    by_n = {v.n: v.status for v in report.verdicts(results)}
-    assert by_n[1] == "PASS" and by_n[3] == "FAIL" and by_n[7] == "PASS" and by_n[2] == "SKIP"
+    by_n = {v.n: v for v in report.verdicts(results)}
+    assert {n: by_n[n].status for n in (1, 2, 3, 7)} == {1: "PASS", 2: "SKIP", 3: "FAIL", 7: "PASS"}
+    assert by_n[3].detail.endswith("a bare botocore listing of the same objects alone: 0.60s")
 
 
 def test_loss_window_scenario_on_a_tiny_run(tmp_path: Path) -> None:
