@@ -264,6 +264,21 @@ def test_sigterm_during_s3_restore_exits_130_and_leaves_no_restore_temp(tmp_path
     assert sum(1 for _ in root.rglob("f*.bin")) == 500
 
 
+def test_a_restore_the_disk_cannot_hold_fails_as_a_local_write_naming_the_file(tmp_path, moto_server):
+    """A file the disk cannot hold (RLIMIT_FSIZE stands in for a full disk) fails as a local
+    write naming the file, not as a failure of the remote's GET, whatever its size; the other
+    files are restored and no temp file stays."""
+    cfg, _, root, _, _ = s3_env(tmp_path, moto_server, 3)
+    (root / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    assert run(syncd_cmd(cfg, "resync")).returncode == 0
+    shutil.rmtree(root)
+    r = run(syncd_cmd(cfg, "resync"), preexec=limit_file_size(1024 * 1024))
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr[-3000:])
+    assert f"cannot write {root / 'big.bin'}: File too large" in r.stderr, r.stderr[-3000:]
+    assert "GetObject" not in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in root.rglob("*") if p.is_file()) == ["f0.bin", "f1.bin", "f2.bin"]
+
+
 # --- finding 10: a failing startup listing is visible ---------------------------------------------
 
 class _ListingFails(BaseHTTPRequestHandler):
