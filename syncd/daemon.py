@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from syncd.config import Config
 from syncd.engine import LOCAL_DELETE_OPS, RESTORE_OPS, UPLOAD_OPS, Engine
-from syncd.errors import LedgerError, RemoteUnavailable
+from syncd.errors import LedgerError, LedgerUnwritable, RemoteUnavailable
 from syncd.interrupt import unless_stopped
 from syncd.lazy import LazyRestore, oldest_upload
 from syncd.ledger import Ledger
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT = 10.0
 TICK = 0.5
 DELETE_WINDOW = 60.0
+LEDGER_RETRY_MAX = 30.0  # seconds between tries of a ledger that cannot be opened, at most
 NO_DELETE_OPS = ("put", "get", "tomb")
 ALL_OPS = ("get", *UPLOAD_OPS, *LOCAL_DELETE_OPS)
 
@@ -55,6 +56,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.phase = "starting"
         self.ledger: Ledger | None = None
+        self.start_failure: str | None = None  # why the ledger cannot be opened (retried)
         self.engine: Engine | None = None
         self.watcher: Watcher | None = None
         self.pool: WorkerPool | None = None
@@ -91,6 +93,8 @@ class Daemon:
         now = time.time()
         if self.phase == "stopping":
             return False, "stopping"
+        if self.start_failure is not None:
+            return False, self.start_failure  # the ledger cannot be opened yet (SPEC §4.11)
         if self.ledger is not None and self.ledger.failure:
             return False, self.ledger.failure  # SPEC §4.11: 503 while the ledger cannot be written
         if self.phase == "starting":
@@ -161,19 +165,56 @@ class Daemon:
             self.hooks.append(Pinger(self.cfg.healthcheck_url))
         lock = LedgerLock(self.cfg.ledger)
         try:
-            lock.acquire("run")
+            opened = self._open_ledger(lock)
         except BaseException:
-            for h in self.hooks:
-                h.stop()
+            self._stop_hooks()
             raise
+        if not opened:  # stopped while the ledger could not be written
+            self._stop_hooks()
+            return 0
+        assert self.ledger is not None
         try:
-            self.ledger = Ledger(self.cfg.ledger)
             try:
                 return self._run()
             finally:
                 self.ledger.close()
         finally:
             lock.release()
+
+    def _stop_hooks(self) -> None:
+        for h in self.hooks:
+            h.stop()
+
+    def _open_ledger(self, lock: LedgerLock) -> bool:
+        """Take the ledger's lock and open it. One that cannot be written (a full disk, a read-only
+        directory or lock file: LedgerUnwritable) is reported, one error line and `/healthz` 503
+        with the reason, and tried again until it works (SPEC §4.11: `run` retries); a corrupt
+        ledger or one another syncd holds exits 2. False when a stop came first."""
+        failures = 0
+        while True:
+            try:
+                lock.acquire("run")
+                try:
+                    self.ledger = Ledger(self.cfg.ledger)
+                except BaseException:
+                    lock.release()
+                    raise
+                if failures:
+                    log.info("ledger %s can be written again; starting", self.cfg.ledger)
+                self.start_failure = None
+                return True
+            except LedgerUnwritable as e:
+                failures += 1
+                if self.start_failure != str(e):
+                    log.error("%s; retrying until it can be written", e)
+                self.start_failure = str(e)
+                self.notifier.status(f"waiting for the ledger: {e}")
+                for h in self.hooks:
+                    if getattr(h, "before_ledger", False):
+                        h.start(self)  # /healthz answers 503 with the reason meanwhile
+            # the ledger is local: trying it again costs nothing, and a fixed disk should not wait long
+            if self.stop.wait(min(backoff(failures), LEDGER_RETRY_MAX)):
+                return False
 
     def _run(self) -> int:
         assert self.ledger is not None
@@ -563,8 +604,7 @@ class Daemon:
             self.events.join(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
         if self.watcher is not None:
             self.watcher.stop()
-        for h in self.hooks:
-            h.stop()
+        self._stop_hooks()
         assert self.ledger is not None
         try:
             self.ledger.recover_after_failure()  # no row is left `uploading` (SPEC §4.10)

@@ -227,6 +227,8 @@ class _Server(ThreadingHTTPServer):
 class HttpEndpoint:
     """Bound at construction (a bad `health_listen` is a config error, exit 2); served by start()."""
 
+    before_ledger = True  # started while the ledger cannot be opened: /healthz says why (503)
+
     def __init__(self, daemon: Daemon, listen: str) -> None:
         host, _, port = listen.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
@@ -246,12 +248,17 @@ class HttpEndpoint:
         return self.server.server_address[:2]  # type: ignore[return-value]
 
     def start(self, daemon: Daemon) -> None:
-        if daemon.cfg.serve_files and daemon.engine is not None and daemon.ledger is not None:
+        """Serve; again once the ledger opened, to add `/files/` (serving since a start that
+        waited for the ledger, SPEC §4.11)."""
+        if daemon.cfg.serve_files and daemon.engine is not None and daemon.ledger is not None \
+                and self.server.files is None:
             engine = daemon.engine
             transfers = getattr(engine, "transfers", None)  # (absent in tests' stand-in engines)
             self.server.files = self.collector.files = FileServer(
                 daemon.cfg, daemon.ledger, engine.remote, engine.stats, stop=daemon.stop,
                 restoring=transfers.restoring if transfers is not None else None)
+        if self._thread is not None:
+            return
         self._thread = threading.Thread(target=self._serve, name="syncd-http", daemon=True)
         self._thread.start()
         log.info("health endpoint on http://%s:%d/healthz", *self.address)

@@ -475,6 +475,32 @@ def test_run_with_a_full_ledger_disk_is_503_with_the_reason_and_catches_up_when_
     assert "Traceback" not in text, text[-5000:]
 
 
+def test_run_whose_ledger_cannot_be_created_at_start_is_503_with_the_reason_and_starts_when_space_returns(
+        tmp_path):
+    """SPEC §4.11: `run` retries a ledger it cannot write, at start too (it used to exit 2)."""
+    cfg, ledger, _ = file_env(tmp_path, 3, health_listen=f"127.0.0.1:{free_port()}", rescan_interval=0)
+    url = "http://" + re.search(r'health_listen = "([^"]+)"', cfg.read_text()).group(1)
+    log = open(tmp_path / "d.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(syncd_cmd(cfg, "run"), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            preexec_fn=limit_file_size(3000))  # the ledger's first pages do not fit
+    try:
+        code, reason = wait_for(lambda: proc.poll() is None and (r := http_get(url + "/healthz"))[0] == 503
+                                and "cannot be" in r[1] and r, 60, 0.1, "503 naming the ledger")
+        assert reason.startswith(f"ledger {ledger} cannot be"), reason
+        assert proc.poll() is None
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        wait_for(lambda: http_get(url + "/healthz")[0] == 200, 90, 0.1, "ready once the ledger can be written")
+        wait_for(lambda: len(list((tmp_path / "remote" / "up").rglob("f*.txt"))) == 3, 60, 0.1, "files uploaded")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        log.close()
+    text = (tmp_path / "d.log").read_text()
+    assert code == 0, text[-3000:]
+    assert "Traceback" not in text, text[-5000:]
+    assert text.count("cannot be") == 1, text[-3000:]  # one error line, not one per try
+
+
 def test_a_signal_arriving_inside_the_stop_events_wait_never_deadlocks_the_stop() -> None:
     """`run` stopped dead (no "stopped", killed after 15 s) when SIGINT arrived right after READY:
     the handler ran in the main thread while it held the stop event's lock inside `wait()`, and
