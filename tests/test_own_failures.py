@@ -7,6 +7,7 @@ Real conditions, not mocks: a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -446,13 +447,27 @@ def test_failed_startup_restores_are_counted_in_notify_status_healthz_and_syncd_
 
 # --- finding 1 for `run`: 503 while the ledger cannot be written, then it catches up ---------------
 
+@contextlib.contextmanager
+def limited_run(cfg: Path, log_path: Path, max_file_size: int) -> Iterator[subprocess.Popen]:
+    """`syncd run` whose files stop growing at `max_file_size` (raise it with prlimit); stopped
+    with SIGTERM at the end, which it must survive cleanly: exit 0, no traceback in its log."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(syncd_cmd(cfg, "run"), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                preexec_fn=limit_file_size(max_file_size))
+        try:
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(30)
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    assert "Traceback" not in text, text[-5000:]
+
+
 def test_run_with_a_full_ledger_disk_is_503_with_the_reason_and_catches_up_when_space_returns(tmp_path):
     cfg, ledger, root = file_env(tmp_path, 0, health_listen=f"127.0.0.1:{free_port()}", rescan_interval=0)
     url = "http://" + re.search(r'health_listen = "([^"]+)"', cfg.read_text()).group(1)
-    log = open(tmp_path / "d.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(syncd_cmd(cfg, "run"), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            preexec_fn=limit_file_size(resource.RLIM_INFINITY))
-    try:
+    with limited_run(cfg, tmp_path / "d.log", resource.RLIM_INFINITY) as proc:
         wait_for(lambda: http_get(url + "/healthz")[0] == 200, 60, 0.1, "ready")
         wal = ledger.with_name("ledger.db-wal")
         full = max(ledger.stat().st_size, wal.stat().st_size if wal.exists() else 0) + 1001
@@ -466,13 +481,6 @@ def test_run_with_a_full_ledger_disk_is_503_with_the_reason_and_catches_up_when_
                  "every file uploaded once the ledger can be written")
         wait_for(lambda: http_get(url + "/healthz")[0] == 200, 60, 0.1, "healthy again")
         assert proc.poll() is None
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(30)
-        log.close()
-    text = (tmp_path / "d.log").read_text()
-    assert code == 0, text[-3000:]
-    assert "Traceback" not in text, text[-5000:]
 
 
 def test_run_whose_ledger_cannot_be_created_at_start_is_503_with_the_reason_and_starts_when_space_returns(
@@ -480,10 +488,8 @@ def test_run_whose_ledger_cannot_be_created_at_start_is_503_with_the_reason_and_
     """SPEC §4.11: `run` retries a ledger it cannot write, at start too (it used to exit 2)."""
     cfg, ledger, _ = file_env(tmp_path, 3, health_listen=f"127.0.0.1:{free_port()}", rescan_interval=0)
     url = "http://" + re.search(r'health_listen = "([^"]+)"', cfg.read_text()).group(1)
-    log = open(tmp_path / "d.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(syncd_cmd(cfg, "run"), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            preexec_fn=limit_file_size(3000))  # the ledger's first pages do not fit
-    try:
+    # the ledger's first pages do not fit
+    with limited_run(cfg, tmp_path / "d.log", 3000) as proc:
         code, reason = wait_for(lambda: proc.poll() is None and (r := http_get(url + "/healthz"))[0] == 503
                                 and "cannot be" in r[1] and r, 60, 0.1, "503 naming the ledger")
         assert reason.startswith(f"ledger {ledger} cannot be"), reason
@@ -491,13 +497,7 @@ def test_run_whose_ledger_cannot_be_created_at_start_is_503_with_the_reason_and_
         resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         wait_for(lambda: http_get(url + "/healthz")[0] == 200, 90, 0.1, "ready once the ledger can be written")
         wait_for(lambda: len(list((tmp_path / "remote" / "up").rglob("f*.txt"))) == 3, 60, 0.1, "files uploaded")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(30)
-        log.close()
     text = (tmp_path / "d.log").read_text()
-    assert code == 0, text[-3000:]
-    assert "Traceback" not in text, text[-5000:]
     assert text.count("cannot be") == 1, text[-3000:]  # one error line, not one per try
 
 
