@@ -14,6 +14,14 @@ times that request line was seen before: the same seed gives the same faults wha
 order in which concurrent requests arrive. No request line is faulted more than
 ``max_per_request`` times in a row, so a bounded number of client retries always gets through.
 
+Armed faults (`arm`): the next `count` requests whose line starts with a method and contains a
+needle get a chosen fault, whatever the rates say: the kinds above, and ``lost`` (the whole
+request reaches the server, its whole answer is dropped: the client sees a reset after the store
+acted), ``cut`` (a reset in the middle of the request: the store never acts), ``truncate`` (the
+answer is cut after a few bytes), ``delay`` (the request waits ``delay_seconds`` before it is
+forwarded: a slow store, not a fault) and ``flip`` (the first body byte of a GET's answer is
+flipped). The fault explorer (tests/explore) aims its faults at one file this way.
+
 Shaping (not faults, applied to every matching request): ``slow`` forwards the body of requests
 whose line contains it at ``slow_rate`` bytes per second (a slow uplink; ``progress`` counts the
 bytes sent on), and ``corrupt`` flips the first body byte of every GET response whose request
@@ -35,6 +43,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 KINDS = ("reset", "stall", "slowdown", "internal")
+ARMED_KINDS = KINDS + ("lost", "cut", "truncate", "delay", "flip")
 _ERRORS = {
     "slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
     "internal": (500, "Internal Server Error", "InternalError",
@@ -68,6 +77,14 @@ class _Request:
 
 
 @dataclass
+class Armed:
+    kind: str
+    method: bytes
+    needle: bytes
+    left: int
+
+
+@dataclass
 class FaultLog:
     injected: Counter = field(default_factory=Counter)
     requests: int = 0
@@ -93,6 +110,9 @@ class FaultProxy:
         self.corrupted = 0  # responses whose body had a byte flipped
         self._seen: Counter = Counter()  # request line -> times seen
         self._streak: Counter = Counter()  # request line -> consecutive faults
+        self.armed: list[Armed] = []
+        self.fired: Counter = Counter()  # armed kind -> times it fired
+        self.delay_seconds = 2.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -138,14 +158,40 @@ class FaultProxy:
             loop.close()
 
     # --- decisions ------------------------------------------------------------------------
+    def arm(self, kind: str, method: str, needle: bytes, count: int = 1) -> Armed:
+        """The next `count` requests `method ...needle...` get fault `kind` (ARMED_KINDS)."""
+        assert kind in ARMED_KINDS, kind
+        rule = Armed(kind, method.encode() + b" ", needle, count)
+        with self.log.lock:
+            self.armed.append(rule)
+        return rule
+
+    def disarm(self) -> None:
+        with self.log.lock:
+            self.armed.clear()
+
+    def _armed(self, line: bytes) -> str | None:
+        for rule in self.armed:
+            if rule.left > 0 and line.startswith(rule.method) and rule.needle in line:
+                rule.left -= 1
+                self.fired[rule.kind] += 1
+                self.log.injected[rule.kind] += 1
+                if not rule.left:
+                    self.armed.remove(rule)
+                return rule.kind
+        return None
+
     def decide(self, line: bytes) -> tuple[str | None, random.Random]:
         """The fault for this occurrence of `line` (deterministic per seed), and its RNG."""
         with self.log.lock:
             self.log.requests += 1
+            armed = self._armed(line)
             n = self._seen[line]
             self._seen[line] += 1
             digest = hashlib.sha256(b"%d\0%s\0%d" % (self.seed, line, n)).digest()
             rng = random.Random(int.from_bytes(digest[:8], "big"))
+            if armed is not None:
+                return armed, rng
             kind = self.rates.pick(rng.random()) if self.enabled else None
             if kind is not None and self._streak[line] >= self.max_per_request:
                 kind = None
@@ -198,14 +244,21 @@ class FaultProxy:
             if kind == "stall":
                 await self._stall(cr, cw, pump)
                 return
+            if kind == "delay":
+                await asyncio.sleep(self.delay_seconds)
             limit = None
-            if kind == "reset":
+            if kind == "cut":
+                limit = rng.randrange(1, len(req.head) + req.length) if req.length else len(req.head) // 2
+            elif kind in ("lost", "truncate"):
+                # the server gets it all and acts; its answer is dropped whole, or cut short
+                state["reset_after"] = 0 if kind == "lost" else rng.randrange(1, 600)
+            elif kind == "reset":
                 if req.length and rng.random() < 0.5:  # cut the upload mid-body
                     limit = rng.randrange(1, len(req.head) + req.length)
                 else:  # cut the answer after a few bytes
                     state["reset_after"] = rng.randrange(0, 4096)
             rate = self.slow_rate if self.slow and self.slow in req.line else 0
-            state["flip"] = bool(self.corrupt and req.method == "GET" and self.corrupt in req.line)
+            state["flip"] = kind == "flip" or bool(self.corrupt and req.method == "GET" and self.corrupt in req.line)
             state["seen"] = b""
             await _forward(cr, uw, req.head, req.length, limit, rate=rate,
                            progress=(self.progress, req.line) if rate else None)
@@ -233,6 +286,8 @@ class FaultProxy:
                 cw.close()
                 return
             left = state["reset_after"]
+            if left is not None and data.startswith(b"HTTP/1.1 100"):
+                left = None  # an interim `100 Continue`: the answer that counts comes after it
             if left is not None:
                 if len(data) > left:
                     cw.write(data[:left])
