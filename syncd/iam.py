@@ -9,7 +9,10 @@ from syncd.keys import join_key
 from syncd.tombstones import tomb_base
 
 CHECK_DIR = ".syncd-check"
-OBJECT_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"]
+# s3:GetObjectAttributes: the part sizes of other tools' multipart objects, to check their
+# composite checksums in one request (without it, a HEAD per part: syncd.remote.composite)
+OBJECT_ACTIONS = ["s3:GetObject", "s3:GetObjectAttributes", "s3:PutObject", "s3:AbortMultipartUpload",
+                  "s3:ListMultipartUploadParts"]
 KMS_ACTIONS = ["kms:GenerateDataKey", "kms:Decrypt"]
 
 

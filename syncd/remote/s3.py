@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import botocore.exceptions as bexc
 import botocore.session
@@ -30,6 +30,7 @@ from syncd.config import RemoteConfig
 from syncd.errors import ConfigError
 from syncd.fsutil import CHUNK, SMALL_FILE
 from syncd.lane import lane_size
+from syncd.remote import composite
 from syncd.remote.base import (
     CREDENTIALS,
     DENIED,
@@ -313,16 +314,39 @@ class S3Remote:
             # an algorithm it cannot compute (CRC32C and CRC64NVME need awscrt, PITFALLS §9)
             verified = isinstance(body, StreamingChecksumBody) and \
                 resp.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
+            info = self._info(key, resp)
+            parts = None
+            if not verified and info.sha256 is None:  # another tool's object: maybe a composite
+                parts = self._part_check(key, resp, info, dest, version_id)
+            sink = dest if parts is None else cast(BinaryIO, parts)
             if int(resp.get("ContentLength") or 0) <= CHUNK:
                 # one exact-size read: a read(CHUNK) allocates (and zeroes) a 1 MiB buffer per call,
                 # which cost more than the download for small files
-                dest.write(body.read())
+                sink.write(body.read())
             else:
                 for chunk in body.iter_chunks(CHUNK):
-                    dest.write(chunk)
+                    sink.write(chunk)
+            if parts is not None:
+                parts.check(f"{action} {key}")  # before the file can appear (SPEC §4.3)
+                verified = True
         except Exception as e:
             raise map_error(e, action, key) from e
-        return Fetched(info=self._info(key, resp), server_verified=bool(verified))
+        return Fetched(info=info, server_verified=bool(verified))
+
+    def _part_check(self, key: str, resp: dict[str, Any], info: ObjectInfo, dest: BinaryIO,
+                    version_id: str | None) -> composite.PartCheck | None:
+        """A writer that checks the body against its composite checksum, part by part, or None
+        (no composite checksum, or a store that does not say where its parts end)."""
+        comp = composite.composite_of(resp)
+        if comp is None:
+            return None
+        try:  # asked while the body waits: its bytes must be hashed at the part boundaries
+            sizes = composite.part_sizes(self.client, self.bucket, key, etag=info.etag, size=info.size,
+                                         parts=comp.parts, version_id=version_id)
+        except BaseException:
+            resp["Body"].close()
+            raise
+        return composite.PartCheck(comp, sizes, dest) if sizes else None
 
     # --- beyond the Remote interface: S3's own abilities (presigning, versions, bucket settings)
     def presign_get(self, key: str, expires: int) -> str:

@@ -105,7 +105,7 @@ def test_iam_policy_one_prefix_keep(tmp_path, syncd):
     assert st["SyncdList"]["Condition"]["StringLike"]["s3:prefix"] == ["backups/uploads/*",
                                                                        "backups/.syncd-check/*"]
     assert "s3:DeleteObject" not in st["SyncdObjects"]["Action"]
-    assert {"s3:PutObject", "s3:GetObject", "s3:AbortMultipartUpload",
+    assert {"s3:PutObject", "s3:GetObject", "s3:GetObjectAttributes", "s3:AbortMultipartUpload",
             "s3:ListMultipartUploadParts"} <= set(st["SyncdObjects"]["Action"])
     assert st["SyncdObjects"]["Resource"] == ["arn:aws:s3:::bkt/backups/uploads/*",
                                               "arn:aws:s3:::bkt/backups/.syncd-check/*"]
