@@ -357,3 +357,24 @@ def sns_fanout(endpoint: str, hosts: int = 2, visibility: int = 5) -> tuple[Any,
     s3.put_bucket_notification_configuration(Bucket=name, NotificationConfiguration={"TopicConfigurations": [
         {"TopicArn": topic, "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]}]})
     return s3, sqs, name, queues
+
+
+@pytest.fixture
+def moto_computes_crc32c(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto 5.2.5 computes CRC32C as a plain CRC32 unless the optional `crc32c` package is there
+    (its docs say so): give it awscrt's, so its CRC32C objects carry the value AWS would store.
+    Both moto modes run in this process (moto_server is a ThreadedMotoServer)."""
+    import base64
+
+    import moto.s3.models as models
+    from awscrt import checksums
+
+    real = models.compute_checksum
+
+    def compute(body: bytes, algorithm: str, encode_base64: bool = True) -> bytes:
+        if algorithm != "CRC32C":
+            return real(body, algorithm, encode_base64)
+        raw = checksums.crc32c(body).to_bytes(4, "big")
+        return base64.b64encode(raw) if encode_base64 else raw
+
+    monkeypatch.setattr(models, "compute_checksum", compute)

@@ -10,14 +10,12 @@ restored without the "unverified" warning.
 
 from __future__ import annotations
 
-import base64
 import io
 import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from awscrt import checksums
 from boto3.s3.transfer import TransferConfig
 
 from tests.reliability.faultproxy import FaultProxy, Rates
@@ -28,22 +26,7 @@ SIZE = 11 * MIB + 123  # three parts of 5 MiB, 5 MiB and 1 MiB + 123 bytes
 COMPOSITE = ["CRC32", "CRC32C", "SHA1", "SHA256"]
 
 
-@pytest.fixture(autouse=True)
-def _moto_computes_crc32c(monkeypatch: pytest.MonkeyPatch) -> None:
-    """moto 5.2.5 computes CRC32C as a plain CRC32 unless the optional `crc32c` package is there
-    (its docs say so): give it awscrt's, so its CRC32C objects carry the value AWS would store.
-    Both moto modes run in this process (moto_server is a ThreadedMotoServer)."""
-    import moto.s3.models as models
-
-    real = models.compute_checksum
-
-    def compute(body: bytes, algorithm: str, encode_base64: bool = True) -> bytes:
-        if algorithm != "CRC32C":
-            return real(body, algorithm, encode_base64)
-        raw = checksums.crc32c(body).to_bytes(4, "big")
-        return base64.b64encode(raw) if encode_base64 else raw
-
-    monkeypatch.setattr(models, "compute_checksum", compute)
+pytestmark = pytest.mark.usefixtures("moto_computes_crc32c")
 
 
 def _upload_file(store, key: str, data: bytes, tmp: Path, algorithm: str | None,

@@ -27,6 +27,9 @@ FIGURES: dict[str, int] = {"schedules": 0, "steps": 0, "kills": 0, "faults_armed
                            "violations": 0}
 
 
+pytestmark = pytest.mark.usefixtures("moto_computes_crc32c")
+
+
 @pytest.fixture(autouse=True)
 def _small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Other tools' multipart objects here have 256 KiB parts (S3's floor is 5 MiB; moto's is a
