@@ -78,8 +78,10 @@ class Host:
 
 
 class World:
-    def __init__(self, tmp: Path, moto: str, profile: Profile, seed: int, *, log: list[str]) -> None:
+    def __init__(self, tmp: Path, moto: str, profile: Profile, seed: int, *, log: list[str],
+                 quiet: float = 60.0) -> None:
         self.tmp, self.p, self.seed, self.trace = tmp, profile, seed, log
+        self.quiet = quiet  # how long the oracle waits for the hosts to converge
         self.s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
         if profile.events:
             self.s3, _sqs, self.bucket, queues = sns_fanout(moto, hosts=profile.hosts, visibility=5)
@@ -457,7 +459,7 @@ class World:
             self.start(h)
         problems: list[str] = []
         try:
-            wait_for(lambda: not self.trees_problems(final=True), 60, 0.2, "hosts converged")
+            wait_for(lambda: not self.trees_problems(final=True), self.quiet, 0.2, "hosts converged")
         except AssertionError:
             problems += self.trees_problems(final=True)
         for h in self.hosts:
@@ -473,9 +475,10 @@ class World:
     def judge_events(self) -> None:
         """With events, the hosts converge without a listing (SPEC §4.12: within seconds)."""
         try:
-            wait_for(lambda: not self.trees_problems(final=False), 45, 0.2, "hosts converged through events")
+            wait_for(lambda: not self.trees_problems(final=False), self.quiet * 0.75, 0.2,
+                     "hosts converged through events")
         except AssertionError:
-            raise Violation("without a listing (events only), after 45 s of quiet:\n"
+            raise Violation(f"without a listing (events only), after {self.quiet * 0.75:.0f} s of quiet:\n"
                             + "\n".join(self.trees_problems(final=False))) from None
 
     def trees_problems(self, *, final: bool) -> list[str]:
