@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat as st_mod
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -306,7 +307,12 @@ def _same_local(watch: WatchConfig, rel: str, row: Row) -> bool | None:
 
 
 def _exists(watch: WatchConfig, rel: str) -> bool:
-    return os.path.lexists(watch.path.joinpath(*rel.split("/")))
+    """Does a local file hold the name? A directory does not count: its restore is queued and
+    fails naming it (SPEC §4.14), where skipping it would be a silent success."""
+    try:
+        return not st_mod.S_ISDIR(os.lstat(watch.path.joinpath(*rel.split("/"))).st_mode)
+    except OSError:
+        return False
 
 
 def decide(work: Work, watch: WatchConfig, rel: str, obj: ObjectInfo | None, tomb: ObjectInfo | None,

@@ -78,6 +78,28 @@ def _write_error(target: Path, e: OSError) -> RemoteError:
     return RemoteError(LOCAL, f"cannot write {target}: {e.strerror}", code=type(e).__name__)
 
 
+class Unplaceable(UnsafeKey):
+    """No file can be created at the target: a directory has its name, or a parent of it is a
+    file. S3 lets `c` and `c/d.txt` both be keys, a file system does not (SPEC §4.14: a failure
+    that names it, never a success)."""
+
+
+CANNOT_RESTORE = "CannotRestore"  # the error code of such failures (logs, `status`)
+
+
+def _is_dir(path: str | os.PathLike[str]) -> bool:
+    try:
+        return st_mod.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def ensure_placeable(target: Path) -> None:
+    """Raise Unplaceable when a directory holds the name a restore needs for a file."""
+    if _is_dir(target):
+        raise Unplaceable(f"{target} is a directory")
+
+
 def windows_name_problem(seg: str) -> str | None:
     """Names Windows cannot create (checked on Windows only, where they would misbehave)."""
     base = seg.split(".", 1)[0].rstrip(" ").upper()  # Windows ignores spaces before the dot: "NUL .txt"
@@ -92,7 +114,8 @@ def safe_target(root: Path, rel: str, *, follow_symlinks: bool = False, create: 
     """The local path for ledger path `rel` under `root`, creating parent directories.
 
     Refuses (UnsafeKey) anything that would land outside `root`: a symlinked directory on the way
-    (unless it resolves inside the root and `follow_symlinks`), a file in the way of a directory.
+    (unless it resolves inside the root and `follow_symlinks`); and (Unplaceable) a file in the
+    way of a directory.
     """
     parts = rel.split("/")
     if sys.platform == "win32":  # pragma: no cover
@@ -119,7 +142,7 @@ def safe_target(root: Path, rel: str, *, follow_symlinks: bool = False, create: 
             if not (follow_symlinks and inside and os.path.isdir(real)):
                 raise UnsafeKey(f"{cur} is a symlink; refusing to restore through it")
         elif not st_mod.S_ISDIR(s.st_mode):
-            raise UnsafeKey(f"{cur} is a file where the key needs a directory")
+            raise Unplaceable(f"a parent of {Path(root).joinpath(*parts)} is a file ({cur})")
     return Path(root).joinpath(*parts)
 
 
@@ -135,8 +158,10 @@ def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False, ex
     three the file is restored with a warning that it is unverified (SPEC §4.3).
 
     Raises FileExistsError when `target` exists (or appears meanwhile) and not `overwrite`;
+    Unplaceable when a directory has its name (before the download, or found at the rename);
     RemoteError(INTEGRITY) on a checksum mismatch; RemoteError(LOCAL) on local write errors.
     """
+    ensure_placeable(target)
     if not overwrite and os.path.lexists(target):
         raise FileExistsError(target)
     try:
@@ -178,7 +203,12 @@ def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False, ex
         result = Restored(size=w.size, mtime_ns=mtime_ns, sha256=sha, verified=verified, etag=info.etag)
         if before_publish is not None and not before_publish(result):
             return None
-        publish(tmp, target, overwrite=overwrite)
+        try:
+            publish(tmp, target, overwrite=overwrite)
+        except OSError as e:  # a directory made meanwhile (the restore of a key under this name)
+            if _is_dir(target):
+                raise Unplaceable(f"{target} is a directory") from e
+            raise
         published = True
         if not verified:
             log.warning("restored %s unverified: the object has no syncd-sha256 and no checksum "

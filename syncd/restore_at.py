@@ -27,7 +27,7 @@ from syncd.keys import UnsafeKey, is_reserved, join_key, rel_from_key
 from syncd.ledger import Ledger
 from syncd.patterns import Filter, matches_any
 from syncd.remote.base import Remote, RemoteError, VersionInfo
-from syncd.restore import Restored, fetch, safe_target
+from syncd.restore import Restored, ensure_placeable, fetch, safe_target
 from syncd.restore_cmd import PlanPrinter, RestoreSummary, clean_stale_temps
 from syncd.retry import call as retry_call
 
@@ -152,6 +152,7 @@ class _Run:
         try:
             target = safe_target(root, rel, follow_symlinks=w.follow_symlinks and self.ledger is not None,
                                  create=not self.dry_run)
+            ensure_placeable(target)  # a directory of that name: failed, not skipped (SPEC §4.14)
             if os.path.lexists(target) and not self.overwrite:
                 self.count("skipped")
                 return

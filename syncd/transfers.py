@@ -29,7 +29,7 @@ from syncd.keys import UnsafeKey, join_key
 from syncd.ledger import Ledger, Row
 from syncd.logs import CauseLog
 from syncd.remote.base import INTEGRITY, LOCAL, NOT_FOUND, Remote, RemoteError
-from syncd.restore import fetch, safe_target
+from syncd.restore import CANNOT_RESTORE, Unplaceable, fetch, safe_target
 from syncd.retry import decide
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,11 @@ class Transfers:
             self._failed(row, e)
         except LedgerError:
             raise  # not this file's failure: the ledger's, which stops the work (SPEC §4.11)
+        except Unplaceable as e:
+            # a directory has the file's name, or a file the directory's (SPEC §4.14): failed with
+            # the reason and still a restore, tried again at the cap (the obstacle may go), which
+            # a rescan does not take for a local deletion
+            self._failed(row, RemoteError(LOCAL, str(e), code=CANNOT_RESTORE), set_op="get")
         except UnsafeKey as e:
             self._failed(row, RemoteError(LOCAL, str(e), code="UnsafeKey"), requeue=False)
         except OSError as e:
@@ -169,7 +174,8 @@ class Transfers:
             self._failed(row, RemoteError(LOCAL, f"internal error: {type(e).__name__}: {e}", code="Internal"))
 
     # --- failures -------------------------------------------------------------------------
-    def _failed(self, row: Row, err: RemoteError, requeue: bool = True) -> None:
+    def _failed(self, row: Row, err: RemoteError, requeue: bool = True, set_op: str | None = None) -> None:
+        """`set_op`: the row's op from now on (a success recorded just before the failure is undone)."""
         now = time.time()
         attempts = row["attempts"] + 1
         op = row["op"]
@@ -186,6 +192,8 @@ class Transfers:
                   "due_at": now + d.delay}
         if not (d.requeue and requeue):
             fields["op"] = None
+        elif set_op is not None:
+            fields["op"] = set_op
         self.ledger.finish(row, **fields)
         with self.stats.lock:
             self.stats.fail_reasons[err.kind] += 1
