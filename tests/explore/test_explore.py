@@ -5,6 +5,7 @@ seeds until the budget is spent (README "The fault explorer").
 - `SYNCD_EXPLORE=PROFILE:SEED[:LENGTH]` replays one schedule (and nothing else).
 - `SYNCD_EXPLORE_SCHEDULE=FILE` replays a saved (shrunk) schedule: `{"profile": ..., "steps": [...]}`.
 - `SYNCD_EXPLORE_SHRINK` (seconds, default 240): how long a failure is shrunk before it is reported.
+- `SYNCD_EXPLORE_REPORT=FILE`: where the figures of the new seeds' run are written (JSON).
 """
 
 from __future__ import annotations
@@ -143,4 +144,7 @@ def test_new_seeds_within_the_budget(tmp_path: Path, moto_server: str) -> None:
         explore(tmp_path / f"s{n}", moto_server, profile, seed)
         i += 1
         n += 1
+    FIGURES["seconds"] = int(budget)
     print(f"explorer figures: {json.dumps(FIGURES)}")
+    if os.environ.get("SYNCD_EXPLORE_REPORT"):
+        Path(os.environ["SYNCD_EXPLORE_REPORT"]).write_text(json.dumps(FIGURES, indent=1) + "\n")

@@ -114,7 +114,8 @@ class World:
                          watches=[{"path": str(h.root), "prefix": "up", "mode": profile.mode,
                                    "on_delete": profile.on_delete}])
             self.hosts.append(h)
-        self.counts: dict[str, int] = {"steps": 0, "kills": 0, "faults_armed": 0, "writes": 0, "deletes": 0}
+        self.counts: dict[str, int] = {"steps": 0, "kills": 0, "faults_armed": 0, "writes": 0, "deletes": 0,
+                                       "faults_fired": 0, "files_checked": 0, "deletions_checked": 0}
 
     # --- lifecycle ----------------------------------------------------------------------------
     def note(self, msg: str) -> None:
@@ -346,6 +347,13 @@ class World:
         except sqlite3.OperationalError:
             return False
 
+    def synced(self, h: Host) -> bool:
+        """Settled, and every file on the host's disk is synced (not only seen)."""
+        if not self.settled(h):
+            return False
+        done = {r[0] for r in self.ledger_rows(h, "SELECT path FROM files WHERE state IN ('synced','failed')")}
+        return set(live_tree(h.root)) <= done
+
     def failed_paths(self, h: Host) -> set[str]:
         return {r[0] for r in self.ledger_rows(h, "SELECT path FROM files WHERE state='failed'")}
 
@@ -414,13 +422,14 @@ class World:
             n = self.needle(s["path"])
             try:
                 wait_for(lambda: not any(r.needle == n and r.left > 1 for r in self.proxy.armed), 15, 0.02)
+                time.sleep(0.5)  # the part is at the store; its answer is held
             except AssertionError:
                 self.note("  (the request did not come)")
         elif op == "await_synced":
             assert h is not None
             if self.up(h):
                 try:
-                    wait_for(lambda: self.settled(h), 20, 0.05)
+                    wait_for(lambda: self.synced(h), 20, 0.05)
                 except AssertionError:
                     self.note(f"  (host{h.i} did not settle)")
         elif op == "other_put":
@@ -469,8 +478,11 @@ class World:
             problems += self.ledger_problems(h)
         if not problems:
             problems += self.fresh_resync_problems()
+        self.counts["faults_fired"] = sum(self.proxy.log.injected.values())
         if problems:
             raise Violation("\n".join(problems))
+        self.counts["files_checked"] = sum(pm.expect is not None for pm in self.model.values())
+        self.counts["deletions_checked"] = sum(pm.expect is None for pm in self.model.values())
 
     def judge_events(self) -> None:
         """With events, the hosts converge without a listing (SPEC §4.12: within seconds)."""

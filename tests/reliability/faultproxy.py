@@ -18,9 +18,9 @@ Armed faults (`arm`): the next `count` requests whose line starts with a method 
 needle get a chosen fault, whatever the rates say: the kinds above, and ``lost`` (the whole
 request reaches the server, its whole answer is dropped: the client sees a reset after the store
 acted), ``cut`` (a reset in the middle of the request: the store never acts), ``truncate`` (the
-answer is cut after a few bytes), ``delay`` (the request waits ``delay_seconds`` before it is
-forwarded: a slow store, not a fault) and ``flip`` (the first body byte of a GET's answer is
-flipped). The fault explorer (tests/explore) aims its faults at one file this way.
+answer is cut after a few bytes), ``delay`` / ``hold`` (the store acts at once, its answer waits
+``delay_seconds`` / ``hold_seconds`` before it goes back: a slow store, not a fault) and ``flip``
+(the first body byte of a GET's answer is flipped). The fault explorer (tests/explore) aims its faults at one file this way.
 
 Shaping (not faults, applied to every matching request): ``slow`` forwards the body of requests
 whose line contains it at ``slow_rate`` bytes per second (a slow uplink; ``progress`` counts the
@@ -43,7 +43,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 KINDS = ("reset", "stall", "slowdown", "internal")
-ARMED_KINDS = KINDS + ("lost", "cut", "truncate", "delay", "flip")
+ARMED_KINDS = KINDS + ("lost", "cut", "truncate", "delay", "hold", "flip")
 _ERRORS = {
     "slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
     "internal": (500, "Internal Server Error", "InternalError",
@@ -113,6 +113,7 @@ class FaultProxy:
         self.armed: list[Armed] = []
         self.fired: Counter = Counter()  # armed kind -> times it fired
         self.delay_seconds = 2.0
+        self.hold_seconds = 12.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -244,8 +245,7 @@ class FaultProxy:
             if kind == "stall":
                 await self._stall(cr, cw, pump)
                 return
-            if kind == "delay":
-                await asyncio.sleep(self.delay_seconds)
+            state["hold"] = {"delay": self.delay_seconds, "hold": self.hold_seconds}.get(kind or "", 0.0)
             limit = None
             if kind == "cut":
                 limit = rng.randrange(1, len(req.head) + req.length) if req.length else len(req.head) // 2
@@ -285,6 +285,9 @@ class FaultProxy:
             if not data:
                 cw.close()
                 return
+            if state.get("hold"):
+                await asyncio.sleep(state["hold"])
+                state["hold"] = 0.0
             left = state["reset_after"]
             if left is not None and data.startswith(b"HTTP/1.1 100"):
                 left = None  # an interim `100 Continue`: the answer that counts comes after it
