@@ -286,7 +286,7 @@ class World:
         """The host's disk and ledger are lost (a container replaced): kill, wipe, start."""
         self.kill(h)
         time.sleep(0.3)  # a request the proxy already forwarded lands before we look
-        remote = self.remote_files()
+        remote, tombs = self.remote_files(), self.tombstones()
         for path, pm in self.model.items():
             here = (h.root / path)
             if self.p.mode == "shared" and pm.owner not in (None, h.i):
@@ -296,8 +296,8 @@ class World:
             # what this host had not made durable in the bucket is lost with it, as SPEC allows
             if pm.expect is not None and remote.get(path) != pm.expect:
                 pm.also |= {remote.get(path)}
-            if pm.expect is None:
-                pm.also |= {remote.get(path)}
+            if pm.expect is None and not (self.p.on_delete == "keep" and path in tombs):
+                pm.also |= {remote.get(path)}  # its deletion had not reached the bucket yet
         shutil.rmtree(h.root)
         shutil.rmtree(h.ledger.parent)
         h.root.mkdir(parents=True)
@@ -434,10 +434,10 @@ class World:
                     self.note(f"  (host{h.i} did not settle)")
         elif op == "other_put":
             self.other_put(s["path"], s["size"], s["salt"], s["checksum"], s.get("multipart", False))
-            if "/" in s["path"] or any(k.startswith(s["path"] + "/") for k in self.model):
-                for k, pm in self.model.items():
-                    if k == s["path"] or k.startswith(s["path"] + "/") or s["path"].startswith(k + "/"):
-                        pm.clash = True
+            path = s["path"]
+            related = [k for k in self.model if k.startswith(path + "/") or path.startswith(k + "/")]
+            for k in ([path, *related] if related else []):
+                self.model[k].clash = True  # a file and a directory of one name (SPEC §4.14)
         elif op == "wipe_bucket":
             self.wipe_bucket()
         else:
