@@ -123,9 +123,9 @@ class Gen:
     def seam_stop_in_multipart(self) -> None:
         """A clean stop while a large file is in the middle of its multipart upload."""
         h, path = self.host(), self.new_path(0)
-        self.add("arm", kind="hold", method="PUT", path=path + "?partNumber", count=2)
+        self.add("arm", kind="hold", method="PUT", path=path + "?uploadId=", count=2)
         self.add("write", host=h, path=path, how="large", size=7 << 20, salt=self.rng.randrange(1 << 30))
-        self.add("await_request", method="PUT", path=path + "?partNumber")
+        self.add("await_request", method="PUT", path=path + "?uploadId=")
         self.add("stop", host=h)
         self.add("start", host=h)
 

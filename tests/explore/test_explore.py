@@ -1,7 +1,7 @@
 """The fault explorer in the default test command: the corpus of seeds that found bugs, then new
 seeds until the budget is spent (README "The fault explorer").
 
-- `SYNCD_EXPLORE_SECONDS` (default 150): the budget for new seeds after the corpus.
+- `SYNCD_EXPLORE_SECONDS` (default 90): the budget for new seeds after the corpus.
 - `SYNCD_EXPLORE=PROFILE:SEED[:LENGTH]` replays one schedule (and nothing else).
 - `SYNCD_EXPLORE_SCHEDULE=FILE` replays a saved (shrunk) schedule: `{"profile": ..., "steps": [...]}`.
 - `SYNCD_EXPLORE_SHRINK` (seconds, default 240): how long a failure is shrunk before it is reported.
@@ -83,8 +83,9 @@ def shrink(tmp: Path, moto: str, profile: str, seed: int, steps: list[Step], bud
     return steps
 
 
-def explore(tmp: Path, moto: str, profile: str, seed: int, steps: list[Step] | None = None) -> None:
-    steps = steps if steps is not None else generate(PROFILES[profile], seed, LENGTH)
+def explore(tmp: Path, moto: str, profile: str, seed: int, steps: list[Step] | None = None,
+            length: int = LENGTH) -> None:
+    steps = steps if steps is not None else generate(PROFILES[profile], seed, length)
     try:
         run_schedule(tmp / "run", moto, profile, seed, steps)
     except Violation as e:
@@ -94,19 +95,19 @@ def explore(tmp: Path, moto: str, profile: str, seed: int, steps: list[Step] | N
         saved.write_text(json.dumps({"profile": profile, "seed": seed, "steps": small}, indent=1))
         raise Violation(
             f"explorer: profile {profile} seed {seed} broke the contract.\n"
-            f"replay: SYNCD_EXPLORE={profile}:{seed} python -m pytest tests/explore -q\n"
+            f"replay: SYNCD_EXPLORE={profile}:{seed}:{length} python -m pytest tests/explore -q\n"
             f"shrunk to {len(small)} of {len(steps)} steps: SYNCD_EXPLORE_SCHEDULE={saved} "
             f"python -m pytest tests/explore -q\n{json.dumps(small)}\n{e}") from None
 
 
-def _replay() -> tuple[str, int, list[Step] | None] | None:
+def _replay() -> tuple[str, int, list[Step], int] | None:
     if os.environ.get("SYNCD_EXPLORE_SCHEDULE"):
         doc = json.loads(Path(os.environ["SYNCD_EXPLORE_SCHEDULE"]).read_text())
-        return doc["profile"], int(doc["seed"]), doc["steps"]
+        return doc["profile"], int(doc["seed"]), doc["steps"], len(doc["steps"])
     if os.environ.get("SYNCD_EXPLORE"):
         parts = os.environ["SYNCD_EXPLORE"].split(":")
         length = int(parts[2]) if len(parts) > 2 else LENGTH
-        return parts[0], int(parts[1]), generate(PROFILES[parts[0]], int(parts[1]), length)
+        return parts[0], int(parts[1]), generate(PROFILES[parts[0]], int(parts[1]), length), length
     return None
 
 
@@ -124,14 +125,14 @@ def test_replay(tmp_path: Path, moto_server: str) -> None:
 @pytest.mark.parametrize("entry", CORPUS, ids=[f"{c['profile']}:{c['seed']}" for c in CORPUS])
 def test_the_corpus_of_seeds_that_found_bugs_still_holds(entry: dict, tmp_path: Path, moto_server: str) -> None:
     """Each of these seeds once found a bug (its note says which); it must keep passing."""
-    explore(tmp_path, moto_server, entry["profile"], entry["seed"])
+    explore(tmp_path, moto_server, entry["profile"], entry["seed"], length=entry.get("length", LENGTH))
 
 
 @pytest.mark.skipif(REPLAY is not None, reason="replaying one schedule")
 def test_new_seeds_within_the_budget(tmp_path: Path, moto_server: str) -> None:
     """Fresh seeds, every profile in turn, until the budget is spent: each run explores new
     schedules. A failure prints its seed and the command that replays it."""
-    budget = float(os.environ.get("SYNCD_EXPLORE_SECONDS", "150"))
+    budget = float(os.environ.get("SYNCD_EXPLORE_SECONDS", "90"))
     deadline = time.monotonic() + budget
     rng = random.Random()
     names = sorted(PROFILES)

@@ -141,10 +141,10 @@ class World:
         if h.proc is None or not h.proc.alive():
             return
         try:
-            code = h.proc.stop(timeout=25)
+            code = h.proc.stop(timeout=18)
         except subprocess.TimeoutExpired:
             h.proc.kill9()
-            raise Violation(f"host{h.i} did not stop within 25 s of SIGTERM") from None
+            raise Violation(f"host{h.i} did not stop within 18 s of SIGTERM (SPEC §4.10: 10 s)") from None
         if code != 0:
             raise Violation(f"host{h.i} stopped with exit {code}:\n{h.proc.log()[-3000:]}")
         if "Traceback" in h.proc.log():
