@@ -323,3 +323,14 @@ def test_ipv6_listen_addresses_pass_validation_and_need_brackets(tmp_path):
         cfg = write_config(tmp_path / "s.toml", remote={"url": f"file://{tmp_path / 'remote'}"},
                            watches=[{"path": str(tmp_path / "up")}], syncd={"health_listen": listen})
         assert load_config(cfg).health_listen == listen
+
+
+# --- on-demand restores are debug lines; the counts are metrics ------------------------------------
+
+def test_an_on_demand_restore_logs_no_info_line_and_is_counted(site, caplog):
+    site.seed("b.txt", b"from the remote")
+    caplog.set_level(logging.INFO)
+    assert site.ask("/files/up/b.txt") == (200, b"from the remote")
+    assert [r.getMessage() for r in caplog.records if r.name == "syncd.files"] == []
+    metrics = site.ask("/metrics")[1].decode()
+    assert 'syncd_served_total{source="remote"} 1.0' in metrics
