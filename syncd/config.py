@@ -5,7 +5,9 @@ Every error names the key and the file, and never echoes a secret's value.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from syncd.access import normalize_host
 from syncd.errors import ConfigError
 from syncd.keys import check_prefix
 
@@ -32,6 +35,7 @@ SECRET_KEYS = frozenset(
     }
 )
 LOG_LEVELS = ("debug", "info", "warning", "error")
+HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")  # DNS labels; no port, scheme or "*"
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class Config:
     remote_rescan_interval: float = 3600.0  # seconds between listings while running; 0 = start only
     serve_files: bool = False  # GET /files/<watch prefix>/<path> (SPEC §6)
     lazy_restore: bool = False  # READY after the local scan; the restore runs behind it
+    http_hosts: tuple[str, ...] = ()  # Host names the private routes accept (SPEC §6), normalized
     extra: dict[str, Any] = field(default_factory=dict)
 
     def watch(self, prefix: str) -> WatchConfig:
@@ -210,7 +215,7 @@ def _real(p: Path) -> Path:
 _SYNCD_KEYS = {
     "ledger", "log_level", "log_format", "settle_seconds", "workers", "rescan_interval",
     "health_listen", "max_backlog_age", "max_deletes", "healthcheck_url", "remote_rescan_interval",
-    "serve_files", "lazy_restore",
+    "serve_files", "lazy_restore", "http_hosts",
 }
 _REMOTE_KEYS = {
     "url", "endpoint_url", "region", "profile", "storage_class", "sse", "sse_kms_key_id",
@@ -387,9 +392,15 @@ def parse_config(data: dict[str, Any], file: Path) -> Config:
         raise ctx.fail("syncd.max_deletes", "must not be negative")
     listen = ctx.take(s, "syncd", "health_listen", str, "127.0.0.1:9750")
     if listen:
-        host, sep, port = listen.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ctx.fail("syncd.health_listen", f"must be HOST:PORT or empty, not {listen!r}")
+        try:
+            split_listen(listen)
+        except ValueError as e:
+            raise ctx.fail("syncd.health_listen", str(e)) from None
+    http_hosts = ctx.take(s, "syncd", "http_hosts", list, [])
+    for i, h in enumerate(http_hosts):
+        if not isinstance(h, str) or not HOST_NAME.fullmatch(h):
+            raise ctx.fail(f"syncd.http_hosts[{i}]", f"must be a host name (letters, digits, '-', '.'; "
+                                                     f"no port, scheme or '*'), not {h!r}")
     hc = ctx.take(s, "syncd", "healthcheck_url", str, "")
     if hc and urlsplit(hc).scheme not in ("http", "https"):
         raise ctx.fail("syncd.healthcheck_url", "must be an http:// or https:// URL")
@@ -424,4 +435,22 @@ def parse_config(data: dict[str, Any], file: Path) -> Config:
         remote_rescan_interval=remote_rescan,
         serve_files=ctx.take(s, "syncd", "serve_files", bool, False),
         lazy_restore=ctx.take(s, "syncd", "lazy_restore", bool, False),
+        http_hosts=tuple(dict.fromkeys(normalize_host(h) for h in http_hosts)),
     )
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[IPv6]:PORT` -> (host, port); the host without brackets ("" for an empty
+    host: the caller's default). ValueError says what is wrong."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT, [IPv6]:PORT or empty, not {listen!r}")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address (e.g. [::1]:9750)") from None
+        return host[1:-1], int(port)
+    if ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"an IPv6 address goes in brackets ([::1]:{port}), not {listen!r}")
+    return host, int(port)

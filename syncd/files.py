@@ -38,6 +38,7 @@ from typing import BinaryIO
 from urllib.parse import unquote
 
 from syncd import tombstones
+from syncd.access import HANGUPS
 from syncd.config import Config, WatchConfig
 from syncd.keys import UnsafeKey, is_reserved, join_key, key_problem, rel_from_key
 from syncd.ledger import Ledger
@@ -254,7 +255,7 @@ class FileServer:
         try:
             sent = handler.connection.sendfile(f, 0, size)  # zero-copy; falls back to send() chunks
         except OSError as e:  # the client went away, or the disk failed mid-file: headers are out
-            if not isinstance(e, (BrokenPipeError, ConnectionResetError)):
+            if not isinstance(e, HANGUPS):
                 log.warning("files: sending %s failed: %s", what, e)
             handler.close_connection = True
             return
@@ -366,7 +367,9 @@ class FileServer:
             raise Refusal(404, "not found (deleted by the app meanwhile)")
         self.stats.add(restored=1)
         self.stats.succeeded()
-        log.info("files: restored %s/%s on demand (%d bytes, %.2fs)", watch.prefix, rel, res.size,
+        # one line per transfer is debug (`-v`), as for the workers' restores; the counts are
+        # syncd_restores_total and syncd_served_total{source="remote"}
+        log.debug("files: restored %s/%s on demand (%d bytes, %.2fs)", watch.prefix, rel, res.size,
                  time.monotonic() - t0)
         return "remote"
 

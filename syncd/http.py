@@ -1,19 +1,20 @@
-"""The daemon's HTTP endpoint (SPEC §6): routing and the access rule.
+"""The daemon's HTTP endpoint (SPEC §6): routing, and applying the access rule of `access.py`.
 
-GET /healthz, /status and /metrics answer anyone who can reach the address. Everything else
-(`/`, `/files/`, the POST actions) answers loopback clients, or others carrying
-`Authorization: Bearer $SYNCD_HTTP_TOKEN` (`trusted`). Each request runs in its own thread (a
-slow `/files/` download must not block a health check) and closes its ledger connection when it
-ends. Metrics are collected at scrape time from the ledger and the run's counters.
+GET /healthz and /metrics (counts, no names) answer anyone who can reach the address.
+Everything else (`/`, `/status`, `/files/`, the POST actions) answers only a trusted client
+(loopback, or `Authorization: Bearer $SYNCD_HTTP_TOKEN`) that names the daemon by an accepted
+`Host` (DNS rebinding). Each request runs in its own thread (a slow `/files/` download must not
+block a health check) and closes its ledger connection when it ends. A client that hangs up is
+a debug line, never a traceback. Metrics are collected at scrape time from the ledger and the
+run's counters.
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import logging
-import os
+import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from syncd import refusals
+from syncd.access import HANGUPS, TOKEN_ENV, host_ok, trusted
+from syncd.config import split_listen
 from syncd.errors import ConfigError
 from syncd.files import ROUTE as FILES_ROUTE
 from syncd.files import FileServer
@@ -105,24 +108,6 @@ class _Collector:
         yield GaugeMetricFamily("syncd_healthy", "1 when /healthz answers 200", value=1 if ok else 0)
 
 
-TOKEN_ENV = "SYNCD_HTTP_TOKEN"
-
-
-def trusted(client_ip: str, authorization: str | None, env: dict[str, str] | None = None) -> bool:
-    """SPEC §6: loopback clients, or anyone carrying the bearer token of $SYNCD_HTTP_TOKEN
-    (never from the config file). Without the variable only loopback is trusted."""
-    try:
-        if ipaddress.ip_address(client_ip.split("%", 1)[0]).is_loopback:
-            return True
-    except ValueError:
-        pass
-    token = (os.environ if env is None else env).get(TOKEN_ENV, "")
-    if not token or not authorization:
-        return False
-    scheme, _, given = authorization.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
-
-
 class Handler(BaseHTTPRequestHandler):
     """Routes requests; the daemon and the metrics registry are set on the server."""
 
@@ -136,6 +121,8 @@ class Handler(BaseHTTPRequestHandler):
     def handle(self) -> None:
         try:
             super().handle()
+        except HANGUPS as e:
+            log.debug("http: client %s hung up: %s", self.client_address[0], e)
         finally:
             ledger = self.server.daemon.ledger
             if ledger is not None:
@@ -147,6 +134,21 @@ class Handler(BaseHTTPRequestHandler):
 
     def trusted(self) -> bool:
         return trusted(self.client_address[0], self.headers.get("Authorization"))
+
+    def allowed(self) -> bool:
+        """The access rule of the private routes (SPEC §6); when it fails, the 403 is sent."""
+        if not self.trusted():
+            self._send(403, f"forbidden: only loopback clients, or a Bearer token when ${TOKEN_ENV} "
+                            f"is set\n".encode(), "text/plain; charset=utf-8")
+            return False
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1 or not host_ok(hosts[0] if hosts else None, self.server.hosts):
+            shown = ", ".join(repr(h[:100]) for h in hosts)
+            log.debug("http: refused Host %s from %s", shown, self.client_address[0])
+            self._send(403, f"forbidden: Host {shown} is not an IP address, localhost or a name in "
+                            f"http_hosts (DNS rebinding protection)\n".encode(), "text/plain; charset=utf-8")
+            return False
+        return True
 
     def send_body(self, code: int, body: bytes, ctype: str, *, head: bool = False,
                   headers: dict[str, str] | None = None) -> None:
@@ -162,10 +164,6 @@ class Handler(BaseHTTPRequestHandler):
     def _send(self, code: int, body: bytes, ctype: str) -> None:
         self.send_body(code, body, ctype, head=self.command == "HEAD")
 
-    def refuse(self) -> None:
-        self._send(403, f"forbidden: only loopback clients, or a Bearer token when ${TOKEN_ENV} "
-                        f"is set\n".encode(), "text/plain; charset=utf-8")
-
     def do_HEAD(self) -> None:  # noqa: N802 - stdlib name
         self.do_GET()
 
@@ -175,13 +173,13 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/healthz":
                 ok, reason = daemon.health()
                 self._send(200 if ok else 503, (reason + "\n").encode(), "text/plain; charset=utf-8")
-            elif path == "/status":
-                data = collect(daemon.cfg, daemon.ledger)
-                self._send(200, json.dumps(data).encode(), "application/json")
             elif path == "/metrics":
                 self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
-            elif not self.trusted():
-                self.refuse()
+            elif not self.allowed():
+                pass
+            elif path == "/status":  # file names and errors: not for anyone (SPEC §6)
+                data = collect(daemon.cfg, daemon.ledger)
+                self._send(200, json.dumps(data).encode(), "application/json")
             elif path == "/":
                 query = self.path.partition("?")[2]
                 self.send_body(200, self.server.console.page(query), "text/html; charset=utf-8",
@@ -193,18 +191,21 @@ class Handler(BaseHTTPRequestHandler):
                     self.server.files.serve(self, path)
             else:
                 self._send(404, b"not found: try /healthz, /status or /metrics\n", "text/plain")
+        except HANGUPS:
+            raise  # the client went away: handle() notes it, there is no one to answer
         except Exception as e:  # noqa: BLE001 - a request must never take the daemon down
             log.exception("http %s failed", path)
             self._send(500, f"error: {e}\n".encode(), "text/plain")
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
-        if not self.trusted():
+        if not self.allowed():
             self.close_connection = True  # its body is not read: it must not be taken for a request
-            self.refuse()
             return
         if self.route in ACTIONS:
             try:
                 self.server.console.post(self)
+            except HANGUPS:
+                raise
             except Exception as e:  # noqa: BLE001 - a request must never take the daemon down
                 log.exception("http POST %s failed", self.route)
                 self._send(500, f"error: {e}\n".encode(), "text/plain")
@@ -219,9 +220,29 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], daemon: Daemon, registry: CollectorRegistry) -> None:
         self.daemon = daemon
         self.registry = registry
+        self.hosts = frozenset(daemon.cfg.http_hosts)  # names accepted in `Host` besides IPs, localhost
         self.console = Console(daemon)  # the status page; its form token is made here, per process
         self.files: FileServer | None = None  # set by HttpEndpoint.start when serve_files
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            # [::] also takes IPv4 clients (as ::ffff:a.b.c.d) where the OS allows dual-stack,
+            # whatever its default (net.ipv6.bindv6only, BSDs)
+            try:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except (AttributeError, OSError) as e:
+                log.debug("http: [::] stays IPv6-only here: %s", e)
+        super().server_bind()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """What escaped a request thread: one line (socketserver would print a traceback)."""
+        e = sys.exc_info()[1]
+        if isinstance(e, HANGUPS):
+            log.debug("http: client %s hung up: %s", client_address[0], e)
+        else:
+            log.error("http: request from %s failed: %s: %s", client_address[0], type(e).__name__, e)
 
 
 class HttpEndpoint:
@@ -230,13 +251,15 @@ class HttpEndpoint:
     before_ledger = True  # started while the ledger cannot be opened: /healthz says why (503)
 
     def __init__(self, daemon: Daemon, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
-        host = host.strip("[]") or "127.0.0.1"
+        try:
+            host, port = split_listen(listen)
+        except ValueError as e:
+            raise ConfigError(f"syncd.health_listen: {e}") from None
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = _Collector(daemon)
         self.registry.register(self.collector)
         try:
-            self.server = _Server((host, int(port)), daemon, self.registry)
+            self.server = _Server((host or "127.0.0.1", port), daemon, self.registry)
         except OSError as e:
             raise ConfigError(f"syncd.health_listen = {listen!r} cannot be bound: {e.strerror or e}; "
                               f"choose a free address or set it to \"\"") from e
@@ -261,7 +284,8 @@ class HttpEndpoint:
             return
         self._thread = threading.Thread(target=self._serve, name="syncd-http", daemon=True)
         self._thread.start()
-        log.info("health endpoint on http://%s:%d/healthz", *self.address)
+        host, port = self.address
+        log.info("health endpoint on http://%s:%d/healthz", f"[{host}]" if ":" in host else host, port)
 
     def _serve(self) -> None:
         self.server.serve_forever(poll_interval=0.5)

@@ -181,7 +181,7 @@ def test_page_and_actions_refused_from_a_non_loopback_address(endpoint, monkeypa
 
     monkeypatch.setattr(http._Server, "get_request", from_elsewhere)
     monkeypatch.delenv(http.TOKEN_ENV, raising=False)
-    assert request(url + "/status")[0] == 200  # open to anyone who can reach it (SPEC §6)
+    assert request(url + "/status")[0] == 403  # it lists file names and errors (SPEC §6)
     assert request(url + "/")[0] == 403
     for action in ("retry", "rescan"):
         code, _, msg = request(url + f"/actions/{action}", "POST", f"token={token}".encode())
