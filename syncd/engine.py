@@ -30,6 +30,7 @@ from syncd.remote.base import (
     DENIED,
     NO_BUCKET,
     UNREACHABLE,
+    Interruptible,
     Remote,
     RemoteError,
 )
@@ -110,6 +111,8 @@ class Engine:
         self.done = 0  # rows the workers finished (the progress bar's count)
         self._done_lock = threading.Lock()
         self.restoring: WorkerPool | None = None  # restores working while the plan lists
+        if isinstance(remote, Interruptible):  # a stop aborts a multipart upload under way
+            remote.interrupt_on(self.stop)
 
     # --- steps ----------------------------------------------------------------------------
     def prepare(self, *, create: bool = True) -> None:
