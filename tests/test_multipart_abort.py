@@ -68,6 +68,34 @@ def test_a_stop_during_a_multipart_upload_aborts_it_on_the_store(tmp_path, moto_
         assert open_uploads(rig) == []
 
 
+def test_a_kill_9_during_a_multipart_upload_leaves_it_to_the_next_start_to_abort(tmp_path, moto_server):
+    """`kill -9` cannot abort anything: the next `run` finds the upload its killed process left
+    open under the watch (one listing at start) and aborts it, then uploads the file whole."""
+    with FaultProxy(port_of(moto_server), seed=0, rates=Rates(), slow=b"partNumber",
+                    slow_rate=256 * 1024) as proxy:
+        rig = Rig(tmp_path, proxy.url, direct=moto_server, remote=PARTS)
+        big = os.urandom(11 * MIB)
+        (rig.root / "big.bin").write_bytes(big)
+        d = rig.daemon()
+        try:
+            wait_for(lambda: sum(proxy.progress.values()) > 0 or not d.alive(), timeout=60,
+                     what="bytes of a part on their way")
+        finally:
+            d.kill9()
+        left = open_uploads(rig)
+        assert [u["Key"] for u in left] == ["backups/uploads/big.bin"], d.log()
+        proxy.slow = b""
+        d = rig.daemon()
+        try:
+            wait_ready(d)
+            wait_for(lambda: rig.matches({"big.bin": big}), timeout=60, what="big.bin uploaded whole")
+            wait_for(lambda: left[0]["UploadId"] not in {u["UploadId"] for u in open_uploads(rig)},
+                     timeout=30, what="the killed process's upload aborted")
+        finally:
+            stop_clean(d)
+        assert open_uploads(rig) == []
+
+
 # --- in process: the remote itself ----------------------------------------------------------------
 def _remote(store, make_env, **remote):
     from syncd.config import load_config
@@ -148,6 +176,71 @@ def test_a_file_changed_during_its_multipart_upload_is_aborted_not_completed(sto
     assert e.value.kind == INTEGRITY  # the file goes back to settling (syncd.transfers)
     assert store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
     assert store.object_keys() == []
+
+
+# --- the start's sweep of uploads a killed syncd left -----------------------------------------------
+def test_stale_uploads_are_those_under_a_watch_not_this_process_s_and_old_enough_where_shared():
+    from datetime import UTC, datetime, timedelta
+
+    from syncd.remote.multipart import stale
+
+    now = datetime(2026, 12, 1, 12, tzinfo=UTC)
+    ups = [{"Key": k, "UploadId": i, "Initiated": now - timedelta(hours=h)} for k, i, h in [
+        ("b/own/a.bin", "1", 0.1),  # backup watch: any age
+        ("b/own/b.bin", "2", 0.1),  # ... but this process's own upload under way
+        ("b/shared/c.bin", "3", 0.1),  # shared watch: another host may be sending it
+        ("b/shared/d.bin", "4", 30),  # shared, older than a day: stale
+        ("b/other/e.bin", "5", 30),  # under no watch: not syncd's to abort
+        ("b/ownership.bin", "6", 30),  # a key that only starts like a watch's base
+    ]]
+    picked = stale(ups, {"b/own": 0.0, "b/shared": 24 * 3600.0}, now=now.timestamp(), mine={"2"})
+    assert [u["UploadId"] for u in picked] == ["1", "4"]
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+def test_the_start_aborts_uploads_left_under_its_watches_and_no_other(store, make_env):
+    from syncd.config import load_config
+    from syncd.engine import Engine
+    from syncd.ledger import Ledger
+    from syncd.remote import open_remote
+
+    env = make_env(store)
+    c = store.client
+    left = c.create_multipart_upload(Bucket=store.bucket, Key=f"{env.prefix}/killed.bin")["UploadId"]
+    other = c.create_multipart_upload(Bucket=store.bucket, Key="backups/elsewhere/x.bin")["UploadId"]
+    cfg = load_config(env.config)
+    remote = open_remote(cfg)
+    # an upload of this process under way (created, not yet completed) is not stale
+    mine = remote._underway.create(
+        lambda: c.create_multipart_upload(Bucket=store.bucket, Key=f"{env.prefix}/mine.bin")["UploadId"])
+    ledger = Ledger(cfg.ledger)
+    try:
+        Engine(cfg, ledger, remote, oneshot=False).abort_stale_uploads()
+    finally:
+        ledger.close()
+    ids = {u["UploadId"] for u in c.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])}
+    assert left not in ids and {other, mine} <= ids
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+@pytest.mark.parametrize(("code", "status"), [("AccessDenied", 403), ("NotImplemented", 501)])
+def test_a_store_that_cannot_list_uploads_is_one_info_line_and_no_failure(store, make_env, caplog, code, status):
+    import botocore.exceptions
+
+    remote, _path, _key = _remote(store, make_env)
+    client = remote._multipart_clients()[1]
+
+    def refuse(**_kw):
+        raise botocore.exceptions.ClientError({"Error": {"Code": code, "Message": "no"},
+                                               "ResponseMetadata": {"HTTPStatusCode": status}},
+                                              "ListMultipartUploads")
+
+    client.list_multipart_uploads = refuse
+    with caplog.at_level("INFO"):
+        assert remote.abort_stale_uploads({"backups/uploads": 0.0}) == 0
+    lines = [r for r in caplog.records if r.name.startswith("syncd")]
+    assert len(lines) == 1 and lines[0].levelname == "INFO" and code in lines[0].getMessage()
+    assert not lines[0].exc_info
 
 
 @pytest.mark.parametrize("store", ["moto_server"], indirect=True)

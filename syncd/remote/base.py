@@ -7,7 +7,7 @@ the kind alone what is retried (like rclone's shared errors + one `shouldRetry`)
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -133,3 +133,10 @@ class Interruptible(Protocol):
         """Transfers in flight when `stop` is set end early, leaving nothing behind on the store
         (S3: a multipart upload is aborted); they raise Stopped."""
 
+
+@runtime_checkable
+class OpenUploads(Protocol):
+    def abort_stale_uploads(self, bases: Mapping[str, float]) -> int:
+        """Abort the uploads a killed process left open under these key bases (base -> the age
+        in seconds an upload must have there to be called stale); how many were aborted. Never
+        raises: a store that cannot list them is reported and left alone."""

@@ -9,6 +9,9 @@ stop no part starts; parts already in flight get STOP_GRACE to finish the file, 
 aborted. The abort is one request with short timeouts (ABORT_TIMEOUT); a failed one is one
 warning naming the upload id. (s3transfer aborted only after a failure, once every part in
 flight had ended; a stop left the upload open: the process exited first.)
+
+A process killed mid-upload (`kill -9`, power loss) aborts nothing: `stale` picks, from one
+listing at the next start, the uploads it left under the watches (`S3Remote.abort_stale_uploads`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -332,3 +336,20 @@ def abort(client: Any, bucket: str, key: str, upload_id: str, map_error: Callabl
             "lifecycle rule aborts it", upload_id, key, err.cause)
         return False
 
+
+def stale(uploads: Iterable[dict[str, Any]], bases: Mapping[str, float], *, now: float,
+          mine: set[str]) -> list[dict[str, Any]]:
+    """The uploads to abort at start: those under a watch's key base (`bases`: base -> the age in
+    seconds an upload must have there) that are not this process's own (`mine`: upload ids)."""
+    out = []
+    for u in uploads:
+        key = u.get("Key", "")
+        if u.get("UploadId") in mine:
+            continue
+        ages = [min_age for base, min_age in bases.items() if key.startswith(base + "/" if base else "")]
+        if not ages:
+            continue
+        started = u.get("Initiated")
+        if (now - started.timestamp() if isinstance(started, datetime) else 0.0) >= max(ages):
+            out.append(u)
+    return out

@@ -14,8 +14,10 @@ import email.utils
 import hashlib
 import logging
 import mimetypes
+import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -308,6 +310,30 @@ class S3Remote:
         return multipart.Upload(self._multipart_clients()[0], self._abort, self.bucket, key, path, size=size,
                                 chunk=self._part_size, checksum=self.cfg.checksum, slots=self._slots,
                                 underway=self._underway, stop=self._stop, map_error=map_error).run(extra)
+
+    def abort_stale_uploads(self, bases: Mapping[str, float]) -> int:
+        """Abort the multipart uploads a killed syncd left open under `bases` (base -> the age
+        an upload must have there): one listing (a page, up to 1000) under their common prefix.
+        A store that denies it or does not implement it is told once at info and left alone."""
+        common = os.path.commonprefix([b + "/" if b else "" for b in bases])
+        try:
+            resp = self._multipart_clients()[1].list_multipart_uploads(Bucket=self.bucket, Prefix=common)
+        except Exception as e:  # noqa: BLE001 - best effort: a lifecycle rule is the other way
+            log.info("cannot list the multipart uploads under s3://%s/%s (%s): uploads a killed syncd left open "
+                     "stay until a lifecycle rule aborts them", self.bucket, common,
+                     map_error(e, "s3:ListBucketMultipartUploads", common).cause)
+            return 0
+        mine = self._underway.ids(timeout=10.0)  # this process's own, created before the listing
+        if mine is None:
+            log.debug("multipart uploads are being created for 10 s: none is called stale this time")
+            return 0
+        aborted = 0
+        for u in multipart.stale(resp.get("Uploads") or (), bases, now=time.time(), mine=mine):
+            aborted += self._abort(self.bucket, u["Key"], u["UploadId"])
+        if aborted:
+            log.info("aborted %d multipart uploads left open (by a syncd killed mid-upload) under s3://%s/%s", aborted,
+                     self.bucket, common)
+        return aborted
 
     def get(self, key: str, dest: BinaryIO, *, version_id: str | None = None) -> Fetched:
         action = "s3:GetObjectVersion" if version_id else "s3:GetObject"
