@@ -292,6 +292,7 @@ class Daemon:
         `remote_rescan_interval` (0: at start only). A failure is reported (once per cause,
         then counted) and retried with backoff; it never ends the daemon."""
         skip = set(self._listed_before_ready)
+        engine.abort_stale_uploads()  # after READY: one request, off the start's path
 
         def one_round() -> None:
             for w in self.cfg.watches:

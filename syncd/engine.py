@@ -30,6 +30,8 @@ from syncd.remote.base import (
     DENIED,
     NO_BUCKET,
     UNREACHABLE,
+    Interruptible,
+    OpenUploads,
     Remote,
     RemoteError,
 )
@@ -42,6 +44,9 @@ log = logging.getLogger(__name__)
 UPLOAD_OPS = ("put", "delete", "trash", "tomb")
 RESTORE_OPS = ("get",)
 LOCAL_DELETE_OPS = ("unlink",)  # shared watches: files deleted remotely (SPEC §4.12)
+# a multipart upload this old under a shared watch is no other host's upload under way: a day is
+# far beyond any one file's upload, and well within a usual lifecycle rule's days
+SHARED_STALE_AFTER = 24 * 3600.0
 __all__ = ["Engine", "Summary", "remote_files", "unavailable"]
 
 
@@ -110,6 +115,8 @@ class Engine:
         self.done = 0  # rows the workers finished (the progress bar's count)
         self._done_lock = threading.Lock()
         self.restoring: WorkerPool | None = None  # restores working while the plan lists
+        if isinstance(remote, Interruptible):  # a stop aborts a multipart upload under way
+            remote.interrupt_on(self.stop)
 
     # --- steps ----------------------------------------------------------------------------
     def prepare(self, *, create: bool = True) -> None:
@@ -142,6 +149,15 @@ class Engine:
         for w in self.cfg.watches:
             base = self.key_base(w)
             self.remote.probe(base + "/" if base else "")
+
+    def abort_stale_uploads(self) -> None:
+        """Abort the multipart uploads a killed syncd left open under the watches (`run`, at
+        start). A `backup` watch has no other writer: every upload there is stale but this
+        process's own under way (the remote skips them). A `shared` watch's other hosts may be
+        uploading there: only uploads older than SHARED_STALE_AFTER are (SPEC §4.10, §4.12)."""
+        if isinstance(self.remote, OpenUploads):
+            self.remote.abort_stale_uploads({self.key_base(w): SHARED_STALE_AFTER if w.mode == "shared" else 0.0
+                                             for w in self.cfg.watches})
 
     def check_remote(self, *, forever: bool = False) -> None:
         """Probe the remote. One-shot: transient errors are retried a few times, then exit 3."""

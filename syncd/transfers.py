@@ -28,7 +28,7 @@ from syncd.fsutil import SMALL_FILE
 from syncd.keys import UnsafeKey, join_key
 from syncd.ledger import Ledger, Row
 from syncd.logs import CauseLog
-from syncd.remote.base import INTEGRITY, LOCAL, NOT_FOUND, Remote, RemoteError
+from syncd.remote.base import INTEGRITY, LOCAL, NOT_FOUND, Remote, RemoteError, Stopped
 from syncd.restore import CANNOT_RESTORE, Unplaceable, fetch, safe_target
 from syncd.retry import decide
 
@@ -155,6 +155,8 @@ class Transfers:
                 self._unlink(row, watch)
             else:
                 self.ledger.finish(row)
+        except Stopped:  # a stop aborted it: not a failure; queued again as it was (SPEC §4.10)
+            self.ledger.finish(row, state="pending" if row["state"] == "uploading" else row["state"])
         except RemoteError as e:
             self._failed(row, e)
         except LedgerError:

@@ -6,11 +6,12 @@ the kind alone what is retried (like rclone's shared errors + one `shouldRetry`)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 META_SHA = "syncd-sha256"
 META_MTIME = "syncd-mtime-ns"
@@ -42,6 +43,14 @@ class RemoteError(Exception):
         if self.kind == DENIED:
             return f"AccessDenied: {self.action}" if self.action else f"AccessDenied: {self}"
         return f"{self.code or self.kind}: {self}"
+
+
+class Stopped(RemoteError):
+    """A transfer a stop ended early (its multipart upload aborted): not the file's failure, so
+    its row goes back to the queue as it was (SPEC §4.10)."""
+
+    def __init__(self, message: str, *, code: str = "Stopped", action: str = "") -> None:
+        super().__init__(TRANSIENT, message, code=code, action=action)
 
 
 @dataclass(frozen=True)
@@ -115,3 +124,19 @@ class Remote(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+# --- optional abilities: callers use them when a remote has them (like rclone's optional interfaces)
+@runtime_checkable
+class Interruptible(Protocol):
+    def interrupt_on(self, stop: threading.Event) -> None:
+        """Transfers in flight when `stop` is set end early, leaving nothing behind on the store
+        (S3: a multipart upload is aborted); they raise Stopped."""
+
+
+@runtime_checkable
+class OpenUploads(Protocol):
+    def abort_stale_uploads(self, bases: Mapping[str, float]) -> int:
+        """Abort the uploads a killed process left open under these key bases (base -> the age
+        in seconds an upload must have there to be called stale); how many were aborted. Never
+        raises: a store that cannot list them is reported and left alone."""

@@ -1,4 +1,5 @@
-"""S3 remote (botocore): one shared client, s3transfer for multipart, server-verified checksums.
+"""S3 remote (botocore): one shared client, multipart uploads that abort what they leave
+(`syncd.remote.multipart`), server-verified checksums.
 
 Who retries: botocore is set to a single attempt; syncd's ledger owns every retry of a file
 (backoff in `syncd.retry`), so attempts never multiply across layers (PITFALLS §2). The one
@@ -13,8 +14,10 @@ import email.utils
 import hashlib
 import logging
 import mimetypes
+import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -30,7 +33,7 @@ from syncd.config import RemoteConfig
 from syncd.errors import ConfigError
 from syncd.fsutil import CHUNK, SMALL_FILE
 from syncd.lane import lane_size
-from syncd.remote import composite
+from syncd.remote import composite, multipart
 from syncd.remote.base import (
     CREDENTIALS,
     DENIED,
@@ -51,7 +54,7 @@ from syncd.remote.base import (
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
-PART_CONCURRENCY = 4
+PART_CONCURRENCY = multipart.PART_CONCURRENCY
 PART_ATTEMPTS = 3  # tries of one part of a multipart upload before the file goes back to the ledger
 
 _CRED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
@@ -143,8 +146,7 @@ class S3Remote:
         self.bucket = cfg.bucket
         self.name = f"s3://{cfg.bucket}/{cfg.prefix}".rstrip("/")
         # a botocore session, not boto3's: boto3 imports s3transfer and its resource layer at
-        # once (a third of the start-up time of a one-shot resync) and syncd needs neither for
-        # a client; s3transfer is imported at the first multipart upload
+        # once (a third of the start-up time of a one-shot resync) and syncd needs neither
         session = botocore.session.get_session()
         session.user_agent_name, session.user_agent_version = "syncd", __version__
         session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=fast_timestamp)
@@ -168,11 +170,15 @@ class S3Remote:
         self.threshold = int(cfg.multipart_threshold_mb * MIB)
         self._part_size = int(cfg.multipart_chunk_mb * MIB)
         self._part_concurrency = PART_CONCURRENCY * max(1, min(workers, 4))
-        self._tm_lock = threading.Lock()
-        self._tm_made: Any = None
-        self._part_client: Any = None
+        # parts in flight across all files: each holds a connection of the part client's pool
+        self._slots = threading.BoundedSemaphore(self._part_concurrency)
+        self._clients_lock = threading.Lock()
+        self._part_clients: tuple[Any, Any] | None = None
+        self._stop: threading.Event | None = None
+        self._underway = multipart.Underway()
 
-    def _make_client(self, session: Any, s3opts: dict[str, Any], workers: int, *, attempts: int) -> Any:
+    def _make_client(self, session: Any, s3opts: dict[str, Any], workers: int, *, attempts: int,
+                     timeout: float = 0) -> Any:
         return session.create_client(
             "s3",
             endpoint_url=self.cfg.endpoint_url or None,
@@ -183,8 +189,8 @@ class S3Remote:
                 # spare (an overflow is opened, used once and dropped, with a warning)
                 max_pool_connections=workers + lane_size(workers)
                 + PART_CONCURRENCY * max(1, min(workers, 4)) + 4,
-                connect_timeout=10,
-                read_timeout=60,
+                connect_timeout=timeout or 10,
+                read_timeout=timeout or 60,
                 retries={"mode": "standard", "total_max_attempts": attempts},
                 # syncd builds every request's parameters itself: checking them again against
                 # the service model is a few percent of the CPU of a small file's request
@@ -197,24 +203,25 @@ class S3Remote:
             ),
         )
 
-    @property
-    def _tm(self) -> Any:
-        """s3transfer's multipart uploader, made at the first large file: its event handlers run
-        on every request of the shared client, and a run of small files needs none of it."""
-        with self._tm_lock:
-            if self._tm_made is None:
-                from s3transfer.manager import TransferConfig, TransferManager
+    def _multipart_clients(self) -> tuple[Any, Any]:
+        """The clients of multipart uploads, made at the first large file: one whose requests are
+        tried PART_ATTEMPTS times (a part that fails is sent again alone, as `aws s3 cp` and
+        rclone's low-level retries do: one lost part of a large file does not cost the whole
+        file again), and one of a single short try for aborts (a stop's 10 s, SPEC §4.10)."""
+        with self._clients_lock:
+            if self._part_clients is None:
+                self._part_clients = (
+                    self._make_client(self._session, self._s3opts, self._workers, attempts=PART_ATTEMPTS),
+                    self._make_client(self._session, self._s3opts, 0, attempts=1,
+                                      timeout=multipart.ABORT_TIMEOUT))
+            return self._part_clients
 
-                # a part that fails is sent again alone (botocore's standard retries, as `aws s3 cp`
-                # and rclone's low-level retries do); only a part failing PART_ATTEMPTS times sends
-                # the whole file back to the ledger, so one lost part of a large file does not
-                # cost the whole file again
-                self._part_client = self._make_client(self._session, self._s3opts, self._workers,
-                                                      attempts=PART_ATTEMPTS)
-                self._tm_made = TransferManager(self._part_client, TransferConfig(
-                    multipart_threshold=self.threshold + 1, multipart_chunksize=self._part_size,
-                    max_request_concurrency=self._part_concurrency))
-            return self._tm_made
+    def _abort(self, bucket: str, key: str, upload_id: str, *, quiet: bool = False) -> bool:
+        return multipart.abort(self._multipart_clients()[1], bucket, key, upload_id, map_error, quiet=quiet)
+
+    def interrupt_on(self, stop: threading.Event) -> None:
+        """A multipart upload under way when `stop` is set is aborted (`syncd.remote.multipart`)."""
+        self._stop = stop
 
     # --- helpers ------------------------------------------------------------------------
     def _extra(self, key: str, sha256: str, mtime_ns: int) -> dict[str, Any]:
@@ -282,11 +289,7 @@ class S3Remote:
                 if self.cfg.checksum == "sha256":
                     # per-part SHA-256, verified by the server part by part (a composite checksum)
                     extra["ChecksumAlgorithm"] = "SHA256"
-                self._tm.upload(str(path), self.bucket, key, extra_args=extra).result()
-                # s3transfer does not hand back CompleteMultipartUpload's ETag: ask (large files
-                # only), retried like the parts (a lost answer should not send the file again)
-                return str(self._part_client.head_object(Bucket=self.bucket, Key=key).get("ETag", "")).strip('"') \
-                    or None
+                return self._multipart(key, path, size, extra)
             if self.cfg.checksum == "sha256":
                 extra["ChecksumAlgorithm"] = "SHA256"
                 extra["ChecksumSHA256"] = _b64(sha256)
@@ -302,6 +305,35 @@ class S3Remote:
             return str(resp.get("ETag", "")).strip('"') or None
         except Exception as e:
             raise map_error(e, "s3:PutObject", key) from e
+
+    def _multipart(self, key: str, path: Path, size: int, extra: dict[str, Any]) -> str | None:
+        return multipart.Upload(self._multipart_clients()[0], self._abort, self.bucket, key, path, size=size,
+                                chunk=self._part_size, checksum=self.cfg.checksum, slots=self._slots,
+                                underway=self._underway, stop=self._stop, map_error=map_error).run(extra)
+
+    def abort_stale_uploads(self, bases: Mapping[str, float]) -> int:
+        """Abort the multipart uploads a killed syncd left open under `bases` (base -> the age
+        an upload must have there): one listing (a page, up to 1000) under their common prefix.
+        A store that denies it or does not implement it is told once at info and left alone."""
+        common = os.path.commonprefix([b + "/" if b else "" for b in bases])
+        try:
+            resp = self._multipart_clients()[1].list_multipart_uploads(Bucket=self.bucket, Prefix=common)
+        except Exception as e:  # noqa: BLE001 - best effort: a lifecycle rule is the other way
+            log.info("cannot list the multipart uploads under s3://%s/%s (%s): uploads a killed syncd left open "
+                     "stay until a lifecycle rule aborts them", self.bucket, common,
+                     map_error(e, "s3:ListBucketMultipartUploads", common).cause)
+            return 0
+        mine = self._underway.ids(timeout=10.0)  # this process's own, created before the listing
+        if mine is None:
+            log.debug("multipart uploads are being created for 10 s: none is called stale this time")
+            return 0
+        aborted = 0
+        for u in multipart.stale(resp.get("Uploads") or (), bases, now=time.time(), mine=mine):
+            aborted += self._abort(self.bucket, u["Key"], u["UploadId"])
+        if aborted:
+            log.info("aborted %d multipart uploads left open (by a syncd killed mid-upload) under s3://%s/%s", aborted,
+                     self.bucket, common)
+        return aborted
 
     def get(self, key: str, dest: BinaryIO, *, version_id: str | None = None) -> Fetched:
         action = "s3:GetObjectVersion" if version_id else "s3:GetObject"
@@ -454,14 +486,8 @@ class S3Remote:
                 raise err from e
 
     def close(self) -> None:
-        with self._tm_lock:
-            tm, self._tm_made = self._tm_made, None
-        if tm is None:
-            return
-        try:
-            tm.shutdown()
-        except Exception:  # noqa: BLE001 - never fail a stop on a transfer-manager quirk
-            log.debug("transfer manager shutdown failed", exc_info=True)
+        """Nothing to release: connections close with the process, and the threads of a multipart
+        upload end with it (a stop aborted what was under way)."""
 
 
 def no_expect_for_small_bodies(request: Any, **_: Any) -> None:
