@@ -354,6 +354,10 @@ class World:
         done = {r[0] for r in self.ledger_rows(h, "SELECT path FROM files WHERE state IN ('synced','failed')")}
         return set(live_tree(h.root)) <= done
 
+    def unsettled(self, h: Host) -> list[tuple]:
+        return self.ledger_rows(h, "SELECT path, state, op, attempts, last_error FROM files WHERE state IN "
+                                   "('pending','uploading','deleting') LIMIT 5")
+
     def failed_paths(self, h: Host) -> set[str]:
         return {r[0] for r in self.ledger_rows(h, "SELECT path FROM files WHERE state='failed'")}
 
@@ -468,9 +472,12 @@ class World:
             self.start(h)
         problems: list[str] = []
         try:
-            wait_for(lambda: not self.trees_problems(final=True), self.quiet, 0.2, "hosts converged")
+            wait_for(lambda: all(self.synced(h) for h in self.hosts) and not self.trees_problems(final=True),
+                     self.quiet, 0.2, "hosts converged")
         except AssertionError:
             problems += self.trees_problems(final=True)
+            problems += [f"host{h.i}: work left after {self.quiet:.0f} s of quiet: {self.unsettled(h)}"
+                         for h in self.hosts if not self.synced(h)]
         for h in self.hosts:
             self.stop(h)
         problems += self.bucket_problems()
