@@ -24,6 +24,7 @@ from syncd import logs
 from syncd.config import Config, load_config
 from syncd.errors import ConfigError, Interrupted, SyncdError
 from syncd.interrupt import stop_on_signals
+from syncd.names import shown
 from syncd.url_cmd import DEFAULT_EXPIRES, MAX_EXPIRES
 
 log = logging.getLogger("syncd")
@@ -41,7 +42,11 @@ class Ctx:
     @property
     def cfg(self) -> Config:
         if self._cfg is None:
-            self._cfg = load_config(self.config_path)
+            try:
+                self._cfg = load_config(self.config_path)
+            except ConfigError as e:
+                logs.use_format(e.log_format)
+                raise
             level = self._cfg.log_level
             if self.verbose:
                 level = "debug"
@@ -128,8 +133,9 @@ def locked_ledger(cfg: Config, role: str) -> Iterator:
 @contextmanager
 def _progress(c: Ctx, *, show: bool = True) -> Iterator:
     """A progress bar on a terminal (None otherwise: log lines only). While it shows, log lines
-    are written above it (tqdm's logging redirect) instead of breaking it."""
-    if not show or c.quiet or not sys.stderr.isatty():
+    are written above it (tqdm's logging redirect) instead of breaking it. Not with JSON logs:
+    every stderr line is then a JSON object (SPEC §2), and a bar is not one."""
+    if not show or c.quiet or logs.is_json() or not sys.stderr.isatty():
         yield None
         return
     from tqdm import tqdm
@@ -144,15 +150,16 @@ def _progress(c: Ctx, *, show: bool = True) -> Iterator:
 
 
 def _print_plan(kind: str, path: str) -> None:
-    """A dry run's line per file (SPEC §3): `upload PATH`, `restore PATH`, `delete PATH`."""
-    click.echo(f"{kind} {path}")
+    """A dry run's line per file (SPEC §3): `upload PATH`, `restore PATH`, `delete PATH`; on
+    stdout, in text even with JSON logs: it is the command's product, like the summary line."""
+    click.echo(f"{kind} {shown(path)}")
 
 
 def _print_failures(failures: list[tuple[str, str]], total: int) -> None:
     for what, why in failures[:MAX_LISTED]:
-        click.echo(logs.journal_line(f"failed: {what}: {why}"), err=True)
+        click.echo(logs.stderr_line(f"failed: {what}: {why}"), err=True)
     if total > MAX_LISTED:
-        click.echo(f"... and {total - MAX_LISTED} more (see `syncd status`)", err=True)
+        click.echo(logs.stderr_line(f"... and {total - MAX_LISTED} more (see `syncd status`)"), err=True)
 
 
 def _ts(t: float | None) -> str | None:
@@ -308,7 +315,7 @@ def check(c: Ctx) -> None:
     from syncd.remote import open_remote
 
     cfg = c.cfg
-    click.echo(f"config ok: {cfg.path}")
+    click.echo(f"config ok: {shown(cfg.path)}")
     remote = open_remote(cfg)
     try:
         click.echo(f"remote: {remote.name} (probe object {probe_key(cfg)})")
@@ -419,33 +426,41 @@ def service(c: Ctx, action: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logs.use_format("text")  # until a config says otherwise (in-process callers run several commands)
     try:
         cli.main(args=argv, prog_name="syncd", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
-        click.echo("syncd: interrupted", err=True)
+        click.echo(logs.stderr_line("syncd: interrupted", logging.WARNING), err=True)
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        if logs.is_json():
+            click.echo(logs.stderr_line(f"syncd: error: {e.format_message()}"), err=True)
+        else:
+            e.show()
         sys.exit(2 if e.exit_code not in (0, 1) else e.exit_code)
     except KeyboardInterrupt:
-        click.echo("syncd: interrupted", err=True)
+        click.echo(logs.stderr_line("syncd: interrupted", logging.WARNING), err=True)
         sys.exit(130)
     except Interrupted as e:
-        click.echo(f"syncd: {e}", err=True)
+        click.echo(logs.stderr_line(f"syncd: {e}", logging.WARNING), err=True)
         sys.exit(e.exit_code)
     except SyncdError as e:
-        if _state["verbose"]:
-            traceback.print_exc()
-        click.echo(logs.journal_line(f"syncd: error: {e}"), err=True)
+        _error_line(f"syncd: error: {e}")
         sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-        if _state["verbose"]:
-            traceback.print_exc()
-        click.echo(logs.journal_line(f"syncd: internal error: {type(e).__name__}: {e} (run with -v for details)"),
-                   err=True)
+        _error_line(f"syncd: internal error: {type(e).__name__}: {e} (run with -v for details)")
         sys.exit(1)
+
+
+def _error_line(text: str) -> None:
+    """The one error line (escaped: an error may quote a name); with -v, the traceback before it
+    in text, or in the line's own JSON object (`exc`) with JSON logs."""
+    verbose = bool(_state["verbose"])
+    if verbose and not logs.is_json():
+        click.echo(logs.shown_lines(traceback.format_exc().rstrip("\n")), err=True)
+    click.echo(logs.stderr_line(text, exc=verbose), err=True)
 
 
 def entry() -> None:

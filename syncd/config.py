@@ -351,7 +351,12 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config error in {file}: not valid TOML: {e}") from None
-    return parse_config(data, file)
+    try:
+        return parse_config(data, file)
+    except ConfigError as e:
+        s = data.get("syncd")
+        e.log_format = s.get("log_format") if isinstance(s, dict) else None  # its error in its format
+        raise
 
 
 def parse_config(data: dict[str, Any], file: Path) -> Config:

@@ -16,6 +16,7 @@ class ConfigError(SyncdError):
     """Bad config or usage: exit 2."""
 
     exit_code = 2
+    log_format: str | None = None  # what the rejected config asks for, if it says (SPEC §2: JSON lines)
 
 
 class LedgerError(SyncdError):

@@ -24,6 +24,7 @@ from urllib.parse import unquote_plus, urlsplit
 from syncd import refusals
 from syncd.keys import UnsafeKey
 from syncd.logs import CauseLog
+from syncd.names import shown
 from syncd.remote.base import ObjectInfo
 from syncd.retry import backoff
 
@@ -275,7 +276,7 @@ def start(cfg: Config, ledger: Ledger, engine: Engine, stop: threading.Event) ->
         kind = apply_remote_change(ledger, cfg, watch, rel, info, seen_at=change.at or time.time(),
                                    remote=engine.remote)
         if kind is not None:
-            log.debug("event %s %s: %s", "created" if change.created else "removed", change.key, kind)
+            log.debug("event %s %s: %s", "created" if change.created else "removed", shown(change.key), kind)
             engine.wake.set()
 
     consumer = EventConsumer(cfg.remote.events_queue, apply, stop, region=cfg.remote.region,

@@ -42,6 +42,7 @@ from syncd.access import HANGUPS
 from syncd.config import Config, WatchConfig
 from syncd.keys import UnsafeKey, is_reserved, join_key, key_problem, rel_from_key
 from syncd.ledger import Ledger
+from syncd.names import shown
 from syncd.patterns import Filter
 from syncd.remote.base import (
     LOCAL,
@@ -256,11 +257,11 @@ class FileServer:
             sent = handler.connection.sendfile(f, 0, size)  # zero-copy; falls back to send() chunks
         except OSError as e:  # the client went away, or the disk failed mid-file: headers are out
             if not isinstance(e, HANGUPS):
-                log.warning("files: sending %s failed: %s", what, e)
+                log.warning("files: sending %s failed: %s", shown(what), e)
             handler.close_connection = True
             return
         if sent != size:  # truncated while we sent it: the client sees a short body, not a wrong one
-            log.warning("files: %s shrank while being sent (%d of %d bytes)", what, sent, size)
+            log.warning("files: %s shrank while being sent (%d of %d bytes)", shown(what), sent, size)
             handler.close_connection = True
 
     def open(self, route: str) -> tuple[Opened, str]:
@@ -369,7 +370,7 @@ class FileServer:
         self.stats.succeeded()
         # one line per transfer is debug (`-v`), as for the workers' restores; the counts are
         # syncd_restores_total and syncd_served_total{source="remote"}
-        log.debug("files: restored %s/%s on demand (%d bytes, %.2fs)", watch.prefix, rel, res.size,
+        log.debug("files: restored %s/%s on demand (%d bytes, %.2fs)", watch.prefix, shown(rel), res.size,
                  time.monotonic() - t0)
         return "remote"
 
@@ -458,7 +459,7 @@ class FileServer:
     def _remote_refusal(self, watch: WatchConfig, rel: str, e: RemoteError) -> Refusal:
         if e.kind == NOT_FOUND:
             return Refusal(404, "not found (neither on disk nor in the remote)")
-        log.warning("files: on-demand restore of %s/%s failed: %s", watch.prefix, rel, e.cause)
+        log.warning("files: on-demand restore of %s/%s failed: %s", watch.prefix, shown(rel), e.cause)
         with self.stats.lock:
             self.stats.fail_reasons[e.kind] += 1
         if e.kind in (TRANSIENT, UNREACHABLE):

@@ -16,6 +16,7 @@ RESTORE_TEMP_PREFIX = ".syncd-restore-"
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTROL_OK = re.compile(r"[\x00]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class UnsafeKey(ValueError):
@@ -102,6 +103,8 @@ def rel_from_key(key: str, base: str) -> str:
         raise UnsafeKey(f"backslash in key {key!r}")
     if "\x00" in rel:
         raise UnsafeKey(f"NUL in key {key!r}")
+    if _SURROGATE.search(rel):  # a file:// remote's file whose name is not UTF-8: no ledger row can hold it
+        raise UnsafeKey(f"key {key!r} is not valid UTF-8")
     if _DRIVE.match(rel):
         raise UnsafeKey(f"drive letter in key {key!r}")
     for seg in rel.split("/"):

@@ -1,4 +1,11 @@
-"""Logging setup (text or one JSON object per line) and once-per-cause failure reporting."""
+"""Logging setup (text or one JSON object per line) and once-per-cause failure reporting.
+
+Every line syncd writes to stderr goes through here: log records through the two formatters,
+and a one-shot command's own lines (`failed: ...`, `syncd: error: ...`) through `stderr_line`,
+so that with `log_format = "json"` each of them is one JSON object (SPEC §2). Both escape the
+final text with `names.shown` (SPEC §4.14): whatever a record's arguments hold, a file name
+cannot forge a line or send a terminal sequence, even from a call site that forgot to escape.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,32 @@ import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
+from syncd.names import shown
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+_format = {"json": False}  # what `setup` chose, for the lines that are not log records
+
+
+def shown_lines(text: str) -> str:
+    """A traceback keeps its lines; each is escaped (an exception's message may hold a name).
+    Only tracebacks are printed this way: they come with -v or from a bug."""
+    return "\n".join(shown(line) for line in text.split("\n"))
+
+
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger: message`, the message escaped (SPEC §4.14)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = shown(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        return shown_lines(super().formatException(ei))
 
 
 class JsonFormatter(logging.Formatter):
@@ -22,10 +54,14 @@ class JsonFormatter(logging.Formatter):
                 "+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            # escaped like the text format: a consumer that prints `msg` sees what a reader of
+            # the text log sees (JSON itself would only escape C0 controls)
+            "msg": shown(record.getMessage()),
         }
         if record.exc_info:
-            obj["exc"] = self.formatException(record.exc_info)
+            obj["exc"] = shown_lines(self.formatException(record.exc_info))
+        elif record.exc_text:
+            obj["exc"] = shown_lines(record.exc_text)
         return json.dumps(obj, ensure_ascii=False)
 
 
@@ -72,11 +108,32 @@ def journal_line(text: str, levelno: int = logging.ERROR, stream=None) -> str:
     return f"<{syslog_priority(levelno)}>{text}" if to_journal(stream) else text
 
 
+def use_format(fmt: str | None) -> None:
+    """Choose text or JSON for `stderr_line` before (or without) `setup`: a config error in a
+    config that asks for JSON is said in JSON."""
+    if fmt in ("text", "json"):
+        _format["json"] = fmt == "json"
+
+
+def is_json() -> bool:
+    return _format["json"]
+
+
+def stderr_line(text: str, levelno: int = logging.ERROR, *, exc: bool = False, stream=None) -> str:
+    """A one-shot command's own stderr line (`failed: ...`, `syncd: error: ...`), escaped: as it
+    is in text mode, one JSON object like a log record's in JSON mode (SPEC §2). `exc`: the
+    exception being handled goes with it (-v's traceback: in JSON, the object's `exc`)."""
+    if not _format["json"]:
+        return journal_line(shown(text), levelno, stream)
+    record = logging.LogRecord("syncd", levelno, __file__, 0, text, None, sys.exc_info() if exc else None)
+    return journal_line(JsonFormatter().format(record), levelno, stream)
+
+
 def setup(level: str = "info", fmt: str = "text", stream=None) -> None:
     """Configure the root logger once (the entry point's job)."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    formatter: logging.Formatter = (JsonFormatter() if fmt == "json" else
-                                    logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    use_format(fmt)
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     if to_journal(handler.stream):
         formatter = JournalPrefix(formatter)
     handler.setFormatter(formatter)

@@ -4,8 +4,9 @@ One self-contained HTML page rendered on the server: CSS inline, no script (a me
 reloads it), no external asset, so it works on an air-gapped host and on a phone. Its data come
 from `syncd.status.collect` (the same object as GET /status) and `Daemon.health()` (the reason
 GET /healthz gives). Everything from the ledger is hostile input (file names, error texts): it
-is escaped, control and bidi characters are shown as `\\xNN`, and the Content-Security-Policy
-forbids scripts, frames and foreign form targets, so even a slip could not run anything.
+is HTML-escaped, control and bidi characters are shown escaped as everywhere else
+(`syncd.names.shown`: `\\n`, `\\x1b`, `\\u202e`), and the Content-Security-Policy forbids
+scripts, frames and foreign form targets, so even a slip could not run anything.
 
 "Retry failed" and "Rescan" are forms POSTing to /actions/retry and /actions/rescan with a
 random token made when the endpoint starts (per process): another site cannot read the page,
@@ -17,12 +18,12 @@ from __future__ import annotations
 
 import hmac
 import html
-import re
 import secrets
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from syncd.ledger import STATES
+from syncd.names import shown
 from syncd.status import collect
 
 if TYPE_CHECKING:
@@ -40,9 +41,6 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-# C0/C1 controls, lone surrogates (undecodable bytes of a name), bidi overrides/isolates and
-# zero-width characters: shown escaped so a name cannot hide or reorder what is displayed.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
 
 CSS = """
 body{font:15px/1.4 system-ui,sans-serif;margin:0 auto;max-width:60rem;padding:.75rem;color:#222}
@@ -61,11 +59,9 @@ button{font:inherit;padding:.5rem 1rem;border-radius:.4rem;border:1px solid #888
 
 
 def text(value: Any) -> str:
-    """`value` as HTML text: escaped, with invisible or reordering characters made visible."""
-    s = "" if value is None else str(value)
-    s = _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-                    else f"\\u{ord(m.group()):04x}", s)
-    return html.escape(s, quote=True)
+    """`value` as HTML text: shown as names are everywhere (controls, invisible or reordering
+    characters made visible), then HTML-escaped."""
+    return html.escape("" if value is None else shown(value), quote=True)
 
 
 def _age(seconds: float) -> str:

@@ -62,6 +62,7 @@ from syncd import refusals, tombstones
 from syncd.config import Config, WatchConfig
 from syncd.keys import UnsafeKey, is_reserved, join_key, rel_from_key
 from syncd.ledger import Ledger, Row
+from syncd.names import shown
 from syncd.patterns import Filter, matches_any
 from syncd.remote.base import INVALID, ObjectInfo, Remote, RemoteError
 from syncd.retry import ONESHOT_ATTEMPTS, backoff, is_transient
@@ -290,7 +291,7 @@ class Work:
                 try:
                     tombstones.lift(remote, self.key_base, rel)
                 except RemoteError as e:  # the next listing tries again
-                    log.warning("could not remove the stale tombstone of %s/%s: %s", self.watch.prefix, rel, e)
+                    log.warning("could not remove the stale tombstone of %s/%s: %s", self.watch.prefix, shown(rel), e)
         self.inserts.clear()
         self.changes.clear()
         self.lifts.clear()

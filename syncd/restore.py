@@ -21,6 +21,7 @@ from typing import BinaryIO, cast
 
 from syncd.fsutil import publish
 from syncd.keys import RESTORE_TEMP_PREFIX, UnsafeKey
+from syncd.names import shown
 from syncd.remote.base import INTEGRITY, LOCAL, Remote, RemoteError
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False, ex
         published = True
         if not verified:
             log.warning("restored %s unverified: the object has no syncd-sha256 and no checksum "
-                        "syncd could check (written by another tool?)", target)
+                        "syncd could check (written by another tool?)", shown(target))
         return result
     finally:
         with _live_lock:

@@ -25,6 +25,7 @@ from syncd.engine import unavailable
 from syncd.errors import ConfigError
 from syncd.keys import UnsafeKey, is_reserved, join_key, rel_from_key
 from syncd.ledger import Ledger
+from syncd.names import shown
 from syncd.patterns import Filter, matches_any
 from syncd.remote.base import Remote, RemoteError, VersionInfo
 from syncd.restore import Restored, ensure_placeable, fetch, safe_target
@@ -176,11 +177,11 @@ class _Run:
         except (RemoteError, UnsafeKey, OSError) as e:
             self._failed_one(v, str(e))
         except Exception as e:  # noqa: BLE001 - the task ends here: a bug is a failed file, not a lost one
-            log.exception("internal error restoring %s", v.key)
+            log.exception("internal error restoring %s", shown(v.key))
             self._failed_one(v, f"internal error: {type(e).__name__}: {e}")
 
     def _failed_one(self, v: VersionInfo, why: str) -> None:
-        log.error("cannot restore %s (version %s): %s", v.key, v.version_id, why)
+        log.error("cannot restore %s (version %s): %s", shown(v.key), v.version_id, why)
         self.failed(v.key, why)
         if self.progress is not None:
             self.progress.update(1)

@@ -15,6 +15,7 @@ from syncd.config import Config
 from syncd.engine import RESTORE_OPS, Engine, remote_files
 from syncd.keys import RESTORE_TEMP_PREFIX, UnsafeKey, join_key
 from syncd.ledger import Ledger
+from syncd.names import shown
 from syncd.remote.base import Remote, RemoteError
 from syncd.restore import ensure_placeable, fetch, safe_target
 from syncd.retry import call as retry_call
@@ -122,14 +123,14 @@ def restore_to(cfg: Config, remote: Remote, to_dir: Path, *, globs: Iterable[str
                         on_plan("restore", join_key(prefix, rel))
                 return
             retry_call(lambda: fetch(remote, key, target, overwrite=overwrite))
-            log.debug("restored %s to %s", key, target)  # -v: every transfer (README)
+            log.debug("restored %s to %s", shown(key), shown(target))  # -v: every transfer (README)
             with lock:
                 out.restored += 1
         except FileExistsError:
             with lock:
                 out.skipped += 1
         except (RemoteError, UnsafeKey, OSError) as e:
-            log.error("cannot restore %s: %s", key, e)
+            log.error("cannot restore %s: %s", shown(key), e)
             with lock:
                 out.failed += 1
                 out.failures.append((key, str(e)))

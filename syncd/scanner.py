@@ -18,6 +18,7 @@ from syncd import refusals
 from syncd.config import WatchConfig
 from syncd.keys import RESTORE_TEMP_PREFIX, join_key, key_problem, ledger_name, name_problem
 from syncd.ledger import Ledger, Row
+from syncd.names import shown
 from syncd.patterns import Filter
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def walk(root: Path, filt: Filter, follow_symlinks: bool = False, base: str = ""
             if rel_dir == base:
                 raise  # the watch root itself: the caller reports the watch as down
             log.warning("cannot read directory %s: %s; its files are left as they are",
-                        abs_dir, e.strerror)
+                        shown(abs_dir), e.strerror)
             yield Entry(path=rel_dir + "/" if rel_dir else "", kind=SKIP_DIR, problem=str(e.strerror))
             return
         items = []
@@ -100,7 +101,7 @@ def walk(root: Path, filt: Filter, follow_symlinks: bool = False, base: str = ""
             if is_dir:
                 ident = (s.st_dev, s.st_ino)
                 if ident in seen_dirs:
-                    log.warning("symlink loop at %s; not followed again", de.path)
+                    log.warning("symlink loop at %s; not followed again", shown(de.path))
                     continue
                 seen_dirs.add(ident)
                 yield from rec(de.path, rel, problem)
@@ -112,7 +113,7 @@ def walk(root: Path, filt: Filter, follow_symlinks: bool = False, base: str = ""
 
     st = os.stat(root)
     if (st.st_dev, st.st_ino) in seen_dirs:
-        log.warning("symlink loop at %s; not followed", root)
+        log.warning("symlink loop at %s; not followed", shown(root))
         return
     seen_dirs.add((st.st_dev, st.st_ino))
     yield from rec(str(root), base, None)
@@ -196,7 +197,7 @@ class Scanner:
         for path in temps or ():
             try:
                 os.unlink(path)
-                log.info("removed %s, left behind by an interrupted restore", path)
+                log.info("removed %s, left behind by an interrupted restore", shown(path))
             except FileNotFoundError:
                 pass
         return self.stats
@@ -230,7 +231,7 @@ class Scanner:
 
     def _fail_name(self, entry: Entry, problem: str, *, warn: bool = True) -> None:
         if warn:  # once per file: not again at each write to a file already failed for its name
-            log.warning("cannot sync %s/%s: %s", self.watch.prefix, entry.path, problem)
+            log.warning("cannot sync %s/%s: %s", self.watch.prefix, shown(entry.path), problem)
             if not self.dry_run:
                 refusals.count(refusals.NAME)
         self._upserts.append({"watch": self.watch.prefix, "path": entry.path, "size": entry.size,

@@ -11,6 +11,7 @@ from typing import Any
 from syncd.config import Config
 from syncd.ledger import STATES, Ledger, ledger_failure
 from syncd.lock import holder
+from syncd.names import shown
 
 FAILURES_SHOWN = 20
 
@@ -89,6 +90,7 @@ def _daemon_meta(ledger: Ledger, daemon: dict[str, Any]) -> None:
 
 
 def render_text(data: dict[str, Any], now: float) -> str:
+    """`syncd status`: names and errors escaped (SPEC §4.14; the JSON keeps them as they are)."""
     d = data["daemon"]
     lines = []
     if d["running"]:
@@ -99,14 +101,14 @@ def render_text(data: dict[str, Any], now: float) -> str:
     if d.get("busy"):
         lines.append(f"  ({d['busy']['command']} running, pid {d['busy']['pid']})")
     if d.get("remote_error"):
-        lines.append(f"  remote failing since {d['remote_error']['since']}: {d['remote_error']['error']} (retrying)")
+        lines.append(f"  remote failing since {d['remote_error']['since']}: {shown(d['remote_error']['error'])} (retrying)")
     r = d.get("startup_restore")
     if r and r.get("total"):
         lines.append(f"  startup restore: {r['restored']} of {r['total']} restored"
                      + (f", {r['failed']} failed (listed below)" if r.get("failed") else ""))
     for w in data["watches"]:
         c = w["counts"]
-        lines.append(f"{w['prefix'] or '(no prefix)'}  {w['path']}")
+        lines.append(f"{shown(w['prefix']) or '(no prefix)'}  {shown(w['path'])}")
         lines.append("  " + ", ".join(f"{k} {c[k]}" for k in STATES))
         age = w["oldest_pending_age_s"]
         lines.append(f"  backlog: {w['backlog']} files" + (f", oldest {age:.0f}s" if age is not None else ""))
@@ -115,5 +117,5 @@ def render_text(data: dict[str, Any], now: float) -> str:
         if w["failures_total"]:
             lines.append(f"  failures ({len(w['failures'])} of {w['failures_total']}, most recent first):")
             for f in w["failures"]:
-                lines.append(f"    {f['path']}: {f['error']} ({f['attempts']} attempts, {f['updated_at']})")
+                lines.append(f"    {shown(f['path'])}: {shown(f['error'])} ({f['attempts']} attempts, {f['updated_at']})")
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from syncd.fsutil import SMALL_FILE
 from syncd.keys import UnsafeKey, join_key
 from syncd.ledger import Ledger, Row
 from syncd.logs import CauseLog
+from syncd.names import shown
 from syncd.remote.base import INTEGRITY, LOCAL, NOT_FOUND, Remote, RemoteError, Stopped
 from syncd.restore import CANNOT_RESTORE, Unplaceable, fetch, safe_target
 from syncd.retry import decide
@@ -172,7 +173,7 @@ class Transfers:
             self._failed(row, RemoteError(LOCAL, f"{e.strerror or e}: {e.filename or row['path']}",
                                           code=type(e).__name__))
         except Exception as e:  # noqa: BLE001 - a bug must not kill the worker; it is recorded
-            log.exception("internal error on %s/%s", row["watch"], row["path"])
+            log.exception("internal error on %s/%s", row["watch"], shown(row["path"]))
             self._failed(row, RemoteError(LOCAL, f"internal error: {type(e).__name__}: {e}", code="Internal"))
 
     # --- failures -------------------------------------------------------------------------
@@ -288,7 +289,7 @@ class Transfers:
         # counted once the ledger has it: /metrics never shows an upload its file counts lack
         self.stats.add(uploaded=1, upload_bytes=st.st_size, copied=int(copied))
         # -v logs every transfer (README: at debug, so a daemon's info log stays one line per event)
-        log.debug("uploaded %s/%s (%d bytes%s)", row["watch"], row["path"], st.st_size,
+        log.debug("uploaded %s/%s (%d bytes%s)", row["watch"], shown(row["path"]), st.st_size,
                   ", server-side copy" if copied else "")
 
     def _remote_has(self, key: str, sha: str) -> str | None:
@@ -399,7 +400,7 @@ class Transfers:
         self.stats.succeeded()
         if res is not None:
             self.stats.add(restored=1)
-            log.debug("restored %s/%s (%d bytes)", row["watch"], row["path"], res.size)
+            log.debug("restored %s/%s (%d bytes)", row["watch"], shown(row["path"]), res.size)
             with self.stats.lock:
                 self.stats.remote_changes["replaced" if replace else "restored"] += 1
 
@@ -439,7 +440,7 @@ class Transfers:
         self.stats.add(deleted=1)
         self.stats.succeeded()
         log.debug("%s %s/%s", "deleted remotely" if op == "delete" else "moved to trash", row["watch"],
-                  row["path"])
+                  shown(row["path"]))
 
     # --- remote tombstone (on_delete = keep) ------------------------------------------------
     def _tomb(self, row: Row, watch: WatchConfig) -> None:
