@@ -30,7 +30,7 @@ from syncd.ledger import Ledger, Row
 from syncd.logs import CauseLog
 from syncd.remote.base import INTEGRITY, LOCAL, NOT_FOUND, Remote, RemoteError
 from syncd.restore import fetch, safe_target
-from syncd.retry import decide
+from syncd.retry import decide, may_have_landed
 
 log = logging.getLogger(__name__)
 MAX_LISTED_FAILURES = 1000
@@ -186,6 +186,11 @@ class Transfers:
                   "due_at": now + d.delay}
         if not (d.requeue and requeue):
             fields["op"] = None
+        if op == "put" and may_have_landed(err):
+            # a lost answer is not a failed upload: the object may be there. The row is not
+            # forgotten if the file goes (its deletion reaches the remote) and the retry asks
+            # first (HEAD); kept by `finish` even when the row changed meanwhile
+            fields["probe"] = 1
         self.ledger.finish(row, **fields)
         with self.stats.lock:
             self.stats.fail_reasons[err.kind] += 1
@@ -423,9 +428,9 @@ class Transfers:
             except RemoteError as e:
                 if e.kind != NOT_FOUND:
                     raise
-        self.remote.delete(key)
-        self.ledger.finish(row, state="deleted", op=None, remote_sha256=None, remote_etag=None, attempts=0,
-                           last_error=None, error_kind=None)
+        self.remote.delete(key)  # a key that is not there (a lost answer's upload that never landed): done
+        self.ledger.finish(row, state="deleted", op=None, remote_sha256=None, remote_etag=None, probe=0,
+                           attempts=0, last_error=None, error_kind=None)
         self.stats.add(deleted=1)
         self.stats.succeeded()
         log.debug("%s %s/%s", "deleted remotely" if op == "delete" else "moved to trash", row["watch"],
