@@ -246,7 +246,7 @@ class Transfers:
         key = row["key"]
         etag: str | None = row["remote_etag"] if sha == row["remote_sha256"] else None
         if sha != row["remote_sha256"] and row["probe"]:
-            etag = self._remote_has(key, sha)
+            etag = self._remote_has(key, sha, st.st_size)
         if sha == row["remote_sha256"] or etag is not None:
             self._synced(row, watch, sha, st, etag)
             self.stats.add(already_remote=1)
@@ -286,10 +286,13 @@ class Transfers:
         log.debug("uploaded %s/%s (%d bytes%s)", row["watch"], row["path"], st.st_size,
                   ", server-side copy" if copied else "")
 
-    def _remote_has(self, key: str, sha: str) -> str | None:
-        """The object's etag when it already holds this content, else None."""
+    def _remote_has(self, key: str, sha: str, size: int) -> str | None:
+        """The object's etag when it already holds this content, else None.
+
+        The size too: a store that keeps the body of a PUT cut off mid-way (moto's server,
+        s3rver) keeps its headers, so the `syncd-sha256` of the whole file on a shorter body."""
         info = self.remote.head(key)
-        return info.etag if info is not None and info.sha256 == sha else None
+        return info.etag if info is not None and info.sha256 == sha and info.size == size else None
 
     def _synced(self, row: Row, watch: WatchConfig, sha: str, st: os.stat_result, etag: str | None) -> None:
         if row["tomb"]:  # the path is back: its remote tombstone goes (SPEC §4.5)

@@ -198,6 +198,28 @@ def test_a_file_deleted_after_a_lost_put_answer_gets_a_tombstone_under_keep(stor
 
 
 @in_process
+def test_the_retry_after_a_lost_answer_does_not_take_a_cut_off_body_for_the_file(store, make_env):
+    """The retry asks first (HEAD). A store that kept the body of a PUT cut off mid-way keeps its
+    headers too: the whole file's `syncd-sha256` on a shorter body. That is not the file."""
+    import hashlib
+
+    env = make_env(store)
+    data = os.urandom(50_000)
+    write(env.root, {"a.bin": data})
+    cfg, ledger, engine = _engine(env)
+    try:
+        key = lost_upload(store, env, cfg, ledger, engine, "a.bin")
+        store.client.put_object(Bucket=store.bucket, Key=key, Body=data[:20_000],
+                                Metadata={"syncd-sha256": hashlib.sha256(data).hexdigest()})
+        drain(ledger, engine.transfers)
+        assert ledger.get("uploads", "a.bin")["state"] == "synced"
+    finally:
+        engine.remote.close()
+        ledger.close()
+    assert store.read(key) == data
+
+
+@in_process
 @pytest.mark.parametrize("on_delete", ["mirror", "trash", "keep"])
 def test_a_deletion_after_an_upload_that_never_landed_is_done_without_a_failure(store, make_env, on_delete):
     """The connection closes before the PUT reaches the store: 'maybe there' all the same (syncd
