@@ -584,7 +584,8 @@ class Ledger:
         op is still that one); always release it.
 
         Returns False when the row changed during the work (the outside change stands; only
-        `remote_sha256` and `remote_etag`, facts about the remote, are kept from the result).
+        facts about the remote are kept from the result: `remote_sha256`, `remote_etag`, and
+        `probe` when it says the remote may hold an upload).
         """
         now = time.time()
         fields.setdefault("updated_at", now)
@@ -596,7 +597,9 @@ class Ledger:
                             [*fields.values(), row["id"], row["gen"], *([still_op] if still_op else [])])
             if cur.rowcount:
                 return True
-            extra = {k: fields[k] for k in ("remote_sha256", "remote_etag") if k in fields}
+            extra: dict[str, Any] = {k: fields[k] for k in ("remote_sha256", "remote_etag") if k in fields}
+            if fields.get("probe") == 1:
+                extra["probe"] = 1  # the remote may hold an upload whose answer was lost
             keep = "".join(f", {k}=?" for k in extra)
             w.execute(
                 f"UPDATE files SET lease_until=NULL, state=CASE WHEN state='uploading' THEN 'pending' "

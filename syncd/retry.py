@@ -24,6 +24,8 @@ from syncd.remote.base import (
     CREDENTIALS,
     DENIED,
     INTEGRITY,
+    INVALID,
+    LOCAL,
     NO_BUCKET,
     NOT_FOUND,
     TRANSIENT,
@@ -52,6 +54,23 @@ def at_cap() -> float:
 
 def is_transient(err: BaseException) -> bool:
     return isinstance(err, RemoteError) and err.kind in (TRANSIENT, UNREACHABLE)
+
+
+# kinds that say a write was not applied: never sent (nothing answers at the endpoint, a local
+# read error) or refused by the store (denied, credentials, bucket, a bad request, a checksum)
+NOT_APPLIED = (UNREACHABLE, DENIED, CREDENTIALS, NO_BUCKET, INVALID, INTEGRITY, LOCAL)
+
+
+def may_have_landed(err: BaseException) -> bool:
+    """Could the store have applied the write (PUT, multipart upload, copy) that raised `err`?
+
+    A lost answer is not a failed write (PITFALLS §10): a connection reset or closed after the
+    request was sent, a read timeout or a 5xx may follow a stored object, and a multipart upload
+    whose completion answer was lost gets NoSuchUpload when its part client sends it again.
+    A bug (`Internal`) may have struck after the request: it may have landed too."""
+    if not isinstance(err, RemoteError):
+        return True
+    return err.kind not in NOT_APPLIED or err.code == "Internal"
 
 
 def is_remote_wide(err: BaseException) -> bool:

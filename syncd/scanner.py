@@ -212,6 +212,9 @@ class Scanner:
             self.on_plan(kind, self.watch.prefix, path)
 
     def _queue_put(self, entry: Entry, **extra: object) -> None:
+        """Queue the upload of `entry`. Without `probe` in `extra` the row keeps its own, as it is
+        when the decision is written: a lost answer recorded since the row was read stays known
+        (the remote may hold an upload, SPEC §4.5)."""
         self._plan("upload", entry.path)
         row = {"watch": self.watch.prefix, "path": entry.path, "size": entry.size,
                "mtime_ns": entry.mtime_ns, "state": "pending", "op": "put", "key": self.key(entry.path),
@@ -257,25 +260,25 @@ class Scanner:
         if state in ("deleted", "deleting") or op in ("get", "delete", "trash", "tomb", "unlink"):
             # the file is (back) on disk: it wins over a queued restore or deletion
             self.stats.changed += 1
-            self._queue_put(entry, probe=1 if op == "get" else row["probe"])
+            self._queue_put(entry, **({"probe": 1} if op == "get" else {}))
             return
         if state == "synced":
             self.stats.changed += 1
-            self._queue_put(entry, probe=0)
+            self._queue_put(entry)
             return
         # already queued for upload (pending / uploading / failed)
         if not same:
             self.stats.changed += 1
-            self._queue_put(entry, probe=row["probe"])
+            self._queue_put(entry)
         elif state == "failed" and self.retry_failed:
             # a start is a fresh chance for failed files
             self.stats.changed += 1
-            self._queue_put(entry, probe=row["probe"])
+            self._queue_put(entry)
         elif entry.path in self.due_at and state in ("pending", "uploading"):
             # closed by its writer since it was queued: due now (a new gen, so an upload that
             # started before the close and decided to wait is queued again)
             self.stats.changed += 1
-            self._queue_put(entry, probe=row["probe"])
+            self._queue_put(entry)
         else:
             self.stats.changed += 1
             if state != "failed":  # still queued: the next drain uploads it

@@ -31,7 +31,7 @@ from syncd.logs import CauseLog
 from syncd.names import shown
 from syncd.remote.base import INTEGRITY, LOCAL, NOT_FOUND, Remote, RemoteError, Stopped
 from syncd.restore import CANNOT_RESTORE, Unplaceable, fetch, safe_target
-from syncd.retry import decide
+from syncd.retry import decide, may_have_landed
 
 log = logging.getLogger(__name__)
 MAX_LISTED_FAILURES = 1000
@@ -197,6 +197,11 @@ class Transfers:
             fields["op"] = None
         elif set_op is not None:
             fields["op"] = set_op
+        if op == "put" and may_have_landed(err):
+            # a lost answer is not a failed upload: the object may be there. The row is not
+            # forgotten if the file goes (its deletion reaches the remote) and the retry asks
+            # first (HEAD); kept by `finish` even when the row changed meanwhile
+            fields["probe"] = 1
         self.ledger.finish(row, **fields)
         with self.stats.lock:
             self.stats.fail_reasons[err.kind] += 1
@@ -252,7 +257,7 @@ class Transfers:
         key = row["key"]
         etag: str | None = row["remote_etag"] if sha == row["remote_sha256"] else None
         if sha != row["remote_sha256"] and row["probe"]:
-            etag = self._remote_has(key, sha)
+            etag = self._remote_has(key, sha, st.st_size)
         if sha == row["remote_sha256"] or etag is not None:
             self._synced(row, watch, sha, st, etag)
             self.stats.add(already_remote=1)
@@ -292,10 +297,13 @@ class Transfers:
         log.debug("uploaded %s/%s (%d bytes%s)", row["watch"], shown(row["path"]), st.st_size,
                   ", server-side copy" if copied else "")
 
-    def _remote_has(self, key: str, sha: str) -> str | None:
-        """The object's etag when it already holds this content, else None."""
+    def _remote_has(self, key: str, sha: str, size: int) -> str | None:
+        """The object's etag when it already holds this content, else None.
+
+        The size too: a store that keeps the body of a PUT cut off mid-way (moto's server,
+        s3rver) keeps its headers, so the `syncd-sha256` of the whole file on a shorter body."""
         info = self.remote.head(key)
-        return info.etag if info is not None and info.sha256 == sha else None
+        return info.etag if info is not None and info.sha256 == sha and info.size == size else None
 
     def _synced(self, row: Row, watch: WatchConfig, sha: str, st: os.stat_result, etag: str | None) -> None:
         if row["tomb"]:  # the path is back: its remote tombstone goes (SPEC §4.5)
@@ -434,9 +442,9 @@ class Transfers:
             except RemoteError as e:
                 if e.kind != NOT_FOUND:
                     raise
-        self.remote.delete(key)
-        self.ledger.finish(row, state="deleted", op=None, remote_sha256=None, remote_etag=None, attempts=0,
-                           last_error=None, error_kind=None)
+        self.remote.delete(key)  # a key that is not there (a lost answer's upload that never landed): done
+        self.ledger.finish(row, state="deleted", op=None, remote_sha256=None, remote_etag=None, probe=0,
+                           attempts=0, last_error=None, error_kind=None)
         self.stats.add(deleted=1)
         self.stats.succeeded()
         log.debug("%s %s/%s", "deleted remotely" if op == "delete" else "moved to trash", row["watch"],
