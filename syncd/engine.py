@@ -157,7 +157,16 @@ class Engine:
         uploading there: only uploads older than SHARED_STALE_AFTER are (SPEC §4.10, §4.12)."""
         if isinstance(self.remote, OpenUploads):
             self.remote.abort_stale_uploads({self.key_base(w): SHARED_STALE_AFTER if w.mode == "shared" else 0.0
-                                             for w in self.cfg.watches})
+                                             for w in self.cfg.watches}, ours=self._knows_key)
+
+    def _knows_key(self, key: str) -> bool:
+        """A key of a file this host's ledger knows: its upload may be one a kill cut off. Another
+        tool's upload under way to a new key (an operator's `aws s3 cp`) is left alone."""
+        for w in self.cfg.watches:
+            base = self.key_base(w)
+            if key.startswith(base + "/" if base else ""):
+                return self.ledger.get(w.prefix, key[len(base) + 1 if base else 0:]) is not None
+        return False
 
     def check_remote(self, *, forever: bool = False) -> None:
         """Probe the remote. One-shot: transient errors are retried a few times, then exit 3."""

@@ -198,7 +198,7 @@ def test_stale_uploads_are_those_under_a_watch_not_this_process_s_and_old_enough
 
 
 @pytest.mark.parametrize("store", ["moto_server"], indirect=True)
-def test_the_start_aborts_uploads_left_under_its_watches_and_no_other(store, make_env):
+def test_the_start_aborts_uploads_of_its_own_files_left_under_its_watches_and_no_other(store, make_env):
     from syncd.config import load_config
     from syncd.engine import Engine
     from syncd.ledger import Ledger
@@ -208,18 +208,25 @@ def test_the_start_aborts_uploads_left_under_its_watches_and_no_other(store, mak
     c = store.client
     left = c.create_multipart_upload(Bucket=store.bucket, Key=f"{env.prefix}/killed.bin")["UploadId"]
     other = c.create_multipart_upload(Bucket=store.bucket, Key="backups/elsewhere/x.bin")["UploadId"]
+    # another tool's upload under way under the watch, of a file this host does not know
+    tool = c.create_multipart_upload(Bucket=store.bucket, Key=f"{env.prefix}/by-aws-cli.bin")["UploadId"]
     cfg = load_config(env.config)
     remote = open_remote(cfg)
     # an upload of this process under way (created, not yet completed) is not stale
     mine = remote._underway.create(
         lambda: c.create_multipart_upload(Bucket=store.bucket, Key=f"{env.prefix}/mine.bin")["UploadId"])
     ledger = Ledger(cfg.ledger)
+    w = cfg.watches[0]
+    ledger.ensure_watch(w.prefix, str(w.path))
+    # the file whose upload a kill cut off: its row is still queued
+    ledger.upsert_many([{"watch": w.prefix, "path": "killed.bin", "state": "pending", "op": "put",
+                         "key": f"{env.prefix}/killed.bin", "probe": 1, "due_at": 0.0}])
     try:
         Engine(cfg, ledger, remote, oneshot=False).abort_stale_uploads()
     finally:
         ledger.close()
     ids = {u["UploadId"] for u in c.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])}
-    assert left not in ids and {other, mine} <= ids
+    assert left not in ids and {other, mine, tool} <= ids
 
 
 @pytest.mark.parametrize("store", ["moto_server"], indirect=True)

@@ -7,7 +7,7 @@ the kind alone what is retried (like rclone's shared errors + one `shouldRetry`)
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -136,7 +136,9 @@ class Interruptible(Protocol):
 
 @runtime_checkable
 class OpenUploads(Protocol):
-    def abort_stale_uploads(self, bases: Mapping[str, float]) -> int:
+    def abort_stale_uploads(self, bases: Mapping[str, float],
+                            ours: Callable[[str], bool] = ...) -> int:
         """Abort the uploads a killed process left open under these key bases (base -> the age
-        in seconds an upload must have there to be called stale); how many were aborted. Never
+        in seconds an upload must have there to be called stale) of the keys `ours` accepts; how
+        many were aborted. Never
         raises: a store that cannot list them is reported and left alone."""

@@ -338,13 +338,14 @@ def abort(client: Any, bucket: str, key: str, upload_id: str, map_error: Callabl
 
 
 def stale(uploads: Iterable[dict[str, Any]], bases: Mapping[str, float], *, now: float,
-          mine: set[str]) -> list[dict[str, Any]]:
+          mine: set[str], ours: Callable[[str], bool] = lambda _key: True) -> list[dict[str, Any]]:
     """The uploads to abort at start: those under a watch's key base (`bases`: base -> the age in
-    seconds an upload must have there) that are not this process's own (`mine`: upload ids)."""
+    seconds an upload must have there) that are not this process's own (`mine`: upload ids), of
+    keys this host uploads (`ours`: another tool's upload under way is not syncd's to abort)."""
     out = []
     for u in uploads:
         key = u.get("Key", "")
-        if u.get("UploadId") in mine:
+        if u.get("UploadId") in mine or not ours(key):
             continue
         ages = [min_age for base, min_age in bases.items() if key.startswith(base + "/" if base else "")]
         if not ages:

@@ -17,7 +17,7 @@ import mimetypes
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -311,7 +311,8 @@ class S3Remote:
                                 chunk=self._part_size, checksum=self.cfg.checksum, slots=self._slots,
                                 underway=self._underway, stop=self._stop, map_error=map_error).run(extra)
 
-    def abort_stale_uploads(self, bases: Mapping[str, float]) -> int:
+    def abort_stale_uploads(self, bases: Mapping[str, float],
+                            ours: Callable[[str], bool] = lambda _key: True) -> int:
         """Abort the multipart uploads a killed syncd left open under `bases` (base -> the age
         an upload must have there): one listing (a page, up to 1000) under their common prefix.
         A store that denies it or does not implement it is told once at info and left alone."""
@@ -328,7 +329,7 @@ class S3Remote:
             log.debug("multipart uploads are being created for 10 s: none is called stale this time")
             return 0
         aborted = 0
-        for u in multipart.stale(resp.get("Uploads") or (), bases, now=time.time(), mine=mine):
+        for u in multipart.stale(resp.get("Uploads") or (), bases, now=time.time(), mine=mine, ours=ours):
             aborted += self._abort(self.bucket, u["Key"], u["UploadId"])
         if aborted:
             log.info("aborted %d multipart uploads left open (by a syncd killed mid-upload) under s3://%s/%s", aborted,
