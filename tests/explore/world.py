@@ -529,9 +529,14 @@ class World:
                 else:
                     out.append(f"host{h.i}: {path}: stale content ({len(have)} bytes, expected {len(pm.expect)})")
         if len(trees) > 1:
+            # a file/directory pair may end either way on each host (the first restored stays,
+            # the other fails by name: README); every other path is the same everywhere
+            clash = {p for p, pm in self.model.items() if pm.clash}
+            first = {p: d for p, d in trees[0].items() if p not in clash}
             for h, tree in zip(self.hosts[1:], trees[1:], strict=True):
-                if tree != trees[0]:
-                    diff = sorted(set(tree.items()) ^ set(trees[0].items()))
+                mine = {p: d for p, d in tree.items() if p not in clash}
+                if mine != first:
+                    diff = sorted(set(mine.items()) ^ set(first.items()))
                     out.append(f"host0 and host{h.i} differ: {[p for p, _ in diff][:8]}")
         return out
 
