@@ -322,3 +322,36 @@ def test_a_refused_post_body_is_never_read_as_a_second_request(endpoint, monkeyp
             except TimeoutError:
                 pass
         assert got.startswith(b"HTTP/1.1 403") and got.count(b"HTTP/1.1 ") == 1, got
+
+
+def test_the_backlog_counts_the_files_found_while_the_remote_fails_at_start(tmp_path):
+    """A first start with 30 files and an unreachable remote: the page says 30 are waiting, not 0;
+    when the remote comes, they are uploaded."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from tests.conftest import free_port
+
+    port = free_port()  # nothing listens there yet: the remote is unreachable
+    endpoint, bucket = f"http://127.0.0.1:{port}", "syncd-late-remote"
+    cfg, url = daemon_cfg(tmp_path, endpoint, bucket)
+    for i in range(30):
+        write_file(tmp_path / "up" / f"d{i % 3}/f{i}.txt", b"x")
+    d = DaemonProc(cfg, tmp_path / "l.db", tmp_path / "d.log").start()
+    server = None
+    try:
+        wait_for(lambda: "remote not usable" in get(url + "/healthz")[1], 30, 0.2, "the remote failing at start")
+        status = wait_for(lambda: (w := json.loads(get(url + "/status")[1])["watches"][0])["backlog"] == 30 and w,
+                          30, 0.2, "the backlog to count the files found")
+        assert status["counts"]["pending"] == 30
+        assert '<b class="backlog">30</b>' in request(url + "/")[2]
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+        d.wait_ready(120)
+        wait_for(lambda: d.states().get("synced") == 30, 60, 0.2, "the 30 files uploaded")
+    finally:
+        assert d.stop() == 0, d.log()
+        if server is not None:
+            server.stop()
