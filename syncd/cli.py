@@ -60,6 +60,7 @@ pass_ctx = click.make_pass_decorator(Ctx)
 CONFIG_HELP = "config file (else $SYNCD_CONFIG, ./syncd.toml, /etc/syncd/syncd.toml)"
 VERBOSE_HELP = "debug logging (every transfer) and tracebacks"
 QUIET_HELP = "only errors"
+NO_PROGRESS_HELP = "no progress bar, even on a terminal (logs and the summary line only)"
 
 
 def _late_option(ctx: click.Context, param: click.Parameter, value: object) -> None:
@@ -204,8 +205,9 @@ def run(c: Ctx) -> None:
 @click.option("--no-restore", is_flag=True, help="do not download files missing locally")
 @click.option("--no-upload", is_flag=True, help="do not upload new or changed files")
 @click.option("--verify", is_flag=True, help="also HEAD every synced object and re-upload bad ones")
+@click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 @pass_ctx
-def resync(c: Ctx, dry_run: bool, no_restore: bool, no_upload: bool, verify: bool) -> None:
+def resync(c: Ctx, dry_run: bool, no_restore: bool, no_upload: bool, verify: bool, no_progress: bool) -> None:
     """Check the remote, restore missing files, upload what changed; then exit."""
     from syncd.engine import Engine
     from syncd.remote import open_remote
@@ -214,7 +216,7 @@ def resync(c: Ctx, dry_run: bool, no_restore: bool, no_upload: bool, verify: boo
     with stop_on_signals(threading.Event()) as stop, locked_ledger(cfg, "resync") as ledger:
         remote = open_remote(cfg)
         try:
-            with _progress(c, show=not dry_run) as bar:
+            with _progress(c, show=not (dry_run or no_progress)) as bar:
                 def total(n: int) -> None:
                     if bar is not None:
                         bar.total = n
@@ -244,9 +246,10 @@ def resync(c: Ctx, dry_run: bool, no_restore: bool, no_upload: bool, verify: boo
 @click.option("--dry-run", is_flag=True, help="list what would be restored")
 @click.option("--at", "at", metavar="TIME", help="as the files were at TIME (ISO 8601, or an age: 30m, 2h, 3d); "
               "versioned S3 buckets")
+@click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 @click.argument("globs", nargs=-1)
 @pass_ctx
-def restore(c: Ctx, to_dir: str | None, overwrite: bool, dry_run: bool, at: str | None,
+def restore(c: Ctx, to_dir: str | None, overwrite: bool, dry_run: bool, at: str | None, no_progress: bool,
             globs: tuple[str, ...]) -> None:
     """Download from the remote; by default only files missing locally.
 
@@ -257,6 +260,7 @@ def restore(c: Ctx, to_dir: str | None, overwrite: bool, dry_run: bool, at: str 
     from syncd.restore_cmd import restore_in_place, restore_to
 
     cfg = c.cfg
+    bar_shown = not (dry_run or no_progress)
     when = None
     if at is not None:
         from syncd.restore_at import parse_time
@@ -268,7 +272,7 @@ def restore(c: Ctx, to_dir: str | None, overwrite: bool, dry_run: bool, at: str 
             from syncd.restore_at import restore_at
 
             plan = _print_plan if dry_run else None
-            with _progress(c, show=not dry_run) as bar:
+            with _progress(c, show=bar_shown) as bar:
                 if to_dir:
                     summary = restore_at(cfg, remote, when, to_dir=Path(to_dir), globs=globs, overwrite=overwrite,
                                          dry_run=dry_run, progress=bar, on_plan=plan)
@@ -281,7 +285,7 @@ def restore(c: Ctx, to_dir: str | None, overwrite: bool, dry_run: bool, at: str 
                                  on_plan=_print_plan)
         else:
             with stop_on_signals(threading.Event()) as stop, locked_ledger(cfg, "restore") as ledger, \
-                    _progress(c, show=not dry_run) as bar:
+                    _progress(c, show=bar_shown) as bar:
                 summary = restore_in_place(cfg, ledger, remote, globs=globs, overwrite=overwrite,
                                            dry_run=dry_run, progress=bar, on_plan=_print_plan, stop=stop)
     finally:

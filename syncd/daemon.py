@@ -1,7 +1,8 @@
 """`syncd run`: the resync startup sequence, then live watching until SIGTERM/SIGINT.
 
 Order: lock the ledger -> start the watcher (events are recorded from the first moment, so
-nothing written during the startup is missed) -> wait for the remote -> plan (scan; a listing
+nothing written during the startup is missed) -> wait for the remote (while it fails, the
+watches are scanned once: the backlog shows what waits for it) -> plan (scan; a listing
 only when the ledger has never listed the remote: a new or lost ledger) -> restore missing ->
 READY -> workers upload the catch-up and every later change (with `lazy_restore`, READY comes
 before the restore, which drains behind it: `syncd.lazy`). The listing thread lists the remote
@@ -278,7 +279,25 @@ class Daemon:
             self._shutdown(remote)
 
     def _wait_for_remote(self, engine: Engine) -> bool:
-        return self._until_remote_works(engine, engine.probe, "remote not usable")
+        """Probe until the remote works. After its first failure the watches are scanned once
+        (the plan scans again): the backlog `status` and the page show then counts the files
+        waiting for the remote, instead of 0 on a first start."""
+        scanned = threading.Event()
+
+        def scan_once() -> None:
+            if not scanned.is_set():
+                scanned.set()
+                self._scan_while_waiting(engine)
+
+        return self._until_remote_works(engine, engine.probe, "remote not usable", after_failure=scan_once)
+
+    def _scan_while_waiting(self, engine: Engine) -> None:
+        try:
+            unless_stopped(engine.scan_watches, self.stop, on_end=self._close_thread)
+        except LedgerError as e:
+            self._ledger_failed(e)
+        except OSError as e:  # the plan's own scan meets it again and says so
+            log.warning("scan while the remote fails: %s", e)
 
     def _plan(self, engine: Engine) -> bool:
         """The startup plan; a remote that refuses the listing (denied, credentials) is reported
@@ -376,11 +395,12 @@ class Daemon:
             pass  # said by /healthz and the log already
 
     def _until_remote_works(self, engine: Engine, step: Callable[[], object], what: str, *,
-                            startup: bool = True) -> bool:
+                            startup: bool = True, after_failure: Callable[[], None] | None = None) -> bool:
         """Run `step` until it gets past the remote, reporting each failure (once per cause,
         then counted) and backing off; False when stopped first. A `startup` step is what
         /healthz says READY waits for, and a SIGTERM does not wait for its request; a later one
-        (the listing thread) survives any error, to try again at the next backoff."""
+        (the listing thread) survives any error, to try again at the next backoff.
+        `after_failure` runs after each reported remote failure."""
         attempt = 0
         if startup:
             self.waiting_on = what
@@ -397,6 +417,8 @@ class Daemon:
                     cause = err.cause if isinstance(err, RemoteError) else str(e)
                     engine.stats.remote_failed(cause)
                     engine.causes.report(f"{what}: {cause}", engine.remote.name, logging.ERROR)
+                    if after_failure is not None:
+                        after_failure()
                 except LedgerError as e:
                     self._ledger_failed(e)
                 except Exception:  # noqa: BLE001 - see below

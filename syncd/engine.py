@@ -343,18 +343,22 @@ class Engine:
         rows = self.ledger.query("SELECT listed_at FROM watches WHERE prefix=?", [watch.prefix])
         return not rows or rows[0]["listed_at"] is None
 
-    def plan(self, *, restore: bool = True, verify: bool = False, dry_run: bool = False,
-             list_remote: bool = True, restore_meanwhile: bool = False) -> int:
-        """Compare every watch with the ledger and with a listing of the remote, and queue the
-        work. `list_remote=False` (the daemon's fast start) lists only watches whose ledger has
-        never listed the remote (a new or lost ledger): the others are listed after READY.
-        Returns the restores found in listings."""
+    def scan_watches(self, *, restore: bool = True, dry_run: bool = False) -> None:
+        """The local half of the plan: every watch compared with the ledger; no remote needed."""
         self.prepare(create=not dry_run)
         if not dry_run:
             self.ledger.recover()
             cancel_held(self.ledger)
         for w in self.cfg.watches:
             self.scan(w, missing="restore" if restore else "ignore", retry_failed=True, dry_run=dry_run)
+
+    def plan(self, *, restore: bool = True, verify: bool = False, dry_run: bool = False,
+             list_remote: bool = True, restore_meanwhile: bool = False) -> int:
+        """Compare every watch with the ledger and with a listing of the remote, and queue the
+        work. `list_remote=False` (the daemon's fast start) lists only watches whose ledger has
+        never listed the remote (a new or lost ledger): the others are listed after READY.
+        Returns the restores found in listings."""
+        self.scan_watches(restore=restore, dry_run=dry_run)
         if restore_meanwhile and restore and not dry_run:
             # restores need no listing to end: they start on the first rows queued (a listing of a
             # large prefix takes seconds where S3 is far); not before the scans, which remove the

@@ -29,6 +29,7 @@ from syncd.config import split_listen
 from syncd.errors import ConfigError
 from syncd.files import ROUTE as FILES_ROUTE
 from syncd.files import FileServer
+from syncd.history import History, Sampler
 from syncd.page import ACTIONS, PAGE_HEADERS, Console
 from syncd.remote import base as remote_base
 from syncd.status import collect, last_listing
@@ -221,7 +222,8 @@ class _Server(ThreadingHTTPServer):
         self.daemon = daemon
         self.registry = registry
         self.hosts = frozenset(daemon.cfg.http_hosts)  # names accepted in `Host` besides IPs, localhost
-        self.console = Console(daemon)  # the status page; its form token is made here, per process
+        self.history = History()  # the page's picture of the last hour (fed by HttpEndpoint's Sampler)
+        self.console = Console(daemon, self.history)  # the status page; its form token is made here, per process
         self.files: FileServer | None = None  # set by HttpEndpoint.start when serve_files
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
@@ -265,6 +267,7 @@ class HttpEndpoint:
                               f"choose a free address or set it to \"\"") from e
         self._thread: threading.Thread | None = None
         self.daemon = daemon
+        self.sampler = Sampler(daemon, self.server.history)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -280,6 +283,8 @@ class HttpEndpoint:
             self.server.files = self.collector.files = FileServer(
                 daemon.cfg, daemon.ledger, engine.remote, engine.stats, stop=daemon.stop,
                 restoring=transfers.restoring if transfers is not None else None)
+        if daemon.engine is not None:
+            self.sampler.start()  # once the run counts uploads
         if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._serve, name="syncd-http", daemon=True)
@@ -291,6 +296,7 @@ class HttpEndpoint:
         self.server.serve_forever(poll_interval=0.5)
 
     def stop(self) -> None:
+        self.sampler.stop()
         if self._thread is not None:
             self.server.shutdown()
             self._thread.join(timeout=5)

@@ -96,6 +96,27 @@ def test_resync_progress_bar_advances_in_a_terminal_and_logs_print_above_it(tmp_
         assert "file/s" not in s and "%|" not in s and not re.search(r"\d/5\b", s.split("uploaded")[0]), s
 
 
+def test_no_progress_leaves_a_terminal_without_a_bar_for_resync_and_restore(tmp_path):
+    """SPEC §3: a progress bar on a terminal, not with `-q` or `--no-progress`."""
+    cfg, root, _remote = file_env(tmp_path)
+    for i in range(5):
+        write_file(root / f"f{i}.txt", b"x" * (i + 1))
+    env = {**os.environ, "TQDM_MININTERVAL": "0"}
+    code, out = run_in_terminal([sys.executable, "-m", "syncd", "--config", str(cfg), "resync", "--no-progress"],
+                                env)
+    assert code == 0 and "uploaded 5, restored 0" in out, out
+    assert not re.search(r"\b\d/5\b", out) and "file/s" not in out, out
+    for i in range(5):
+        (root / f"f{i}.txt").unlink()
+    code, out = run_in_terminal([sys.executable, "-m", "syncd", "--config", str(cfg), "restore", "--no-progress"],
+                                env)
+    assert code == 0 and "restored 5" in out, out
+    assert not re.search(r"\b\d/5\b", out) and "file/s" not in out, out
+    code, out = run_in_terminal([sys.executable, "-m", "syncd", "--config", str(cfg), "restore", "--overwrite"],
+                                env)
+    assert code == 0 and "file/s" in out, out  # without the flag the bar shows
+
+
 # --- 14: dry runs name every file; -v logs every transfer ----------------------------------
 
 

@@ -20,6 +20,7 @@ from syncd.http import HttpEndpoint
 from syncd.ledger import Ledger
 from syncd.page import Console, render, text
 from syncd.pool import Wake
+from syncd.transfers import Stats
 from tests.conftest import wait_for, write_config
 from tests.daemon_util import DaemonProc, write_file
 from tests.ops.test_check_iam import iam_user  # noqa: F401 - fixture
@@ -55,7 +56,7 @@ class FakeDaemon:
         self.cfg = load_config(cfg_path)
         self.ledger = Ledger(self.cfg.ledger)
         self.ledger.ensure_watch("up", str(tmp / "up"))
-        self.engine = type("E", (), {"wake": Wake()})()
+        self.engine = type("E", (), {"wake": Wake(), "stats": Stats()})()
         self.rescans: list[str] = []
 
     def health(self) -> tuple[bool, str]:
@@ -110,7 +111,7 @@ def test_page_escapes_hostile_names_and_errors(endpoint):
     assert "evil\\u202egnp.exe" in page and "bell\\x07\\x1b[31m" in page
     assert "&lt;img src=x onerror=alert(1)&gt; &amp; &quot;q&#x27;.txt" in page
     assert '<meta name="viewport"' in page and 'http-equiv="refresh"' in page
-    assert "Unhealthy: a pending file has waited 9999s (max_backlog_age) &lt;b&gt;" in page
+    assert "Unhealthy (5 failed): a pending file has waited 9999s (max_backlog_age) &lt;b&gt;" in page
     assert request(url + "/", method="HEAD")[0] == 200
 
 
@@ -132,7 +133,8 @@ def test_last_listing_is_rendered_when_the_status_data_has_it():
          "last_success": "2026-01-01T00:00:00Z", "failures": [], "failures_total": 0,
          "last_listing": "2026-01-02T03:04:05Z"}
     page = render({"daemon": {"running": True, "pid": 1}, "watches": [w]}, True, "ok", "t")
-    assert 'Last remote listing: <span class="last-listing">2026-01-02T03:04:05Z</span>' in page
+    assert ('Last remote listing: <span class="last-listing"><time datetime="2026-01-02T03:04:05Z" '
+            'title="2026-01-02 03:04:05 UTC">') in page
     w["last_listing"] = {"at": "2026-01-02T03:04:05Z", "objects": 3}
     page = render({"daemon": {"running": True, "pid": 1}, "watches": [w]}, True, "ok", "t")
     assert "at: 2026-01-02T03:04:05Z, objects: 3" in page
@@ -143,10 +145,10 @@ def test_retry_and_rescan_need_the_page_token(endpoint):
     d.fail("a.txt", "AccessDenied: s3:PutObject")
     before = d.row("a.txt")
     form = "application/x-www-form-urlencoded"
-    for body in (b"", b"token=wrong", b"other=1"):
-        code, _, msg = request(url + "/actions/retry", "POST", body, {"Content-Type": form})
-        assert code == 403 and "token" in msg
-    assert request(url + "/actions/rescan", "POST", b"token=x", {"Content-Type": form})[0] == 403
+    for body in (b"", b"token=wrong", b"other=1"):  # nothing done; back to the page, which says so
+        code, headers, _ = request(url + "/actions/retry", "POST", body, {"Content-Type": form})
+        assert code == 303 and headers["Location"] == "/?stale=1"
+    assert request(url + "/actions/rescan", "POST", b"token=x", {"Content-Type": form})[0] == 303
     assert request(url + "/actions/retry", "POST", b"token=" + b"a" * 5000, {"Content-Type": form})[0] == 413
     assert d.row("a.txt") == before and d.rescans == []
 
@@ -194,7 +196,8 @@ def test_page_and_actions_refused_from_a_non_loopback_address(endpoint, monkeypa
     assert request(url + "/actions/retry", "POST", f"token={token}".encode(), wrong)[0] == 403
     bearer = {"Authorization": "Bearer s3cret-operator-token"}
     assert request(url + "/", headers=bearer)[0] == 200
-    assert request(url + "/actions/retry", "POST", b"token=wrong", bearer)[0] == 403  # still needs the form token
+    assert request(url + "/actions/retry", "POST", b"token=wrong", bearer)[1]["Location"] == "/?stale=1"
+    assert d.row("a.txt") == before  # still needs the form token
     assert request(url + "/actions/retry", "POST", f"token={token}".encode(), bearer)[0] == 303
     assert d.row("a.txt")["state"] == "pending"
 
@@ -279,8 +282,8 @@ def test_browser_shows_the_daemon_and_retry_requeues_the_failed_file(
         before = d.query("SELECT gen, attempts, state FROM files WHERE path=?", (HOSTILE,))[0]
         assert before[1] >= 1 and before[2] == "failed"
         # the same form without the page's token is refused and changes nothing
-        code, _, _ = request(url + "/actions/retry", "POST", b"token=guessed")
-        assert code == 403
+        code, headers, _ = request(url + "/actions/retry", "POST", b"token=guessed")
+        assert code == 303 and headers["Location"] == "/?stale=1"
         assert d.query("SELECT gen, attempts, state FROM files WHERE path=?", (HOSTILE,))[0] == before
 
         iam_user["grant"](policy(load_config(cfg)))
@@ -322,3 +325,36 @@ def test_a_refused_post_body_is_never_read_as_a_second_request(endpoint, monkeyp
             except TimeoutError:
                 pass
         assert got.startswith(b"HTTP/1.1 403") and got.count(b"HTTP/1.1 ") == 1, got
+
+
+def test_the_backlog_counts_the_files_found_while_the_remote_fails_at_start(tmp_path):
+    """A first start with 30 files and an unreachable remote: the page says 30 are waiting, not 0;
+    when the remote comes, they are uploaded."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from tests.conftest import free_port
+
+    port = free_port()  # nothing listens there yet: the remote is unreachable
+    endpoint, bucket = f"http://127.0.0.1:{port}", "syncd-late-remote"
+    cfg, url = daemon_cfg(tmp_path, endpoint, bucket)
+    for i in range(30):
+        write_file(tmp_path / "up" / f"d{i % 3}/f{i}.txt", b"x")
+    d = DaemonProc(cfg, tmp_path / "l.db", tmp_path / "d.log").start()
+    server = None
+    try:
+        wait_for(lambda: "remote not usable" in get(url + "/healthz")[1], 30, 0.2, "the remote failing at start")
+        status = wait_for(lambda: (w := json.loads(get(url + "/status")[1])["watches"][0])["backlog"] == 30 and w,
+                          30, 0.2, "the backlog to count the files found")
+        assert status["counts"]["pending"] == 30
+        assert '<b class="backlog">30</b>' in request(url + "/")[2]
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+        d.wait_ready(120)
+        wait_for(lambda: d.states().get("synced") == 30, 60, 0.2, "the 30 files uploaded")
+    finally:
+        assert d.stop() == 0, d.log()
+        if server is not None:
+            server.stop()
