@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from syncd.errors import LedgerCorrupt, LedgerError, LedgerUnwritable
+from syncd.fsutil import AS_ROOT, give_to_parent_owner, make_dirs
 
 SCHEMA_VERSION = 3
 STATES = ("pending", "uploading", "synced", "failed", "deleting", "deleted")
@@ -203,9 +204,14 @@ class Ledger:
             self._open_readonly()
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
+            if AS_ROOT and not self.path.exists():
+                # SQLite run as root gives its -wal and -shm the database file's owner: the file
+                # is made here (empty: a valid database) and given away before SQLite opens it
+                self.path.touch()
         except OSError as e:
             raise ledger_failure(self.path, e, "created") from e
+        give_to_parent_owner(self.path)  # also one an older syncd left root's (SPEC §4.13)
         try:
             db = self.db
             db.execute("PRAGMA journal_mode=WAL")
@@ -214,6 +220,8 @@ class Ledger:
                 if bad != "ok":
                     raise sqlite3.DatabaseError(bad)
             self._migrate(db)
+            for suffix in ("-wal", "-shm"):
+                give_to_parent_owner(self.path.with_name(self.path.name + suffix))
         except (sqlite3.Error, LedgerError) as e:
             self.close()
             if isinstance(e, LedgerError):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from syncd.errors import LedgerError, LedgerUnwritable
+from syncd.fsutil import give_to_parent_owner, make_dirs
 
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
@@ -51,10 +52,11 @@ class LedgerLock:
 
     def acquire(self, what: str = "syncd") -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise _cannot(self.path, e) from e
+        give_to_parent_owner(self.path)  # root's lock file must not lock the service out (SPEC §4.13)
         if not _try_lock(fd):
             os.close(fd)
             pid = read_owner(self.path)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from syncd.fsutil import publish
+from syncd.fsutil import give_to_parent_owner, publish
 from syncd.keys import RESTORE_TEMP_PREFIX, UnsafeKey
 from syncd.remote.base import INTEGRITY, LOCAL, Remote, RemoteError
 
@@ -133,6 +133,7 @@ def safe_target(root: Path, rel: str, *, follow_symlinks: bool = False, create: 
                 return Path(root).joinpath(*parts)
             try:
                 os.mkdir(cur)
+                give_to_parent_owner(cur)
                 continue
             except FileExistsError:  # another worker made it meanwhile: check what it is
                 s = os.lstat(cur)
@@ -199,6 +200,7 @@ def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False, ex
         mtime_ns = info.mtime_ns if info.mtime_ns is not None else os.stat(tmp).st_mtime_ns
         if sys.platform != "win32":  # Windows has ACLs, inherited from the directory
             os.chmod(tmp, _FILE_MODE)
+            give_to_parent_owner(tmp)  # run as root: the directory's owner's, as open as it (SPEC §4.13)
         os.utime(tmp, ns=(mtime_ns, mtime_ns))
         result = Restored(size=w.size, mtime_ns=mtime_ns, sha256=sha, verified=verified, etag=info.etag)
         if before_publish is not None and not before_publish(result):
