@@ -116,7 +116,7 @@ def locked_ledger(cfg: Config, role: str) -> Iterator:
     lock = LedgerLock(cfg.ledger)
     lock.acquire(role)
     try:
-        ledger = Ledger(cfg.ledger)
+        ledger = Ledger(cfg.ledger, config=cfg.path)
         try:
             yield ledger
         finally:
@@ -374,7 +374,7 @@ def retry(c: Ctx, all_: bool, deletes: bool, paths: tuple[str, ...]) -> None:
     if not cfg.ledger.exists():
         click.echo("nothing to retry (no ledger yet)")
         return
-    ledger = Ledger(cfg.ledger)
+    ledger = Ledger(cfg.ledger, config=cfg.path)
     try:
         if deletes:
             was = ledger.get_meta("deletes_paused")

@@ -195,7 +195,7 @@ class Daemon:
             try:
                 lock.acquire("run")
                 try:
-                    self.ledger = Ledger(self.cfg.ledger)
+                    self.ledger = Ledger(self.cfg.ledger, config=self.cfg.path)
                 except BaseException:
                     lock.release()
                     raise

@@ -37,7 +37,7 @@ def collect(cfg: Config, ledger: Ledger | None = None, now: float | None = None)
         daemon["busy"] = {"command": h.get("role"), "pid": h["pid"]}
     own = ledger is None and cfg.ledger.exists()
     if own:
-        ledger = Ledger(cfg.ledger, check=False, readonly=True)  # a reader: never writes
+        ledger = Ledger(cfg.ledger, check=False, readonly=True, config=cfg.path)  # a reader: never writes
     try:
         if ledger is not None:
             ready = ledger.get_meta("ready")
@@ -67,7 +67,7 @@ def collect(cfg: Config, ledger: Ledger | None = None, now: float | None = None)
                 )
             watches.append(entry)
     except sqlite3.Error as e:
-        raise ledger_failure(cfg.ledger, e, "read") from e
+        raise ledger_failure(cfg.ledger, e, "read", cfg.path) from e
     finally:
         if own and ledger is not None:
             ledger.close()
