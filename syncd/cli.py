@@ -386,6 +386,7 @@ def retry(c: Ctx, all_: bool, deletes: bool, paths: tuple[str, ...]) -> None:
                 return
         n = 0
         if paths:
+            targets = []  # all checked before any is re-queued: a typo is a usage error, not "0"
             for raw in paths:
                 p = Path(raw).absolute()
                 for w in cfg.watches:
@@ -393,15 +394,25 @@ def retry(c: Ctx, all_: bool, deletes: bool, paths: tuple[str, ...]) -> None:
                         rel_parts = p.relative_to(w.path).parts
                     except ValueError:
                         continue
-                    n += ledger.requeue_failed(w.prefix, "/".join(ledger_name(x) for x in rel_parts))
+                    targets.append((w.prefix, "/".join(ledger_name(x) for x in rel_parts)))
                     break
                 else:
                     raise ConfigError(f"{raw} is not inside any watched directory")
+                if not _known(ledger, *targets[-1]):
+                    raise ConfigError(f"{p}: the ledger knows no file there (check the path); nothing re-queued")
+            n = sum(ledger.requeue_failed(prefix, rel) for prefix, rel in targets)
         else:
             n = ledger.requeue_failed()
     finally:
         ledger.close()
     click.echo(f"re-queued {n} failed files")
+
+
+def _known(ledger, prefix: str, rel: str) -> bool:
+    """Whether the ledger has a row for `rel` or under it (a watch's root always counts)."""
+    return not rel or bool(ledger.query(
+        "SELECT 1 FROM files WHERE watch=? AND (path=? OR (path>=? AND path<?)) LIMIT 1",
+        [prefix, rel, rel + "/", rel + "0"]))  # "0" sorts right after "/"
 
 
 @cli.command()
