@@ -98,7 +98,13 @@ def read_owner(path: Path) -> int | None:
 def _cannot(path: Path, e: OSError) -> LedgerError:
     """The one line for a lock file that cannot be created or written (SPEC §4.11: exit 2)."""
     why = e.strerror or str(e)
-    if isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    denied = isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM)
+    if denied and path.exists() and not os.access(path, os.W_OK):
+        # the file itself (left read-only, or another user's: root's, by an older syncd)
+        uid = os.getuid() if hasattr(os, "getuid") else "?"
+        hint = (f"{path} is not writable by this user (uid {uid}); give it to syncd's user (chown) "
+                f"or make it writable (chmod u+w)")
+    elif denied or e.errno == errno.EROFS:
         hint = (f"make {path.parent} writable by this user (read-only mount or permissions), "
                 f"or set [syncd] ledger to a writable path")
     elif e.errno == errno.ENOSPC:

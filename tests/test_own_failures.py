@@ -177,6 +177,21 @@ def test_lock_file_that_cannot_be_created_is_one_line_exit_2(tmp_path):
     assert f"{ledger}.lock" in line and "Permission denied" in line
 
 
+def test_a_read_only_lock_file_in_a_writable_directory_is_named_not_the_directory(tmp_path):
+    """Issue 25: a lock file left 0444 (or another user's) got "make the directory writable"
+    although the directory was: the line names the lock file."""
+    cfg, ledger, _ = file_env(tmp_path, 1)
+    assert run(syncd_cmd(cfg, "resync")).returncode == 0
+    lock = ledger.with_name("ledger.db.lock")
+    give_to_nobody(lock)
+    lock.chmod(0o444)
+    r = run(without_dac(syncd_cmd(cfg, "resync")))
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    line = one_line_error(r.stderr)
+    assert f"{lock} is not writable" in line, line
+    assert f"make {ledger.parent} writable" not in line, line
+
+
 def test_a_user_who_may_only_read_the_ledger_can_run_status(tmp_path):
     cfg, ledger, _ = file_env(tmp_path, 4)
     assert run(syncd_cmd(cfg, "resync")).returncode == 0
