@@ -126,6 +126,19 @@ def locked_ledger(cfg: Config, role: str) -> Iterator:
 
 
 @contextmanager
+def ledger_for(cfg: Config, role: str, *, dry_run: bool) -> Iterator:
+    """The locked ledger; a dry run's changes nothing: no lock, no file made (syncd.dryrun)."""
+    if dry_run:
+        from syncd.dryrun import dry_run_ledger
+
+        with dry_run_ledger(cfg) as ledger:
+            yield ledger
+    else:
+        with locked_ledger(cfg, role) as ledger:
+            yield ledger
+
+
+@contextmanager
 def _progress(c: Ctx, *, show: bool = True) -> Iterator:
     """A progress bar on a terminal (None otherwise: log lines only). While it shows, log lines
     are written above it (tqdm's logging redirect) instead of breaking it."""
@@ -204,7 +217,7 @@ def resync(c: Ctx, dry_run: bool, no_restore: bool, no_upload: bool, verify: boo
     from syncd.remote import open_remote
 
     cfg = c.cfg
-    with stop_on_signals(threading.Event()) as stop, locked_ledger(cfg, "resync") as ledger:
+    with stop_on_signals(threading.Event()) as stop, ledger_for(cfg, "resync", dry_run=dry_run) as ledger:
         remote = open_remote(cfg)
         try:
             with _progress(c, show=not dry_run) as bar:
@@ -266,14 +279,14 @@ def restore(c: Ctx, to_dir: str | None, overwrite: bool, dry_run: bool, at: str 
                     summary = restore_at(cfg, remote, when, to_dir=Path(to_dir), globs=globs, overwrite=overwrite,
                                          dry_run=dry_run, progress=bar, on_plan=plan)
                 else:
-                    with locked_ledger(cfg, "restore") as ledger:
+                    with ledger_for(cfg, "restore", dry_run=dry_run) as ledger:
                         summary = restore_at(cfg, remote, when, ledger=ledger, globs=globs, overwrite=overwrite,
                                              dry_run=dry_run, progress=bar, on_plan=plan)
         elif to_dir:
             summary = restore_to(cfg, remote, Path(to_dir), globs=globs, overwrite=overwrite, dry_run=dry_run,
                                  on_plan=_print_plan)
         else:
-            with stop_on_signals(threading.Event()) as stop, locked_ledger(cfg, "restore") as ledger, \
+            with stop_on_signals(threading.Event()) as stop, ledger_for(cfg, "restore", dry_run=dry_run) as ledger, \
                     _progress(c, show=not dry_run) as bar:
                 summary = restore_in_place(cfg, ledger, remote, globs=globs, overwrite=overwrite,
                                            dry_run=dry_run, progress=bar, on_plan=_print_plan, stop=stop)
