@@ -118,6 +118,7 @@ def locked_ledger(cfg: Config, role: str) -> Iterator:
     try:
         ledger = Ledger(cfg.ledger, config=cfg.path)
         try:
+            ledger.recover()  # rows a stopped process left claimed (a full ledger disk) are given back
             yield ledger
         finally:
             ledger.close()

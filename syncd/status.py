@@ -53,6 +53,10 @@ def collect(cfg: Config, ledger: Ledger | None = None, now: float | None = None)
                              failures=[], failures_total=0, backlog=0, last_listing=None)
             else:
                 counts = ledger.counts(w.prefix)
+                if not h["running"]:  # only a process holding the lock uploads: rows a stopped
+                    # one left claimed (a full disk) wait, and are given back at the next start
+                    counts["pending"] += counts["uploading"]
+                    counts["uploading"] = 0
                 oldest = ledger.oldest_pending(w.prefix)
                 fails, total = ledger.failures(w.prefix, FAILURES_SHOWN)
                 entry.update(

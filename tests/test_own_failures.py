@@ -137,6 +137,33 @@ def test_ledger_disk_full_during_resync_workers_stops_with_one_line_exit_2_no_ro
     assert states(ledger) == {"synced": 600}
 
 
+def test_rows_left_uploading_by_a_stopped_resync_are_pending_in_status_and_given_back(tmp_path, syncd):
+    """Issue 25: after the ledger's disk filled mid-resync, `status` said "uploading 104" with no
+    daemon running. Rows only a process holding the lock can be uploading: without one they
+    are pending, and the next command that takes the lock gives them back."""
+    from syncd.lock import LedgerLock
+
+    cfg, ledger, _ = file_env(tmp_path, 10)
+    assert run(syncd_cmd(cfg, "resync", "--no-upload")).returncode == 0
+    con = sqlite3.connect(ledger)
+    with con:  # what the failed resync left: claimed rows it could not give back
+        con.execute("UPDATE files SET state='uploading', lease_until=9e9 WHERE id IN "
+                    "(SELECT id FROM files ORDER BY id LIMIT 4)")
+    con.close()
+    counts = json.loads(syncd("--config", str(cfg), "status", "--json").out)["watches"][0]["counts"]
+    assert (counts["uploading"], counts["pending"]) == (0, 10), counts
+    assert "pending 10, uploading 0" in syncd("--config", str(cfg), "status").out
+    lock = LedgerLock(ledger)
+    lock.acquire("resync")  # a process that holds the lock may well be uploading them
+    try:
+        counts = json.loads(syncd("--config", str(cfg), "status", "--json").out)["watches"][0]["counts"]
+        assert (counts["uploading"], counts["pending"]) == (4, 6), counts
+    finally:
+        lock.release()
+    assert syncd("--config", str(cfg), "restore").code == 0  # takes the lock: gives them back
+    assert states(ledger) == {"pending": 10} and leased(ledger) == 0
+
+
 # --- finding 2: only SQLite's "malformed" is corruption --------------------------------------------
 
 def test_full_disk_at_start_is_reported_as_unwritable_not_corrupt(tmp_path):
