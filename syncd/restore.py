@@ -51,6 +51,14 @@ class Restored:
     etag: str = ""  # the object's etag as the GET saw it (what a listing shows while unchanged)
 
 
+_bytes_written = 0  # by all restores of this process: a progress count (a lost += is harmless)
+
+
+def restored_bytes() -> int:
+    """Bytes restores have written so far: moves while a large file arrives (the start's timeout)."""
+    return _bytes_written
+
+
 class _HashingWriter:
     """Hashes what it writes straight to the temp file's descriptor: a buffered file object
     would cost three more system calls per restored file (each a hand-over of the GIL between
@@ -63,6 +71,8 @@ class _HashingWriter:
         self.size = 0
 
     def write(self, b: bytes) -> int:  # the one method of BinaryIO a remote uses
+        global _bytes_written
+        _bytes_written += len(b)
         self.h.update(b)
         self.size += len(b)
         view = memoryview(b)
