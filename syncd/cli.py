@@ -122,13 +122,27 @@ def locked_ledger(cfg: Config, role: str) -> Iterator:
     lock = LedgerLock(cfg.ledger)
     lock.acquire(role)
     try:
-        ledger = Ledger(cfg.ledger)
+        ledger = Ledger(cfg.ledger, config=cfg.path)
         try:
+            ledger.recover()  # rows a stopped process left claimed (a full ledger disk) are given back
             yield ledger
         finally:
             ledger.close()
     finally:
         lock.release()
+
+
+@contextmanager
+def ledger_for(cfg: Config, role: str, *, dry_run: bool) -> Iterator:
+    """The locked ledger; a dry run's changes nothing: no lock, no file made (syncd.dryrun)."""
+    if dry_run:
+        from syncd.dryrun import dry_run_ledger
+
+        with dry_run_ledger(cfg) as ledger:
+            yield ledger
+    else:
+        with locked_ledger(cfg, role) as ledger:
+            yield ledger
 
 
 @contextmanager
@@ -213,7 +227,7 @@ def resync(c: Ctx, dry_run: bool, no_restore: bool, no_upload: bool, verify: boo
     from syncd.remote import open_remote
 
     cfg = c.cfg
-    with stop_on_signals(threading.Event()) as stop, locked_ledger(cfg, "resync") as ledger:
+    with stop_on_signals(threading.Event()) as stop, ledger_for(cfg, "resync", dry_run=dry_run) as ledger:
         remote = open_remote(cfg)
         try:
             with _progress(c, show=not (dry_run or no_progress)) as bar:
@@ -277,14 +291,14 @@ def restore(c: Ctx, to_dir: str | None, overwrite: bool, dry_run: bool, at: str 
                     summary = restore_at(cfg, remote, when, to_dir=Path(to_dir), globs=globs, overwrite=overwrite,
                                          dry_run=dry_run, progress=bar, on_plan=plan)
                 else:
-                    with locked_ledger(cfg, "restore") as ledger:
+                    with ledger_for(cfg, "restore", dry_run=dry_run) as ledger:
                         summary = restore_at(cfg, remote, when, ledger=ledger, globs=globs, overwrite=overwrite,
                                              dry_run=dry_run, progress=bar, on_plan=plan)
         elif to_dir:
             summary = restore_to(cfg, remote, Path(to_dir), globs=globs, overwrite=overwrite, dry_run=dry_run,
                                  on_plan=_print_plan)
         else:
-            with stop_on_signals(threading.Event()) as stop, locked_ledger(cfg, "restore") as ledger, \
+            with stop_on_signals(threading.Event()) as stop, ledger_for(cfg, "restore", dry_run=dry_run) as ledger, \
                     _progress(c, show=bar_shown) as bar:
                 summary = restore_in_place(cfg, ledger, remote, globs=globs, overwrite=overwrite,
                                            dry_run=dry_run, progress=bar, on_plan=_print_plan, stop=stop)
@@ -385,7 +399,7 @@ def retry(c: Ctx, all_: bool, deletes: bool, paths: tuple[str, ...]) -> None:
     if not cfg.ledger.exists():
         click.echo("nothing to retry (no ledger yet)")
         return
-    ledger = Ledger(cfg.ledger)
+    ledger = Ledger(cfg.ledger, config=cfg.path)
     try:
         if deletes:
             was = ledger.get_meta("deletes_paused")
@@ -397,6 +411,7 @@ def retry(c: Ctx, all_: bool, deletes: bool, paths: tuple[str, ...]) -> None:
                 return
         n = 0
         if paths:
+            targets = []  # all checked before any is re-queued: a typo is a usage error, not "0"
             for raw in paths:
                 p = Path(raw).absolute()
                 for w in cfg.watches:
@@ -404,15 +419,25 @@ def retry(c: Ctx, all_: bool, deletes: bool, paths: tuple[str, ...]) -> None:
                         rel_parts = p.relative_to(w.path).parts
                     except ValueError:
                         continue
-                    n += ledger.requeue_failed(w.prefix, "/".join(ledger_name(x) for x in rel_parts))
+                    targets.append((w.prefix, "/".join(ledger_name(x) for x in rel_parts)))
                     break
                 else:
                     raise ConfigError(f"{raw} is not inside any watched directory")
+                if not _known(ledger, *targets[-1]):
+                    raise ConfigError(f"{p}: the ledger knows no file there (check the path); nothing re-queued")
+            n = sum(ledger.requeue_failed(prefix, rel) for prefix, rel in targets)
         else:
             n = ledger.requeue_failed()
     finally:
         ledger.close()
     click.echo(f"re-queued {n} failed files")
+
+
+def _known(ledger, prefix: str, rel: str) -> bool:
+    """Whether the ledger has a row for `rel` or under it (a watch's root always counts)."""
+    return not rel or bool(ledger.query(
+        "SELECT 1 FROM files WHERE watch=? AND (path=? OR (path>=? AND path<?)) LIMIT 1",
+        [prefix, rel, rel + "/", rel + "0"]))  # "0" sorts right after "/"
 
 
 @cli.command()

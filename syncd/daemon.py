@@ -31,7 +31,7 @@ from syncd.lock import LedgerLock
 from syncd.pool import WorkerPool
 from syncd.remote import open_remote
 from syncd.remote.base import RemoteError
-from syncd.restore import remove_live_temps
+from syncd.restore import remove_live_temps, restored_bytes
 from syncd.retry import backoff
 from syncd.scanner import Scanner
 from syncd.service.systemd import Notifier
@@ -74,6 +74,7 @@ class Daemon:
         self._restore = {"total": 0, "done": 0, "failed": 0}  # the startup restore, for STATUS
         self._restore_lock = threading.Lock()
         self._restore_said = 0.0
+        self._restoring = False  # the startup restore runs: it must move (the start's timeout)
         self._remote_said = -1e9
         self._ledger_logged: dict[str, float] = {}
         self._next_rescan: float | None = None
@@ -164,14 +165,17 @@ class Daemon:
             from syncd.healthcheck import Pinger
 
             self.hooks.append(Pinger(self.cfg.healthcheck_url))
+        self.notifier.keep_starting(self._startup_progress)  # a finite TimeoutStartSec, pushed back
         lock = LedgerLock(self.cfg.ledger)
         try:
             opened = self._open_ledger(lock)
         except BaseException:
             self._stop_hooks()
+            self.notifier.close()
             raise
         if not opened:  # stopped while the ledger could not be written
             self._stop_hooks()
+            self.notifier.close()
             return 0
         assert self.ledger is not None
         try:
@@ -196,7 +200,7 @@ class Daemon:
             try:
                 lock.acquire("run")
                 try:
-                    self.ledger = Ledger(self.cfg.ledger)
+                    self.ledger = Ledger(self.cfg.ledger, config=self.cfg.path)
                 except BaseException:
                     lock.release()
                     raise
@@ -339,10 +343,12 @@ class Daemon:
         failed_before = engine.stats.failed
         self._restore.update(total=total, done=0, failed=0)
         engine.on_progress = self._restored
+        self._restoring = True
         try:
             done = self._until_ledger_works(lambda: engine.drain(RESTORE_OPS))
         finally:
             engine.on_progress = None
+            self._restoring = False
         # rows the startup restore left failed (per-file: denied, gone, checksum, local disk)
         self._restore["failed"] = engine.stats.failed - failed_before
         if total:
@@ -359,6 +365,11 @@ class Daemon:
             self._restore_said = now
             text = f"restoring {min(self._restore['done'], self._restore['total'])}/{self._restore['total']}"
         self.notifier.status(text)
+
+    def _startup_progress(self) -> object:
+        """For the start's timeout: being alive is progress while the startup waits for the ledger
+        or the remote (retried) and scans; the restore must move (files done, bytes written)."""
+        return (self._restore["done"], restored_bytes()) if self._restoring else None
 
     def _record_restore(self, engine: Engine) -> None:
         r = self._restore

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from syncd.closes import Closes
 from syncd.config import Config, WatchConfig
 from syncd.errors import Interrupted, LedgerError, RemoteUnavailable
+from syncd.fsutil import make_dirs
 from syncd.interrupt import unless_stopped
 from syncd.keys import join_key
 from syncd.ledger import Ledger, Row
@@ -123,7 +124,7 @@ class Engine:
         for w in self.cfg.watches:
             if create:
                 # a fresh container starts without its upload directory (SPEC §2)
-                w.path.mkdir(parents=True, exist_ok=True)
+                make_dirs(w.path)
                 self.ledger.ensure_watch(w.prefix, str(w.path))
         if create:
             self.adopt_remote()

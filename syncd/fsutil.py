@@ -1,11 +1,16 @@
-"""Small file-system helpers: hashing, directory fsync, atomic no-clobber publish."""
+"""Small file-system helpers: hashing, directory fsync, atomic no-clobber publish, and what
+root creates (given to the owner of its directory)."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import stat
 import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
 # A file up to this size is read into memory whole: hashed and sent from one buffer (per
@@ -63,3 +68,53 @@ def publish(tmp: str | os.PathLike[str], final: str | os.PathLike[str], *, overw
             return
         os.unlink(tmp)
     fsync_dir(Path(final).parent)
+
+
+# read once: a process does not change its effective uid, and the check is on every file a
+# restore makes (no system call at all when not root)
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+_chown_failed: set[str] = set()  # directories whose chown failure was said (once each)
+
+
+def give_to_parent_owner(path: str | os.PathLike[str], parent: str | os.PathLike[str] | None = None) -> None:
+    """Run as root, give `path` (a file or directory syncd made) to the owner and group of the
+    directory it is in, as open as that directory (a file without its x bits), so that the
+    service's user can go on with it and the app's group can use it as it uses the directory
+    (SPEC §4.13): an operator's `resync` as root must not leave root's files, with root's
+    umask, where the service writes. Only root's own files, and only when the directory's
+    owner or group is another; nothing at all when not root. `parent`: the directory a temp file
+    is about to be renamed into, when that is not its own."""
+    if not AS_ROOT:
+        return
+    parent = os.path.dirname(os.path.abspath(path)) if parent is None else os.fspath(parent)
+    try:
+        st, pst = os.lstat(path), os.stat(parent)
+    except OSError:  # gone meanwhile: nothing to give
+        return
+    if st.st_uid != 0 or (st.st_uid, st.st_gid) == (pst.st_uid, pst.st_gid) or stat.S_ISLNK(st.st_mode):
+        return
+    try:
+        os.chown(path, pst.st_uid, pst.st_gid)  # before the chmod: chown clears a file's setgid
+        os.chmod(path, pst.st_mode & (0o2777 if stat.S_ISDIR(st.st_mode) else 0o666))
+    except OSError as e:  # a file system without owners (vfat, some network mounts): said once
+        if parent not in _chown_failed:
+            _chown_failed.add(parent)
+            log.warning("cannot give %s to the owner of %s (uid %d): %s; the service's user may not "
+                        "be able to write it", path, parent, pst.st_uid, e.strerror or e)
+
+
+def make_dirs(path: str | os.PathLike[str]) -> None:
+    """`mkdir -p`, each directory it makes given to its parent's owner (`give_to_parent_owner`)."""
+    missing = []
+    d = Path(path)
+    while not d.is_dir() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for m in reversed(missing):
+        try:
+            m.mkdir()
+        except FileExistsError:
+            if not m.is_dir():
+                raise
+            continue
+        give_to_parent_owner(m)

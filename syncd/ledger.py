@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from syncd.errors import LedgerCorrupt, LedgerError, LedgerUnwritable
+from syncd.fsutil import AS_ROOT, give_to_parent_owner, make_dirs
 
 SCHEMA_VERSION = 3
 STATES = ("pending", "uploading", "synced", "failed", "deleting", "deleted")
@@ -94,9 +95,15 @@ def _migrate_3(db: sqlite_utils.Database) -> None:
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2, _migrate_3]
 
 
-def recovery_hint(path: Path) -> str:
+def recovery_hint(path: Path, config: Path | None = None) -> str:
+    """The command that rebuilds a corrupt ledger, naming the config (absolute): run as printed,
+    from any directory and without $SYNCD_CONFIG, it must find the same config and ledger."""
+    def q(p: object) -> str:  # a shell word, always quoted: the line reads the same for any path
+        return "'" + str(p).replace("'", "'\\''") + "'"
+
+    where = f" --config {q(config)}" if config is not None else ""
     return (f"move it aside and rebuild it from a scan and the remote listing: "
-            f"mv '{path}' '{path}.corrupt' && syncd resync")
+            f"mv {q(path)} {q(f'{path}.corrupt')} && syncd{where} resync")
 
 
 def is_corrupt(e: BaseException) -> bool:
@@ -130,10 +137,10 @@ def _diagnosis(path: Path, e: BaseException) -> str:
     return "check the ledger's disk and permissions"
 
 
-def ledger_failure(path: Path, e: BaseException, doing: str = "written") -> LedgerError:
+def ledger_failure(path: Path, e: BaseException, doing: str = "written", config: Path | None = None) -> LedgerError:
     """The one-line error for a ledger that cannot be used: corrupt only when SQLite says so."""
     if is_corrupt(e):
-        return LedgerCorrupt(f"ledger {path} is corrupt ({e}); {recovery_hint(path)}")
+        return LedgerCorrupt(f"ledger {path} is corrupt ({e}); {recovery_hint(path, config)}")
     cause = getattr(e, "strerror", None) or str(e)
     return LedgerUnwritable(f"ledger {path} cannot be {doing}: {cause}; {_diagnosis(path, e)}")
 
@@ -179,8 +186,10 @@ class Ledger:
     """Thread-safe handle on the ledger file: each thread reads through its own connection;
     every write goes through one writer connection."""
 
-    def __init__(self, path: str | os.PathLike[str], *, check: bool = True, readonly: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, check: bool = True, readonly: bool = False,
+                 config: Path | None = None) -> None:
         self.path = Path(path)
+        self.config = config  # the config file that names this ledger: its recovery command says it
         # readonly: for `status`, which a user who may only read the ledger can run (no mkdir,
         # no WAL switch, no migration; `immutable` when SQLite cannot make its -shm file)
         self.readonly = readonly
@@ -203,9 +212,14 @@ class Ledger:
             self._open_readonly()
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
+            if AS_ROOT and not self.path.exists():
+                # SQLite run as root gives its -wal and -shm the database file's owner: the file
+                # is made here (empty: a valid database) and given away before SQLite opens it
+                self.path.touch()
         except OSError as e:
-            raise ledger_failure(self.path, e, "created") from e
+            raise ledger_failure(self.path, e, "created", self.config) from e
+        give_to_parent_owner(self.path)  # also one an older syncd left root's (SPEC §4.13)
         try:
             db = self.db
             db.execute("PRAGMA journal_mode=WAL")
@@ -214,11 +228,13 @@ class Ledger:
                 if bad != "ok":
                     raise sqlite3.DatabaseError(bad)
             self._migrate(db)
+            for suffix in ("-wal", "-shm"):
+                give_to_parent_owner(self.path.with_name(self.path.name + suffix))
         except (sqlite3.Error, LedgerError) as e:
             self.close()
             if isinstance(e, LedgerError):
                 raise
-            raise ledger_failure(self.path, e, "opened") from e
+            raise ledger_failure(self.path, e, "opened", self.config) from e
 
     def _open_readonly(self) -> None:
         for query in ("mode=ro", "mode=ro&immutable=1"):
@@ -230,7 +246,7 @@ class Ledger:
                 self.close()
                 code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
                 if query.endswith("immutable=1") or code not in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
-                    raise ledger_failure(self.path, e, "read") from e
+                    raise ledger_failure(self.path, e, "read", self.config) from e
         if version > SCHEMA_VERSION:
             self.close()
             raise LedgerError(f"ledger {self.path} has schema version {version}, newer than this "
@@ -320,7 +336,7 @@ class Ledger:
         """A sqlite error of the ledger's file (not of syncd's SQL) as the one-line LedgerError."""
         if not is_ledger_failure(e):
             return e
-        err = ledger_failure(self.path, e, doing)
+        err = ledger_failure(self.path, e, doing, self.config)
         if self.failure is None:
             self.failing_since = time.time()
         self.failure = str(err)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from syncd.errors import LedgerError, LedgerUnwritable
+from syncd.fsutil import give_to_parent_owner, make_dirs
 
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
@@ -51,10 +52,11 @@ class LedgerLock:
 
     def acquire(self, what: str = "syncd") -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise _cannot(self.path, e) from e
+        give_to_parent_owner(self.path)  # root's lock file must not lock the service out (SPEC §4.13)
         if not _try_lock(fd):
             os.close(fd)
             pid = read_owner(self.path)
@@ -96,7 +98,13 @@ def read_owner(path: Path) -> int | None:
 def _cannot(path: Path, e: OSError) -> LedgerError:
     """The one line for a lock file that cannot be created or written (SPEC §4.11: exit 2)."""
     why = e.strerror or str(e)
-    if isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    denied = isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM)
+    if denied and path.exists() and not os.access(path, os.W_OK):
+        # the file itself (left read-only, or another user's: root's, by an older syncd)
+        uid = os.getuid() if hasattr(os, "getuid") else "?"
+        hint = (f"{path} is not writable by this user (uid {uid}); give it to syncd's user (chown) "
+                f"or make it writable (chmod u+w)")
+    elif denied or e.errno == errno.EROFS:
         hint = (f"make {path.parent} writable by this user (read-only mount or permissions), "
                 f"or set [syncd] ledger to a writable path")
     elif e.errno == errno.ENOSPC:

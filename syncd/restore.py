@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from syncd.fsutil import publish
+from syncd.fsutil import give_to_parent_owner, publish
 from syncd.keys import RESTORE_TEMP_PREFIX, UnsafeKey
 from syncd.names import shown
 from syncd.remote.base import INTEGRITY, LOCAL, Remote, RemoteError
@@ -52,6 +52,14 @@ class Restored:
     etag: str = ""  # the object's etag as the GET saw it (what a listing shows while unchanged)
 
 
+_bytes_written = 0  # by all restores of this process: a progress count (a lost += is harmless)
+
+
+def restored_bytes() -> int:
+    """Bytes restores have written so far: moves while a large file arrives (the start's timeout)."""
+    return _bytes_written
+
+
 class _HashingWriter:
     """Hashes what it writes straight to the temp file's descriptor: a buffered file object
     would cost three more system calls per restored file (each a hand-over of the GIL between
@@ -64,6 +72,8 @@ class _HashingWriter:
         self.size = 0
 
     def write(self, b: bytes) -> int:  # the one method of BinaryIO a remote uses
+        global _bytes_written
+        _bytes_written += len(b)
         self.h.update(b)
         self.size += len(b)
         view = memoryview(b)
@@ -134,6 +144,7 @@ def safe_target(root: Path, rel: str, *, follow_symlinks: bool = False, create: 
                 return Path(root).joinpath(*parts)
             try:
                 os.mkdir(cur)
+                give_to_parent_owner(cur)
                 continue
             except FileExistsError:  # another worker made it meanwhile: check what it is
                 s = os.lstat(cur)
@@ -200,6 +211,7 @@ def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False, ex
         mtime_ns = info.mtime_ns if info.mtime_ns is not None else os.stat(tmp).st_mtime_ns
         if sys.platform != "win32":  # Windows has ACLs, inherited from the directory
             os.chmod(tmp, _FILE_MODE)
+            give_to_parent_owner(tmp)  # run as root: the directory's owner's, as open as it (SPEC §4.13)
         os.utime(tmp, ns=(mtime_ns, mtime_ns))
         result = Restored(size=w.size, mtime_ns=mtime_ns, sha256=sha, verified=verified, etag=info.etag)
         if before_publish is not None and not before_publish(result):

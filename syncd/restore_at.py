@@ -23,6 +23,7 @@ from pathlib import Path
 from syncd.config import Config, WatchConfig
 from syncd.engine import unavailable
 from syncd.errors import ConfigError
+from syncd.fsutil import make_dirs
 from syncd.keys import UnsafeKey, is_reserved, join_key, rel_from_key
 from syncd.ledger import Ledger
 from syncd.names import shown
@@ -230,6 +231,6 @@ def restore_at(cfg: Config, remote: Remote, at: datetime, *, to_dir: Path | None
                 if not dry_run:
                     ledger.ensure_watch(w.prefix, str(w.path))  # type: ignore[union-attr]
             if not dry_run:
-                root.mkdir(parents=True, exist_ok=True)
+                make_dirs(root)
             run.watch(ex, w, root, globs)
     return run.out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from syncd.config import Config
 from syncd.engine import RESTORE_OPS, Engine, remote_files
+from syncd.fsutil import make_dirs
 from syncd.keys import RESTORE_TEMP_PREFIX, UnsafeKey, join_key
 from syncd.ledger import Ledger
 from syncd.names import shown
@@ -140,7 +141,7 @@ def restore_to(cfg: Config, remote: Remote, to_dir: Path, *, globs: Iterable[str
             base = join_key(cfg.remote.prefix, w.prefix)
             root = to_dir / w.prefix if w.prefix else to_dir
             if not dry_run:
-                root.mkdir(parents=True, exist_ok=True)
+                make_dirs(root)
             refused: list[tuple[str, str]] = []
 
             def listing(base=base, w=w, refused=refused) -> list:

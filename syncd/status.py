@@ -38,7 +38,7 @@ def collect(cfg: Config, ledger: Ledger | None = None, now: float | None = None)
         daemon["busy"] = {"command": h.get("role"), "pid": h["pid"]}
     own = ledger is None and cfg.ledger.exists()
     if own:
-        ledger = Ledger(cfg.ledger, check=False, readonly=True)  # a reader: never writes
+        ledger = Ledger(cfg.ledger, check=False, readonly=True, config=cfg.path)  # a reader: never writes
     try:
         if ledger is not None:
             ready = ledger.get_meta("ready")
@@ -54,6 +54,10 @@ def collect(cfg: Config, ledger: Ledger | None = None, now: float | None = None)
                              failures=[], failures_total=0, backlog=0, last_listing=None)
             else:
                 counts = ledger.counts(w.prefix)
+                if not h["running"]:  # only a process holding the lock uploads: rows a stopped
+                    # one left claimed (a full disk) wait, and are given back at the next start
+                    counts["pending"] += counts["uploading"]
+                    counts["uploading"] = 0
                 oldest = ledger.oldest_pending(w.prefix)
                 fails, total = ledger.failures(w.prefix, FAILURES_SHOWN)
                 entry.update(
@@ -68,7 +72,7 @@ def collect(cfg: Config, ledger: Ledger | None = None, now: float | None = None)
                 )
             watches.append(entry)
     except sqlite3.Error as e:
-        raise ledger_failure(cfg.ledger, e, "read") from e
+        raise ledger_failure(cfg.ledger, e, "read", cfg.path) from e
     finally:
         if own and ledger is not None:
             ledger.close()

@@ -51,7 +51,7 @@ def presigned_url(cfg: Config, raw: str, expires: int = DEFAULT_EXPIRES) -> str:
     if cfg.ledger.exists():
         from syncd.ledger import Ledger
 
-        ledger = Ledger(cfg.ledger, check=False)
+        ledger = Ledger(cfg.ledger, check=False, config=cfg.path)
         try:
             row = ledger.get(w.prefix, rel)
         finally:

@@ -174,6 +174,50 @@ def test_dry_run_of_a_lost_ledger_names_what_the_listing_restores(tmp_path, sync
     assert r.out.splitlines()[-1].startswith("dry run:")
 
 
+def test_a_dry_run_creates_no_ledger_and_no_lock_file_and_leaves_one_unchanged(tmp_path, syncd):
+    """Issue 25: `resync --dry-run` on a new host left an empty ledger and lock file behind."""
+    cfg, root, remote = file_env(tmp_path)
+    write_file(root / "a.txt", b"a")
+    write_file(remote / "uploads" / "r.txt", b"r")
+    state = tmp_path / "state"
+    for args in (["resync", "--dry-run"], ["restore", "--dry-run"]):
+        r = syncd("--config", str(cfg), *args)
+        assert r.code == 0, r.err
+        assert "restore uploads/r.txt" in plan_lines(r.out), r.out
+        assert not state.exists(), sorted(p.name for p in state.iterdir())
+    assert syncd("--config", str(cfg), "resync", "--no-restore").code == 0
+    write_file(root / "b.txt", b"b")
+    # an existing ledger is only read (SQLite's read-only open may leave its -wal/-shm index)
+    before = {p.name: p.read_bytes() for p in state.iterdir() if not p.name.endswith(("-wal", "-shm"))}
+    for args in (["resync", "--dry-run"], ["restore", "--dry-run"]):
+        r = syncd("--config", str(cfg), *args)
+        assert r.code == 0, r.err
+        assert "restore uploads/r.txt" in plan_lines(r.out), r.out
+        assert {p.name: p.read_bytes() for p in state.iterdir() if not p.name.endswith(("-wal", "-shm"))} == before
+    assert "upload uploads/b.txt" in plan_lines(syncd("--config", str(cfg), "resync", "--dry-run").out)
+
+
+def test_a_dry_run_reads_a_ledger_an_older_syncd_wrote_without_migrating_it(tmp_path, syncd):
+    import sqlite_utils
+
+    from syncd.ledger import MIGRATIONS
+
+    cfg, root, remote = file_env(tmp_path)
+    write_file(remote / "uploads" / "r.txt", b"r")
+    (tmp_path / "state").mkdir()
+    db = sqlite_utils.Database(tmp_path / "state" / "ledger.db")
+    for i, migrate in enumerate(MIGRATIONS[:-1]):
+        migrate(db)
+        db.execute(f"PRAGMA user_version={i + 1}")
+    db.close()
+    r = syncd("--config", str(cfg), "resync", "--dry-run")
+    assert r.code == 0, r.err
+    assert "restore uploads/r.txt" in plan_lines(r.out), r.out
+    con = sqlite3.connect(tmp_path / "state" / "ledger.db")
+    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) - 1
+    con.close()
+
+
 def test_restore_dry_runs_name_every_file(tmp_path, syncd):
     cfg, root, _remote = file_env(tmp_path)
     for name in ("p/one.jpg", "p/two.png", "three.jpg"):

@@ -104,3 +104,20 @@ def test_the_command_exits_with_its_code_and_all_its_output(tmp_path):
     r = subprocess.run([sys.executable, "-m", "syncd", "--config", str(tmp_path / "missing.toml"), "status"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("syncd: error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_retry_of_a_path_the_ledger_does_not_know_is_a_usage_error_naming_it(tmp_path, syncd):
+    """Issue 25: "re-queued 0" and exit 0 for a typo let an operator believe the file was retried."""
+    watch = tmp_path / "w"
+    (watch / "d").mkdir(parents=True)
+    (watch / "d" / "a.txt").write_text("a")
+    cfg = write_config(tmp_path / "s.toml", remote={"url": f"file://{tmp_path / 'r'}"},
+                       watches=[{"path": str(watch)}], syncd={"ledger": str(tmp_path / "l.db"), "health_listen": ""})
+    assert syncd("--config", str(cfg), "resync").code == 0
+    r = syncd("--config", str(cfg), "retry", str(watch / "d" / "typo.txt"))
+    assert r.code == 2, r.out + r.err
+    assert str(watch / "d" / "typo.txt") in r.err and "re-queued" not in r.out
+    assert len(r.err.strip().splitlines()) == 1
+    for known in (watch / "d" / "a.txt", watch / "d", watch):  # known, nothing failed: nothing to do
+        r = syncd("--config", str(cfg), "retry", str(known))
+        assert r.code == 0 and "re-queued 0" in r.out, r.out + r.err

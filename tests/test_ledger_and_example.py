@@ -43,8 +43,34 @@ def test_corrupt_ledger_is_reported_with_the_recovery_command(tmp_path, syncd):
                        watches=[{"path": str(tmp_path / "w")}], syncd={"ledger": str(ledger)})
     r = syncd("--config", str(cfg), "resync")
     assert r.code == 2
-    assert "corrupt" in r.err and "mv " in r.err and "syncd resync" in r.err
+    assert "corrupt" in r.err and "mv " in r.err and f"syncd --config '{cfg}' resync" in r.err
     assert ledger.read_bytes().startswith(b"this is not")  # never silently replaced
+
+
+def test_the_corrupt_ledger_advice_works_as_printed_from_another_directory(tmp_path, syncd, monkeypatch):
+    """The recovery command names the config that was used (issue 25): run as printed, from
+    another directory, it must not fail with "no config file found"."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import write_config
+
+    ledger = tmp_path / "state dir" / "l.db"
+    ledger.parent.mkdir()
+    ledger.write_bytes(b"this is not a database" * 100)
+    write_config(tmp_path / "s.toml", remote={"url": f"file://{tmp_path / 'r'}"},
+                 watches=[{"path": str(tmp_path / "w")}], syncd={"ledger": str(ledger), "health_listen": ""})
+    monkeypatch.chdir(tmp_path)
+    r = syncd("--config", "s.toml", "resync")  # relative, as an operator types it
+    assert r.code == 2 and "corrupt" in r.err, r.err
+    advice = r.err.strip().splitlines()[-1].split("remote listing: ", 1)[1]
+    assert "--config" in advice and str(tmp_path / "s.toml") in advice, advice
+    cmd = advice.replace("syncd ", f"{sys.executable} -m syncd ", 1)
+    p = subprocess.run(cmd, shell=True, cwd="/", capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert ledger.with_name("l.db.corrupt").exists() and Ledger(ledger).close() is None
 
 
 def test_claims_are_exclusive(tmp_path):

@@ -137,6 +137,33 @@ def test_ledger_disk_full_during_resync_workers_stops_with_one_line_exit_2_no_ro
     assert states(ledger) == {"synced": 600}
 
 
+def test_rows_left_uploading_by_a_stopped_resync_are_pending_in_status_and_given_back(tmp_path, syncd):
+    """Issue 25: after the ledger's disk filled mid-resync, `status` said "uploading 104" with no
+    daemon running. Rows only a process holding the lock can be uploading: without one they
+    are pending, and the next command that takes the lock gives them back."""
+    from syncd.lock import LedgerLock
+
+    cfg, ledger, _ = file_env(tmp_path, 10)
+    assert run(syncd_cmd(cfg, "resync", "--no-upload")).returncode == 0
+    con = sqlite3.connect(ledger)
+    with con:  # what the failed resync left: claimed rows it could not give back
+        con.execute("UPDATE files SET state='uploading', lease_until=9e9 WHERE id IN "
+                    "(SELECT id FROM files ORDER BY id LIMIT 4)")
+    con.close()
+    counts = json.loads(syncd("--config", str(cfg), "status", "--json").out)["watches"][0]["counts"]
+    assert (counts["uploading"], counts["pending"]) == (0, 10), counts
+    assert "pending 10, uploading 0" in syncd("--config", str(cfg), "status").out
+    lock = LedgerLock(ledger)
+    lock.acquire("resync")  # a process that holds the lock may well be uploading them
+    try:
+        counts = json.loads(syncd("--config", str(cfg), "status", "--json").out)["watches"][0]["counts"]
+        assert (counts["uploading"], counts["pending"]) == (4, 6), counts
+    finally:
+        lock.release()
+    assert syncd("--config", str(cfg), "restore").code == 0  # takes the lock: gives them back
+    assert states(ledger) == {"pending": 10} and leased(ledger) == 0
+
+
 # --- finding 2: only SQLite's "malformed" is corruption --------------------------------------------
 
 def test_full_disk_at_start_is_reported_as_unwritable_not_corrupt(tmp_path):
@@ -175,6 +202,21 @@ def test_lock_file_that_cannot_be_created_is_one_line_exit_2(tmp_path):
     line = one_line_error(r.stderr)
     assert "internal error" not in line
     assert f"{ledger}.lock" in line and "Permission denied" in line
+
+
+def test_a_read_only_lock_file_in_a_writable_directory_is_named_not_the_directory(tmp_path):
+    """Issue 25: a lock file left 0444 (or another user's) got "make the directory writable"
+    although the directory was: the line names the lock file."""
+    cfg, ledger, _ = file_env(tmp_path, 1)
+    assert run(syncd_cmd(cfg, "resync")).returncode == 0
+    lock = ledger.with_name("ledger.db.lock")
+    give_to_nobody(lock)
+    lock.chmod(0o444)
+    r = run(without_dac(syncd_cmd(cfg, "resync")))
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    line = one_line_error(r.stderr)
+    assert f"{lock} is not writable" in line, line
+    assert f"make {ledger.parent} writable" not in line, line
 
 
 def test_a_user_who_may_only_read_the_ledger_can_run_status(tmp_path):

@@ -101,6 +101,16 @@ def test_units_say_what_the_readme_says() -> None:
         assert setting(unit, "PrivateTmp") == ["yes"]
 
 
+def test_the_start_timeout_is_finite_and_what_each_extension_gives() -> None:
+    """Issue 25: with TimeoutStartSec=infinity a restore stopped by SIGSTOP held the app down for
+    ever. The limit is finite; a startup that moves extends it by as much (EXTEND_TIMEOUT_USEC)."""
+    from syncd.service.systemd import EXTEND_BY, EXTEND_EVERY
+
+    for unit in ("syncd.service", "syncd@.service"):
+        assert setting(unit, "TimeoutStartSec") == [f"{EXTEND_BY:.0f}s"], unit
+    assert EXTEND_EVERY * 6 <= EXTEND_BY  # several looks fit in one extension
+
+
 # --- sd_notify: a real socket --------------------------------------------------------------------
 
 
@@ -278,6 +288,111 @@ def test_watchdog_pings_only_while_healthy(abstract_socket) -> None:
     finally:
         n.close()
     assert n._pinger is not None and not n._pinger.is_alive()
+
+
+def test_the_start_timeout_is_extended_only_while_the_startup_moves(abstract_socket) -> None:
+    """Issue 25: a restore stopped by SIGSTOP kept the unit `activating` for ever. Extensions
+    come while progress() changes (or is None: alive is enough), none while it stands still,
+    and none after READY."""
+    s, name = abstract_socket
+    n = Notifier(env={"NOTIFY_SOCKET": name})
+    n.extend_every = 0.02
+    token: list[object] = [None]
+    looks: list[object] = []
+
+    def progress() -> object:
+        looks.append(token[0])
+        return token[0]
+
+    n.keep_starting(progress)
+    try:
+        assert s.recv(4096) == b"EXTEND_TIMEOUT_USEC=90000000"  # None: alive is progress enough
+        token[0] = 1  # a restore that moves once, then stands still
+        wait_for(lambda: looks[-3:] == [1, 1, 1], 10, what="three looks at a standing restore")
+        s.setblocking(False)
+        while True:  # what was sent before it stood still
+            try:
+                s.recv(4096)
+            except BlockingIOError:
+                break
+        seen = len(looks)
+        wait_for(lambda: len(looks) >= seen + 3, 10, what="more looks")
+        with pytest.raises(BlockingIOError):
+            s.recv(4096)  # standing still: no extension
+        s.setblocking(True)
+        token[0] = 2
+        assert s.recv(4096) == b"EXTEND_TIMEOUT_USEC=90000000"
+        n.ready()
+        assert s.recv(4096) == b"READY=1"
+        assert n._keeper is not None
+        n._keeper.join(5)
+        assert not n._keeper.is_alive()
+    finally:
+        n.close()
+
+
+def test_a_startup_restore_in_progress_extends_the_start_timeout(tmp_path: Path, monkeypatch) -> None:
+    """Each restore that completes pushes the start's limit back (TimeoutStartSec is finite)."""
+    from syncd.config import load_config
+    from syncd.daemon import Daemon
+    from syncd.remote.local import LocalRemote
+
+    root, remote = tmp_path / "uploads", tmp_path / "remote"
+    for i in range(3):
+        write_file(remote / "uploads" / f"f{i}.txt", b"x" * 10)
+    config = write_config(tmp_path / "syncd.toml", remote={"url": f"file://{remote}"},
+                          watches=[{"path": str(root), "prefix": "uploads"}],
+                          syncd={"ledger": str(tmp_path / "l.db"), "health_listen": "", "workers": 1,
+                                 "rescan_interval": 0})
+    gate = threading.Semaphore(0)  # one restore per release: the test decides when one completes
+    real_get = LocalRemote.get
+
+    def gated_get(self, key, dest, **kw):
+        assert gate.acquire(timeout=60), "the test never released this restore"
+        return real_get(self, key, dest, **kw)
+
+    monkeypatch.setattr(LocalRemote, "get", gated_get)
+    path = short_dir(tmp_path) / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    lst = NotifyListener(sock)
+    notifier = Notifier(env={"NOTIFY_SOCKET": str(path)})
+    notifier.extend_every = 0.02
+    looks: list[int] = []  # the notifier's looks at the startup's progress
+    real_progress = Daemon._startup_progress
+    monkeypatch.setattr(Daemon, "_startup_progress", lambda self: looks.append(1) or real_progress(self))
+    daemon = Daemon(load_config(str(config)), notifier=notifier)
+    t = threading.Thread(target=daemon.run, name="test-daemon")
+    t.start()
+
+    def extensions() -> int:
+        return len(lst.with_field("EXTEND_TIMEOUT_USEC=90000000"))
+
+    def after_looks(n: int) -> None:
+        seen = len(looks)
+        wait_for(lambda: len(looks) >= seen + n, 30, what=f"{n} more looks at the progress")
+
+    try:
+        wait_for(lambda: daemon._restoring, 30, what="the startup restore to start")
+        after_looks(10)  # the first restore hangs at the gate: nothing moves (10: what was sent is in)
+        standing = extensions()
+        after_looks(5)
+        assert extensions() == standing, "extended while the restore stood still"
+        for i in range(2):
+            gate.release()  # restore i completes: the start's limit is pushed back
+            wait_for(lambda b=standing: extensions() > b, 30, what=f"an extension after restore {i + 1}")
+            assert not lst.with_field("READY=1"), "READY before the restore ended"
+            after_looks(10)
+            standing = extensions()
+        gate.release()
+        wait_for(lambda: lst.with_field("READY=1"), 30, what="READY=1")
+        assert (root / "f2.txt").exists()
+    finally:
+        for _ in range(3):
+            gate.release()
+        daemon.stop.set()
+        t.join(30)
+        lst.close()
 
 
 def test_sigterm_before_ready_still_exits_cleanly(tmp_path: Path, listener) -> None:

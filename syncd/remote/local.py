@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from syncd.fsutil import CHUNK, fsync_dir
+from syncd.fsutil import CHUNK, fsync_dir, give_to_parent_owner, make_dirs
 from syncd.remote.base import (
     INTEGRITY,
     INVALID,
@@ -46,30 +46,6 @@ class LocalRemote:
         self.name = f"file://{self.root.as_posix()}"
         self._meta = self.root / META_DIR
         self._tmp = self._meta / ".tmp"
-        self._owner: tuple[int, int] | None = None
-
-    def _adopt(self, path: Path) -> None:
-        """Give what root creates to the remote directory's owner: `syncd check` or a `resync`
-        run as root must not leave directories the service's own user cannot write into."""
-        if self._owner is None or not hasattr(os, "chown"):
-            return
-        try:
-            os.chown(path, *self._owner)
-        except OSError:
-            pass
-
-    def _mkdirs(self, d: Path) -> None:
-        """`mkdir -p`, each directory it creates adopted (see `_adopt`)."""
-        missing = []
-        while not d.is_dir() and d != d.parent:
-            missing.append(d)
-            d = d.parent
-        for m in reversed(missing):
-            try:
-                m.mkdir()
-            except FileExistsError:
-                continue
-            self._adopt(m)
 
     def _clean_stale_temps(self) -> None:
         """A killed upload leaves its temp in .syncd-meta/.tmp; remove those untouched for a
@@ -113,7 +89,7 @@ class LocalRemote:
         return meta
 
     def _atomic_write(self, target: Path, fill, mtime_ns: int | None) -> None:
-        self._mkdirs(self._tmp)
+        make_dirs(self._tmp)
         fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="put-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -122,8 +98,9 @@ class LocalRemote:
                 os.fsync(f.fileno())
             if mtime_ns is not None:
                 os.utime(tmp, ns=(mtime_ns, mtime_ns))
-            self._mkdirs(target.parent)
-            self._adopt(Path(tmp))
+            make_dirs(target.parent)
+            # run as root (`check`, `resync`): the service's user must go on with it (SPEC §4.13)
+            give_to_parent_owner(tmp, target.parent)
             os.replace(tmp, target)
             fsync_dir(target.parent)
         except BaseException:
@@ -141,15 +118,12 @@ class LocalRemote:
     def probe(self, prefix: str = "") -> None:
         if not self.root.is_dir():
             try:
-                self.root.mkdir(parents=True, exist_ok=True)
+                make_dirs(self.root)
             except OSError as e:
                 raise RemoteError(UNREACHABLE, f"cannot create remote directory {self.root}: {e.strerror}",
                                   code="NoSuchDirectory") from e
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise RemoteError(UNREACHABLE, f"remote directory {self.root} is not writable", code="AccessDenied")
-        st = os.stat(self.root)
-        if hasattr(os, "geteuid") and os.geteuid() == 0 and st.st_uid != 0:
-            self._owner = (st.st_uid, st.st_gid)
         self._clean_stale_temps()
 
     def list(self, prefix: str, *, start_after: str = "") -> Iterator[ObjectInfo]:

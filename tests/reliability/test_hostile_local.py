@@ -213,7 +213,7 @@ def test_corrupted_ledger_clear_error_and_documented_recovery(tmp_path, make_env
         assert p.returncode == 2, (args, p.stdout, p.stderr)
         lines = p.stderr.strip().splitlines()
         msg = lines[-1]
-        assert "corrupt" in msg and f"mv '{env.ledger}' '{env.ledger}.corrupt' && syncd resync" in msg, p.stderr
+        assert "corrupt" in msg and f"mv '{env.ledger}' '{env.ledger}.corrupt' && syncd --config '{env.config}' resync" in msg, p.stderr
     before = {k: (env.store.root / k).stat().st_mtime_ns for k in env.store.object_keys()}
     # the documented recovery, literally
     os.rename(env.ledger, f"{env.ledger}.corrupt")
