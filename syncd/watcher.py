@@ -48,6 +48,9 @@ EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, 
           DirCreatedEvent, DirMovedEvent, DirDeletedEvent]
 BATCH_MAX = 2000
 BATCH_WAIT = 0.02
+# at a stop, how long the observers go on reading what inotify queued before they stop: an event
+# is read within a few ms of the change; this covers a change made just before SIGTERM
+STOP_GRACE = 0.2
 
 
 class _Handler(FileSystemEventHandler):
@@ -57,6 +60,11 @@ class _Handler(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         self.q.put((self.prefix, event))
+
+
+def _stopping_noise(record: logging.LogRecord) -> bool:
+    """watchdog logs an ERROR when an event arrives as its emitter stops: expected at a stop."""
+    return "called when the thread is inactive" not in record.getMessage()
 
 
 class _OverflowLog(logging.Handler):
@@ -120,11 +128,17 @@ class Watcher:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        """Stop watching; what the kernel reported before the stop is recorded first (a file the
+        app deleted a moment before SIGTERM would otherwise come back at the next start)."""
+        if self._thread is not None and self._thread.is_alive():
+            time.sleep(STOP_GRACE)  # the emitters read what inotify has queued
+        for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
+            logging.getLogger(name).addFilter(_stopping_noise)
         for obs in self._observers:
             obs.stop()
         for obs in self._observers:
             obs.join(timeout=5)
+        self._stop.set()  # the recorder drains its queue, then ends
         if self._thread is not None:
             self._thread.join(timeout=10)
         for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
@@ -167,7 +181,7 @@ class Watcher:
     # --- the recorder ------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
+            while not (self._stop.is_set() and self.q.empty()):
                 try:
                     first = self.q.get(timeout=0.25)
                 except queue.Empty:
