@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 
 from tests.conftest import free_port, sns_fanout, wait_for, write_config
-from tests.daemon_util import DaemonProc, http_get, live_tree
+from tests.daemon_util import DaemonProc, live_tree
 from tests.explore.schedule import Profile, Step
 from tests.reliability.faultproxy import FaultProxy, Rates
 
@@ -61,6 +60,8 @@ class PathModel:
     deleted_on: int = -1
     clash: bool = False  # another tool made it both a file and a directory: one may fail, named
     needs_start: bool = False  # a restore refused once (integrity): a start gives it another chance
+    wiped: bool = False  # another tool emptied the bucket while the app had this file
+    last_deleted: set[bytes | None] = field(default_factory=set)  # what its last delete removed
 
     def allowed(self) -> set[bytes | None]:
         return {self.expect, *self.also}
@@ -157,7 +158,7 @@ class World:
             # a deletion the watcher may not have recorded before the kill may come back (§4.5)
             for pm in self.model.values():
                 if pm.deleted_on == h.i and time.monotonic() - pm.deleted_at < 1.5:
-                    pm.also |= pm.versions_before_delete  # type: ignore[attr-defined]
+                    pm.also |= pm.last_deleted
 
     def close(self) -> None:
         for h in self.hosts:
@@ -167,10 +168,7 @@ class World:
 
     # --- the app -----------------------------------------------------------------------------
     def pm(self, path: str) -> PathModel:
-        if path not in self.model:
-            self.model[path] = PathModel()
-            self.model[path].versions_before_delete = set()  # type: ignore[attr-defined]
-        return self.model[path]
+        return self.model.setdefault(path, PathModel())
 
     def up(self, h: Host) -> bool:
         return h.proc is not None and h.proc.alive()
@@ -216,7 +214,7 @@ class World:
         pm = self.pm(path)
         before = f.read_bytes()
         f.unlink()
-        pm.versions_before_delete = {before}  # type: ignore[attr-defined]
+        pm.last_deleted = {before}
         if not self.up(h):
             pm.also = {before}  # deleted while syncd was down: it may come back (SPEC §4.5)
         else:
@@ -241,7 +239,7 @@ class World:
         old, new = self.pm(path), self.pm(to)
         new.expect, new.also, new.owner = data, set(), old.owner
         new.versions.add(data)
-        old.versions_before_delete = {data}  # type: ignore[attr-defined]
+        old.last_deleted = {data}
         old.also = {data} if not self.up(h) else set()
         old.expect = GONE
         old.deleted_at, old.deleted_on = time.monotonic(), h.i
@@ -280,7 +278,7 @@ class World:
             if pm.expect is not None:
                 # SPEC §4.12: events must not empty the hosts; a later listing may upload the
                 # files again, or (shared) confirm the deletions
-                pm.wiped = True  # type: ignore[attr-defined]
+                pm.wiped = True
 
     def lose_host(self, h: Host) -> None:
         """The host's disk and ledger are lost (a container replaced): kill, wipe, start."""
@@ -512,7 +510,7 @@ class World:
             for path, pm in self.model.items():
                 have = tree.get(path)
                 allowed = pm.allowed()
-                if getattr(pm, "wiped", False):
+                if pm.wiped:
                     # the bucket was wiped: the events must not take it (checked now); a listing
                     # may then confirm the deletion or upload it again
                     allowed = allowed | ({GONE} if final else set())
@@ -625,9 +623,3 @@ class World:
             out.append(f"fresh resync: traceback: {res.stderr[-1500:]}")
         return out
 
-
-def health(h: Host) -> tuple[int, str]:
-    return http_get(f"http://127.0.0.1:{h.health}/healthz")
-
-
-__all__ = ["World", "Violation", "signal"]
