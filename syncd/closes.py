@@ -1,7 +1,8 @@
 """Files their writer has closed (`upload_on_close`, SPEC §4.1): uploaded at once, not after settling.
 
 The watcher records each close-after-write (inotify's IN_CLOSE_WRITE, watchdog's
-`FileClosedEvent`, or a file renamed into place) with the file's size and mtime at that moment:
+`FileClosedEvent`, a file renamed into place, or a file found in a new directory that nobody
+has open for writing, `syncd.leases`) with the file's size and mtime at that moment:
 "closed at this content". A worker then skips the `settle_seconds` wait for that row, but only
 while the file still has exactly that size and mtime. Anything written afterwards (by a
 descriptor still open, or a rewrite right after the close) changes the mtime, so the file is

@@ -28,7 +28,7 @@ from syncd.interrupt import unless_stopped
 from syncd.lazy import LazyRestore, oldest_upload
 from syncd.ledger import Ledger
 from syncd.lock import LedgerLock
-from syncd.pool import WorkerPool
+from syncd.pool import FRESH, WorkerPool
 from syncd.remote import open_remote
 from syncd.remote.base import RemoteError
 from syncd.restore import remove_live_temps, restored_bytes
@@ -268,7 +268,8 @@ class Daemon:
                     "ready: %d files restored%s; watching %s", engine.stats.restored,
                     f", {failed} failed (see `syncd status`)" if failed else "",
                     ", ".join(str(w.path) for w in cfg.watches))
-            self.pool = WorkerPool(ledger, engine.transfers.handle, cfg.workers, stop=self.stop, wake=engine.wake)
+            self.pool = WorkerPool(ledger, engine.transfers.handle, cfg.workers, stop=self.stop, wake=engine.wake,
+                                   fresh=FRESH)  # what the app just closed first (SPEC §4.1)
             self.pool.start(self._ops())
             self.lister = threading.Thread(target=self._list_remote, args=(engine,), name="syncd-listing",
                                            daemon=True)

@@ -9,6 +9,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,57 @@ def read_small(path: str | os.PathLike[str], limit: int) -> bytes | None:
     with open(path, "rb") as f:
         data = f.read(limit + 1)
     return data if len(data) <= limit else None
+
+
+class SizedBody:
+    """A file sent as a request body of exactly `size` bytes (its Content-Length), unchanged.
+
+    A file truncated while it is sent would give fewer bytes than the request announced, and the
+    store waits for the rest until the client's read timeout (60 s per attempt: a worker stuck,
+    and the file's next content behind it); one that grew would give more, which the store reads
+    as the start of the next request. Here a short read raises, and so does the last read when
+    the file's size is not `size` or its mtime moved since it was opened: the request is never
+    completed, so no store keeps a mixed content, whatever checksum it checks. After that,
+    `changed` is true and a rewind (a retry) raises too."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self._f = f
+        self._size = size
+        self._mtime_ns = os.fstat(f.fileno()).st_mtime_ns
+        self._left = size
+        self.changed = False
+
+    def _changed(self, why: str) -> FileChangedError:
+        self.changed = True
+        return FileChangedError(f"the file {why} while it was sent")
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self.changed:
+            raise self._changed("changed")
+        want = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._f.read(want)
+        if len(data) < want:
+            raise self._changed("shrank")
+        self._left -= len(data)
+        if want and not self._left:  # the last bytes: not sent if the file is another one by now
+            st = os.fstat(self._f.fileno())
+            if (st.st_size, st.st_mtime_ns) != (self._size, self._mtime_ns):
+                raise self._changed("changed")
+        return data
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if self.changed:
+            raise self._changed("changed")
+        at = self._f.seek(pos, whence)
+        self._left = max(0, self._size - at)
+        return at
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+class FileChangedError(OSError):
+    """A file's content changed while it was being sent (SizedBody)."""
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -558,19 +558,36 @@ class Ledger:
                 [(now, i) for i in ids])
 
     def claim(self, ops: tuple[str, ...], now: float, lease: float = 600.0, limit: int = 1,
-              batch_bytes: int = 0, share: int = 1) -> list[Row]:
+              batch_bytes: int = 0, share: int = 1, fresh: float = 0.0, fresh_only: bool = False,
+              max_size: int | None = None) -> list[Row]:
         """Atomically take due rows whose op is in `ops`: the first due row, then (up to `limit`
         rows in all, and no more than a `share`-th of what is due, so that `share` workers all
         get some) the next uploads or restores while their sizes add up to at most
         `batch_bytes`. Small files are claimed a few at a time (fewer write transactions); a
-        large file or a deletion is claimed alone."""
+        large file or a deletion is claimed alone.
+
+        Fresh uploads first (`fresh` seconds): those that became due and were queued within that
+        time, the newest first, ahead of older work by `due_at` (a catch-up backlog): what the
+        app has just closed is uploaded first (SPEC §4.1). `fresh_only`: no other rows;
+        `max_size`: no upload or restore larger than this."""
         marks = ",".join("?" for _ in ops)
+        sized = " AND (op NOT IN ('put','get') OR size IS NULL OR size<=?)" if max_size is not None else ""
+        size_args = [max_size] if max_size is not None else []
+        where = (f"WHERE state IN ('pending','failed','deleting') AND due_at<=? AND lease_until IS NULL "
+                 f"AND op IN ({marks}){sized}")
 
         def take(w: sqlite_utils.Database) -> list[Row]:
-            due = w.execute(
-                f"SELECT id, size, op FROM files WHERE state IN ('pending','failed','deleting') "
-                f"AND due_at<=? AND lease_until IS NULL AND op IN ({marks}) ORDER BY due_at LIMIT ?",
-                [now, *ops, limit * share]).fetchall()
+            want = limit * share
+            due: list[tuple[int, int | None, str]] = []
+            if fresh:  # a range of the due_at index (named: SQLite prefers files_state, the whole backlog)
+                due = w.execute(f"SELECT id, size, op FROM files INDEXED BY files_queue {where} AND op='put' "
+                                f"AND due_at>? AND queued_at>=? ORDER BY due_at DESC LIMIT ?",
+                                [now, *ops, *size_args, now - fresh, now - fresh, want]).fetchall()
+            if not fresh_only and len(due) < want:
+                taken = {r[0] for r in due}
+                rest = w.execute(f"SELECT id, size, op FROM files {where} ORDER BY due_at LIMIT ?",
+                                 [now, *ops, *size_args, want]).fetchall()
+                due += [r for r in rest if r[0] not in taken][:want - len(due)]
             fair = max(1, math.ceil(len(due) / share))
             ids: list[int] = []
             total = 0
@@ -657,11 +674,14 @@ class Ledger:
                 f"WHERE {' AND '.join(where)}", [now, now, *params])
             return cur.rowcount
 
-    def next_due(self, ops: tuple[str, ...]) -> float | None:
+    def next_due(self, ops: tuple[str, ...], after: float | None = None) -> float | None:
+        """When the next row for `ops` is due (`after`: the first one due later than that)."""
         marks = ",".join("?" for _ in ops)
+        later = " AND due_at>?" if after is not None else ""
         rows = self.query(
-            f"SELECT min(due_at) AS d FROM files WHERE state IN ('pending','failed','deleting') "
-            f"AND lease_until IS NULL AND op IN ({marks})", list(ops))
+            f"SELECT min(due_at) AS d FROM files{' INDEXED BY files_queue' if later else ''} "
+            f"WHERE state IN ('pending','failed','deleting') "
+            f"AND lease_until IS NULL AND op IN ({marks}){later}", [*ops, *([after] if after is not None else [])])
         return rows[0]["d"]
 
     def outstanding(self, ops: tuple[str, ...], include_failed: bool = False) -> int:

@@ -2,6 +2,11 @@
 
 Workers only talk through the ledger: they claim due rows atomically and write the outcome back.
 A `Wake` lets producers (the watcher, other workers) cut a worker's idle wait short.
+
+What the app has just closed goes first (SPEC §4.1; `fresh`, the daemon's pool): workers claim
+fresh uploads (due and queued within `FRESH` seconds, the newest first) before a catch-up
+backlog, and one more worker, the fresh lane, claims only fresh small uploads: a fresh small
+file never waits for a free worker behind large uploads in flight.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ IDLE_MAX = 1.0
 CLAIM_ROWS = 16  # small files are claimed several at a time: fewer ledger write transactions
 CLAIM_BYTES = 1024 * 1024  # ... as long as they add up to no more than this
 STOP_TIMEOUT = 10.0  # SPEC §4.10: in-flight transfers finish or are aborted within 10 s
+FRESH = 60.0  # seconds an upload counts as fresh once it is due (and since its change was seen)
 
 
 class Wake:
@@ -49,8 +55,10 @@ class Wake:
 class WorkerPool:
     def __init__(self, ledger: Ledger, handler: Callable[[Row], None], workers: int, *,
                  stop: threading.Event | None = None, wake: Wake | None = None,
-                 on_done: Callable[[Row], None] | None = None, lease: float = 900.0) -> None:
+                 on_done: Callable[[Row], None] | None = None, lease: float = 900.0,
+                 fresh: float = 0.0) -> None:
         self.ledger = ledger
+        self.fresh = fresh  # > 0: fresh uploads first, and a fresh lane (`start`)
         self.handler = handler
         self.n = workers
         self.stop = stop or threading.Event()
@@ -70,14 +78,14 @@ class WorkerPool:
         # a claimed batch of small files is sent all at once (syncd.lane): latency, not `workers`
         self.lane = Lane(lane_size(workers), on_exit=ledger.close_thread)
 
-    def _loop(self) -> None:
+    def _loop(self, fresh_lane: bool = False) -> None:
         attempt = 0
         try:
             while not self.stop.is_set() and not self._halt.is_set():
                 try:
                     if self._unreleased:
                         self._release_unfinished()
-                    if not self._turn():
+                    if not self._turn(fresh_lane):
                         return
                     attempt = 0
                 except LedgerError as e:
@@ -94,16 +102,23 @@ class WorkerPool:
         finally:
             self.ledger.close_thread()
 
-    def _turn(self) -> bool:
+    def _turn(self, fresh_lane: bool = False) -> bool:
         """Claim and handle one batch, or wait for work; False when a drain is done."""
         ledger = self.ledger
         self.last_loop = time.monotonic()
         seen = self.wake.seen()  # before looking at the queue: no wake-up after it is lost
-        ops = self.ops
-        # a fair share of what is due, up to CLAIM_ROWS: with few rows due, a second one
-        # is another worker's to take, not a wait behind this one
-        rows = ledger.claim(ops, time.time(), lease=self.lease, limit=CLAIM_ROWS,
-                            batch_bytes=CLAIM_BYTES, share=self.n) if ops else []
+        ops = tuple(op for op in self.ops if op == "put") if fresh_lane else self.ops
+        now = time.time()
+        if not ops:
+            rows = []
+        elif fresh_lane:  # fresh small uploads only: free whatever the other workers carry
+            rows = ledger.claim(ops, now, lease=self.lease, limit=CLAIM_ROWS, batch_bytes=CLAIM_BYTES,
+                                fresh=self.fresh, fresh_only=True, max_size=CLAIM_BYTES)
+        else:
+            # a fair share of what is due, up to CLAIM_ROWS: with few rows due, a second one
+            # is another worker's to take, not a wait behind this one
+            rows = ledger.claim(ops, now, lease=self.lease, limit=CLAIM_ROWS, batch_bytes=CLAIM_BYTES,
+                                share=self.n, fresh=self.fresh)
         if rows:
             try:
                 self.lane.run(rows, self._one)
@@ -117,7 +132,8 @@ class WorkerPool:
             return True
         if self.drain and not self.filling and ledger.outstanding(ops) == 0:
             return False
-        nd = ledger.next_due(ops) if ops else None
+        # the fresh lane leaves rows due already to the others: it waits for the next to come due
+        nd = (ledger.next_due(ops, after=now) if fresh_lane else ledger.next_due(ops)) if ops else None
         wait = IDLE_MAX if nd is None else min(IDLE_MAX, max(0.01, nd - time.time()))
         self.wake.wait_after(seen, wait)
         return True
@@ -174,6 +190,9 @@ class WorkerPool:
         self.filling = filling
         self._threads = [threading.Thread(target=self._loop, name=f"syncd-worker-{i}", daemon=True)
                          for i in range(self.n)]
+        if self.fresh and not drain:
+            self._threads.append(threading.Thread(target=self._loop, args=(True,), name="syncd-worker-fresh",
+                                                  daemon=True))
         for t in self._threads:
             t.start()
 

@@ -4,8 +4,9 @@ Handlers only put events on a queue (an exception in a handler silently kills wa
 thread, PITFALLS §1). The recorder batches them and decides from the file's *current* state
 (lstat), not from the event kind, so coalesced, reordered or synthetic events all end right:
 a path that exists is a change, one that does not is a deletion. New directories are walked
-(files written into them before their inotify watch existed are found). Queue overflows and
-observer errors trigger a full rescan.
+(files written into them before their inotify watch existed are found, and a read lease tells
+whether their writer has closed them already: syncd.leases). Queue overflows and observer
+errors trigger a full rescan.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from syncd.closes import Closes
 from syncd.config import Config, WatchConfig
 from syncd.errors import LedgerError
 from syncd.keys import name_problem, rel_path
+from syncd.leases import Leases
 from syncd.ledger import Ledger
 from syncd.patterns import Filter
 from syncd.pool import Wake
@@ -89,6 +91,8 @@ class Watcher:
         self.wake = wake or Wake()
         # files their writer closed, shared with the workers (upload_on_close, syncd.closes)
         self.closes = closes if closes is not None else Closes()
+        # files found in new directories, closed before their watch existed (no close event)
+        self.leases = Leases()
         self.q: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._observers: list = []
@@ -114,6 +118,10 @@ class Watcher:
         warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning,
                                 module=r"watchdog\.")
         self._check_inotify_limit()
+        if any(w.upload_on_close and w.observer == "native" for w in self.cfg.watches):
+            log.info("files closed in new directories before their watch existed: %s",
+                     self.leases.description if self.leases.usable else
+                     f"wait for settle_seconds (no kernel leases: {self.leases.description})")
         for w in self.cfg.watches:
             st = os.stat(w.path)
             self.root_ids[w.prefix] = (st.st_dev, st.st_ino)
@@ -274,7 +282,8 @@ class Watcher:
                 for entry in walk(top, filt, w.follow_symlinks, base=d, ancestors=above):
                     if entry.kind in (FILE, BAD_NAME):
                         files.pop(entry.path, None)
-                        self._seen(sc, entry, closed=entry.path in closed)
+                        entry, is_closed = self._whole(w, entry, entry.path in closed)
+                        self._seen(sc, entry, closed=is_closed)
             except OSError:
                 pass  # gone again already; its events follow
         for rel, fs_path in sorted(files.items()):
@@ -292,6 +301,17 @@ class Watcher:
                 if not os.path.lexists(w.path.joinpath(*row["path"].split("/"))):
                     sc.on_missing(row)
         return sc.flush() > 0
+
+    def _whole(self, w: WatchConfig, entry: Entry, closed: bool) -> tuple[Entry, bool]:
+        """A file found in a new directory: probably closed before the directory's watch
+        existed, so no close event comes for it. Closed if nobody writes it now (a read lease,
+        syncd.leases), with the size and mtime taken then; one still open gets its close event."""
+        if closed or entry.kind != FILE or not w.upload_on_close or w.observer != "native":
+            return entry, closed
+        st = self.leases.whole(w.path.joinpath(*entry.path.split("/")), follow_symlinks=w.follow_symlinks)
+        if st is None:
+            return entry, False
+        return Entry(path=entry.path, kind=FILE, size=st.st_size, mtime_ns=st.st_mtime_ns), True
 
     def _seen(self, sc: Scanner, entry: Entry, *, closed: bool = False) -> None:
         row = self.ledger.get(sc.watch.prefix, entry.path)

@@ -122,6 +122,30 @@ def test_a_claim_takes_a_fair_share_of_what_is_due_within_its_bytes(tmp_path):
     led.close()
 
 
+def test_fresh_uploads_are_claimed_before_a_backlog_and_the_fresh_lane_takes_only_small_ones(tmp_path):
+    import time
+
+    now = time.time()
+    led = Ledger(tmp_path / "l.db")
+    old = [{"watch": "w", "path": f"old{i:02}", "state": "pending", "op": "put", "due_at": now - 3600 + i,
+            "queued_at": now - 3600, "size": 10} for i in range(20)]
+    fresh = [{"watch": "w", "path": name, "state": "pending", "op": "put", "due_at": now - age, "queued_at": now - age,
+              "size": size} for name, age, size in (("big", 2.0, 50 << 20), ("new1", 1.0, 10), ("new2", 0.5, 10))]
+    led.upsert_many(old + fresh + [{"watch": "w", "path": "restore", "state": "pending", "op": "get",
+                                    "due_at": now - 1, "queued_at": now - 1, "size": 10}])
+
+    def take(**kw) -> list[str]:
+        return [r["path"] for r in led.claim(("put", "get"), now, limit=16, batch_bytes=1 << 20, **kw)]
+
+    # the fresh lane: fresh small uploads only, the newest first; never the backlog or a large file
+    assert take(fresh=60, fresh_only=True, max_size=1 << 20) == ["new2", "new1"]
+    assert take(fresh=60, fresh_only=True, max_size=1 << 20) == []
+    assert take(fresh=60) == ["big"]  # a large one alone, ahead of the backlog
+    assert take(fresh=60) == [f"old{i:02}" for i in range(16)]  # then the rest by due_at (fresh: uploads only)
+    assert led.next_due(("put",), after=now) is None  # nothing comes due later: the lane sleeps
+    led.close()
+
+
 def test_finish_does_not_overwrite_an_outside_change(tmp_path):
     import time
 

@@ -90,6 +90,8 @@ def test_units_say_what_the_readme_says() -> None:
         assert setting(unit, "Restart") == ["on-failure"]
         assert setting(unit, "WatchdogSec")
         assert setting(unit, "ExecReload") == ["/bin/kill -HUP $MAINPID"]  # SIGHUP = rescan in `run`
+        # a read lease on the app's files (syncd.leases): that capability and no other
+        assert setting(unit, "CapabilityBoundingSet") == setting(unit, "AmbientCapabilities") == ["CAP_LEASE"]
     assert setting("syncd-resync.service", "Type") == ["oneshot"]
     assert setting("syncd-resync.timer", "OnCalendar")
     for unit in ("syncd.service", "syncd@.service", "syncd-resync.service"):

@@ -31,7 +31,7 @@ from botocore.utils import determine_content_length, parse_timestamp
 from syncd import __version__
 from syncd.config import RemoteConfig
 from syncd.errors import ConfigError
-from syncd.fsutil import CHUNK, SMALL_FILE
+from syncd.fsutil import CHUNK, SMALL_FILE, SizedBody
 from syncd.lane import lane_size
 from syncd.remote import composite, multipart
 from syncd.remote.base import (
@@ -284,6 +284,7 @@ class S3Remote:
     def put(self, key: str, path: Path, *, size: int, sha256: str, mtime_ns: int,
             data: bytes | None = None) -> str | None:
         extra = self._extra(key, sha256, mtime_ns)
+        body: SizedBody | None = None
         try:
             if data is None and size > self.threshold:  # *larger* than the threshold, as rclone's upload_cutoff
                 if self.cfg.checksum == "sha256":
@@ -299,11 +300,15 @@ class S3Remote:
             if data is not None:  # already read (a small file): sent from memory
                 resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
             else:
-                with open(path, "rb") as body:
+                with open(path, "rb") as f:
+                    body = SizedBody(f, size)  # rewritten meanwhile: no hung or mixed request
                     resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=size,
                                                   **extra)
             return str(resp.get("ETag", "")).strip('"') or None
         except Exception as e:
+            if body is not None and body.changed:  # rewritten while sent: it settles or its close comes
+                raise RemoteError(INTEGRITY, f"s3:PutObject {key}: {path} changed while it was sent",
+                                  code="FileChanged", action="s3:PutObject") from e
             raise map_error(e, "s3:PutObject", key) from e
 
     def _multipart(self, key: str, path: Path, size: int, extra: dict[str, Any]) -> str | None:

@@ -8,6 +8,7 @@ durable in time: without it these tests time out.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -109,6 +110,57 @@ def test_a_file_appended_in_chunks_with_closes_between_ends_with_its_final_conte
         # rewritten right after: the last content wins again
         path.write_bytes(b"rewritten")
         wait_for(lambda: remote_bytes(tmp_path, "log.txt") == b"rewritten", 60, what="the rewrite uploaded")
+
+
+SETTLE_LONG = 30.0  # a settle no deadline below reaches: only a close (or a lease, syncd.leases) is in time
+
+
+APP = """
+import os, sys
+root = sys.argv[1]
+for i, rel in enumerate(sys.argv[2:]):
+    path = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:  # no pause: made, written and closed at once
+        f.write(os.urandom(100 + i))
+"""
+
+
+def test_files_closed_in_just_made_directories_are_uploaded_without_settling(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The app's pattern: a directory per upload (or per day), made and written at once. The
+    close usually happens before the directory's inotify watch exists (PITFALLS §10): the
+    watcher asks the kernel (a read lease) whether anyone still writes each file it finds."""
+    rels = [f"one{i:02d}/f.bin" if i % 2 else f"day{i:02d}/u{i:02d}/f.bin" for i in range(20)]  # 1 and 2 levels
+    caplog.set_level(logging.INFO, logger="syncd.watcher")
+    with running(config(tmp_path, settle=SETTLE_LONG)) as d:
+        wait_for(lambda: ready(d), 30, what="ready")
+        # the app is another process: its writes do not wait for this one's threads (the GIL)
+        subprocess.run([sys.executable, "-c", APP, str(tmp_path / "up"), *rels], check=True, timeout=60)
+        files = {rel: (tmp_path / "up" / rel).read_bytes() for rel in rels}
+        wait_for(lambda: all(remote_bytes(tmp_path, rel) == data for rel, data in files.items()), 10, 0.1,
+                 f"all 20 files of new directories in the remote well before settle_seconds ({SETTLE_LONG} s)")
+        assert d.watcher is not None and d.watcher.leases.granted > 0
+    # the method, named once at the start
+    lines = [r.getMessage() for r in caplog.records if "new directories" in r.getMessage()]
+    assert len(lines) == 1 and "before their watch existed: kernel read leases (F_SETLEASE" in lines[0], lines
+
+
+def test_a_file_opened_before_its_new_directory_was_watched_is_uploaded_when_closed(tmp_path: Path) -> None:
+    """Opened for writing before the watch existed, closed after: the lease is refused (a writer
+    holds it), and the close that follows is reported by the watch made meanwhile."""
+    with running(config(tmp_path, settle=SETTLE_LONG)) as d:
+        wait_for(lambda: ready(d), 30, what="ready")
+        target = tmp_path / "up" / "late" / "deep" / "held.bin"
+        os.makedirs(target.parent)
+        with open(target, "wb") as f:
+            f.write(b"first part ")
+            f.flush()
+            # the watcher has walked the new directories and found the file still open
+            wait_for(lambda: d.ledger.get("up", "late/deep/held.bin") is not None, 10, what="the file queued")
+            f.write(b"and the rest")
+        wait_for(lambda: remote_bytes(tmp_path, "late/deep/held.bin") == b"first part and the rest", 10, 0.1,
+                 "the content at its close, well before settle_seconds")
 
 
 HOLDER = r'''
