@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -429,3 +430,20 @@ def test_restored_files_follow_the_umask_so_the_app_group_can_read_them(tmp_path
     assert p.returncode == 0, p.stderr
     assert (root / "a" / "photo.jpg").stat().st_mode & 0o777 == 0o660
     assert (root / "a").stat().st_mode & 0o777 == 0o770
+
+
+def test_a_reload_rescan_is_logged_at_info_not_warning(tmp_path: Path) -> None:
+    """`systemctl reload syncd` (SIGHUP) is an operator's request, not a problem: at WARNING it
+    showed in every `journalctl -p warning` (issue 23)."""
+    config = write_config(tmp_path / "syncd.toml", remote={"url": f"file://{tmp_path / 'remote'}"},
+                          watches=[{"path": str(tmp_path / "uploads"), "prefix": "uploads"}],
+                          syncd={"ledger": str(tmp_path / "l.db"), "health_listen": ""})
+    d = DaemonProc(config, tmp_path / "l.db", tmp_path / "daemon.log").start()
+    try:
+        d.wait_ready()
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: "rescan requested: SIGHUP" in d.log() or not d.alive(), 60, what="the rescan's line")
+    finally:
+        d.stop()
+    line = next(x for x in d.log().splitlines() if "rescan requested: SIGHUP" in x)
+    assert " INFO " in line and " WARNING " not in line, line
