@@ -7,6 +7,7 @@ datagram at the moment it arrives (READY=1 only once every file is back on disk)
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -90,7 +91,7 @@ def test_units_say_what_the_readme_says() -> None:
         assert setting(unit, "NotifyAccess") == ["main"]
         assert setting(unit, "Restart") == ["on-failure"]
         assert setting(unit, "WatchdogSec")
-        assert setting(unit, "ExecReload") == ["/bin/kill -HUP $MAINPID"]  # SIGHUP = rescan in `run`
+        assert len(setting(unit, "ExecReload")) == 1  # SIGHUP = rescan in `run` (tested below)
     assert setting("syncd-resync.service", "Type") == ["oneshot"]
     assert setting("syncd-resync.timer", "OnCalendar")
     for unit in ("syncd.service", "syncd@.service", "syncd-resync.service"):
@@ -100,6 +101,24 @@ def test_units_say_what_the_readme_says() -> None:
         assert setting(unit, "ReadWritePaths")
         assert setting(unit, "NoNewPrivileges") == ["yes"]
         assert setting(unit, "PrivateTmp") == ["yes"]
+
+
+def test_the_reload_sends_sighup_with_the_shell_alone() -> None:
+    """Issue 23: `systemctl reload syncd` ran /bin/kill, which a minimal Debian (debootstrap
+    minbase, container images) lacks: 203/EXEC, "Reload failed". /bin/sh is always there and
+    its built-in kill needs nothing on PATH. systemd puts the main PID in ${MAINPID}."""
+    for unit in ("syncd.service", "syncd@.service"):
+        [reload] = setting(unit, "ExecReload")
+        argv = shlex.split(reload)
+        assert argv[0] == "/bin/sh", reload
+        victim = subprocess.Popen(["sleep", "60"])
+        try:
+            argv = [a.replace("${MAINPID}", str(victim.pid)) for a in argv]
+            subprocess.run(argv, env={}, check=True, timeout=10)  # no PATH: the built-in kill only
+            assert victim.wait(10) == -signal.SIGHUP
+        finally:
+            victim.kill()
+            victim.wait()
 
 
 def test_the_start_timeout_is_finite_and_what_each_extension_gives() -> None:
