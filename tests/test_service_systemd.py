@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -119,6 +120,64 @@ def test_the_reload_sends_sighup_with_the_shell_alone() -> None:
         finally:
             victim.kill()
             victim.wait()
+
+
+def test_the_service_config_has_absolute_paths_the_units_can_write() -> None:
+    """Issue 23: the README installed syncd.example.toml, whose `file://./demo/remote` became
+    /etc/syncd/demo/remote, which the hardened unit cannot write ("activating" for ever). The
+    installed config is the service's own: the ledger in StateDirectory=, every watch in the
+    shipped ReadWritePaths= (the "-" lets syncd say that one is missing), nothing relative."""
+    from syncd.config import load_config
+
+    cfg = load_config(UNITS_DIR / "syncd.toml")
+    assert cfg.ledger == Path("/var/lib") / setting("syncd.service", "StateDirectory")[0] / "ledger.db"
+    assert cfg.remote.url.startswith("s3://")  # a placeholder the README says to set
+    for unit in ("syncd.service", "syncd-resync.service"):
+        writable = {p.lstrip("-") for v in setting(unit, "ReadWritePaths") for p in v.split()}
+        assert {str(w.path) for w in cfg.watches} <= writable, unit
+        assert all(v.startswith("-") for v in setting(unit, "ReadWritePaths")), unit
+    raw = tomllib.loads((UNITS_DIR / "syncd.toml").read_text())  # as written, before resolving
+    assert all(p.startswith("/") for p in [raw["syncd"]["ledger"], *(w["path"] for w in raw["watch"])])
+    readme = (UNITS_DIR / "README.md").read_text()
+    assert "install -m 0640 -g syncd packaging/systemd/syncd.toml /etc/syncd/syncd.toml" in readme
+    assert "syncd.example.toml /etc/syncd" not in readme
+    # the resync unit writes the same paths: the README links one drop-in into both
+    assert "ln -sf ../syncd.service.d/watches.conf /etc/systemd/system/syncd-resync.service.d/" in readme
+    # `check` as the service runs it: its user and its credentials
+    assert ("systemd-run --pipe --wait --quiet --uid=syncd -p EnvironmentFile=-/etc/syncd/syncd.env \\\n"
+            "    /opt/syncd/bin/syncd --config /etc/syncd/syncd.toml check") in readme
+    assert setting("syncd.service", "EnvironmentFile") == ["-/etc/syncd/syncd.env"]
+
+
+def test_the_readme_quotes_what_run_logs_for_a_remote_it_cannot_write(tmp_path: Path) -> None:
+    """Issue 23: the README quoted `remote file:///... cannot be used: ... not writable`, a line
+    syncd never printed. The quote must be found in what `run` logs."""
+    readme = (UNITS_DIR / "README.md").read_text()
+    quote = "remote not usable: AccessDenied: remote directory /srv/syncd-remote is not writable"
+    assert f"`{quote}`" in readme.replace("\n", " ")
+    remote = tmp_path / "remote"
+    remote.mkdir(mode=0o755)
+    cmd = [sys.executable, "-m", "syncd", "--config", "CONFIG", "run"]
+    if os.geteuid() == 0:  # root writes anywhere: drop the capability, give the directory away
+        if not shutil.which("setpriv"):
+            pytest.skip("setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE")
+        os.chown(remote, 65534, 65534)
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", *cmd]
+    remote.chmod(0o555)
+    config = write_config(tmp_path / "syncd.toml", remote={"url": f"file://{remote}"},
+                          watches=[{"path": str(tmp_path / "uploads"), "prefix": "uploads"}],
+                          syncd={"ledger": str(tmp_path / "l.db"), "health_listen": ""})
+    cmd[cmd.index("CONFIG")] = str(config)
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: "remote not usable" in log.read_text() or p.poll() is not None, 60,
+                     what="the remote's line")
+        finally:
+            p.terminate()
+            p.wait(15)
+    assert quote.replace("/srv/syncd-remote", str(remote)) in log.read_text(), log.read_text()
 
 
 def test_the_start_timeout_is_finite_and_what_each_extension_gives() -> None:
