@@ -210,7 +210,7 @@ def run(c: Ctx) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, lambda *_: daemon.request_rescan("SIGHUP"))
+        signal.signal(signal.SIGHUP, lambda *_: daemon.request_rescan("SIGHUP", asked=True))
     sys.exit(daemon.run())
 
 

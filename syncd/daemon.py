@@ -84,10 +84,12 @@ class Daemon:
         self._listed_before_ready: set[str] = set()
 
     # --- requests from other threads -------------------------------------------------------
-    def request_rescan(self, reason: str) -> None:
+    def request_rescan(self, reason: str, *, asked: bool = False) -> None:
+        """`asked`: an operator's request (SIGHUP, the page's button) is INFO; any other reason
+        is something that went wrong (WARNING), and only that belongs in `journalctl -p warning`."""
         with self._rescan_lock:
             if self._rescan_reason is None:
-                log.warning("full rescan requested: %s", reason)
+                log.log(logging.INFO if asked else logging.WARNING, "full rescan requested: %s", reason)
                 self._rescan_reason = reason
 
     # --- health (for /healthz and the systemd watchdog) ------------------------------------

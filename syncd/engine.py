@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from syncd.closes import Closes
 from syncd.config import Config, WatchConfig
-from syncd.errors import Interrupted, LedgerError, RemoteUnavailable
+from syncd.errors import ConfigError, Interrupted, LedgerError, RemoteUnavailable
 from syncd.fsutil import make_dirs
 from syncd.interrupt import unless_stopped
 from syncd.keys import join_key
@@ -124,7 +124,13 @@ class Engine:
         for w in self.cfg.watches:
             if create:
                 # a fresh container starts without its upload directory (SPEC §2)
-                make_dirs(w.path)
+                try:
+                    make_dirs(w.path)
+                except OSError as e:  # a setup error, not a crash (a hardened unit's read-only /srv)
+                    raise ConfigError(
+                        f"watch {w.prefix}: {w.path} is missing and cannot be created: {e.strerror or e}; "
+                        f"create it for syncd's user (under systemd before the unit starts: "
+                        f"packaging/systemd/README.md)") from e
                 self.ledger.ensure_watch(w.prefix, str(w.path))
         if create:
             self.adopt_remote()

@@ -266,7 +266,7 @@ class Console:
             n = d.ledger.requeue_failed()
             d.engine.wake.set()
             return f"requeued={n}"
-        d.request_rescan("status page")
+        d.request_rescan("status page", asked=True)
         return "rescan=1"
 
     def post(self, h: Handler) -> None:

@@ -191,6 +191,24 @@ def test_read_only_ledger_directory_is_reported_as_unwritable_not_corrupt(tmp_pa
     assert "corrupt" not in line and "mv " not in line
 
 
+def test_a_watch_that_cannot_be_created_is_one_line_exit_2_not_an_internal_error(tmp_path):
+    """Issue 23: under the hardened unit (ProtectSystem=strict) a missing watch cannot be
+    created; `run` said "internal error: OSError" and exit 1, restarted every 5 s. It is a
+    setup error: one line naming the watch and what to do, exit 2 (not restarted)."""
+    cfg, ledger, _ = file_env(tmp_path, 1)
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    give_to_nobody(ro)
+    ro.chmod(0o555)
+    watch = ro / "app" / "uploads"
+    cfg.write_text(cfg.read_text().replace(f'"{tmp_path / "up"}"', f'"{watch}"'))
+    r = run(without_dac(syncd_cmd(cfg, "run")))
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    line = one_line_error(r.stderr)
+    assert "internal error" not in line, line
+    assert f"{watch}" in line and "cannot be created" in line and "Permission denied" in line, line
+
+
 # --- finding 3: the lock file -----------------------------------------------------------------------
 
 def test_lock_file_that_cannot_be_created_is_one_line_exit_2(tmp_path):

@@ -7,13 +7,16 @@ datagram at the moment it arrives (READY=1 only once every file is back on disk)
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -89,7 +92,7 @@ def test_units_say_what_the_readme_says() -> None:
         assert setting(unit, "NotifyAccess") == ["main"]
         assert setting(unit, "Restart") == ["on-failure"]
         assert setting(unit, "WatchdogSec")
-        assert setting(unit, "ExecReload") == ["/bin/kill -HUP $MAINPID"]  # SIGHUP = rescan in `run`
+        assert len(setting(unit, "ExecReload")) == 1  # SIGHUP = rescan in `run` (tested below)
         # a read lease on the app's files (syncd.leases): that capability and no other
         assert setting(unit, "CapabilityBoundingSet") == setting(unit, "AmbientCapabilities") == ["CAP_LEASE"]
     assert setting("syncd-resync.service", "Type") == ["oneshot"]
@@ -101,6 +104,82 @@ def test_units_say_what_the_readme_says() -> None:
         assert setting(unit, "ReadWritePaths")
         assert setting(unit, "NoNewPrivileges") == ["yes"]
         assert setting(unit, "PrivateTmp") == ["yes"]
+
+
+def test_the_reload_sends_sighup_with_the_shell_alone() -> None:
+    """Issue 23: `systemctl reload syncd` ran /bin/kill, which a minimal Debian (debootstrap
+    minbase, container images) lacks: 203/EXEC, "Reload failed". /bin/sh is always there and
+    its built-in kill needs nothing on PATH. systemd puts the main PID in ${MAINPID}."""
+    for unit in ("syncd.service", "syncd@.service"):
+        [reload] = setting(unit, "ExecReload")
+        argv = shlex.split(reload)
+        assert argv[0] == "/bin/sh", reload
+        victim = subprocess.Popen(["sleep", "60"])
+        try:
+            argv = [a.replace("${MAINPID}", str(victim.pid)) for a in argv]
+            subprocess.run(argv, env={}, check=True, timeout=10)  # no PATH: the built-in kill only
+            assert victim.wait(10) == -signal.SIGHUP
+        finally:
+            victim.kill()
+            victim.wait()
+
+
+def test_the_service_config_has_absolute_paths_the_units_can_write() -> None:
+    """Issue 23: the README installed syncd.example.toml, whose `file://./demo/remote` became
+    /etc/syncd/demo/remote, which the hardened unit cannot write ("activating" for ever). The
+    installed config is the service's own: the ledger in StateDirectory=, every watch in the
+    shipped ReadWritePaths= (the "-" lets syncd say that one is missing), nothing relative."""
+    from syncd.config import load_config
+
+    cfg = load_config(UNITS_DIR / "syncd.toml")
+    assert cfg.ledger == Path("/var/lib") / setting("syncd.service", "StateDirectory")[0] / "ledger.db"
+    assert cfg.remote.url.startswith("s3://")  # a placeholder the README says to set
+    for unit in ("syncd.service", "syncd-resync.service"):
+        writable = {p.lstrip("-") for v in setting(unit, "ReadWritePaths") for p in v.split()}
+        assert {str(w.path) for w in cfg.watches} <= writable, unit
+        assert all(v.startswith("-") for v in setting(unit, "ReadWritePaths")), unit
+    raw = tomllib.loads((UNITS_DIR / "syncd.toml").read_text())  # as written, before resolving
+    assert all(p.startswith("/") for p in [raw["syncd"]["ledger"], *(w["path"] for w in raw["watch"])])
+    readme = (UNITS_DIR / "README.md").read_text()
+    assert "install -m 0640 -g syncd packaging/systemd/syncd.toml /etc/syncd/syncd.toml" in readme
+    assert "syncd.example.toml /etc/syncd" not in readme
+    # the resync unit writes the same paths: the README links one drop-in into both
+    assert "ln -sf ../syncd.service.d/watches.conf /etc/systemd/system/syncd-resync.service.d/" in readme
+    # `check` as the service runs it: its user and its credentials
+    assert ("systemd-run --pipe --wait --quiet --uid=syncd -p EnvironmentFile=-/etc/syncd/syncd.env \\\n"
+            "    /opt/syncd/bin/syncd --config /etc/syncd/syncd.toml check") in readme
+    assert setting("syncd.service", "EnvironmentFile") == ["-/etc/syncd/syncd.env"]
+
+
+def test_the_readme_quotes_what_run_logs_for_a_remote_it_cannot_write(tmp_path: Path) -> None:
+    """Issue 23: the README quoted `remote file:///... cannot be used: ... not writable`, a line
+    syncd never printed. The quote must be found in what `run` logs."""
+    readme = (UNITS_DIR / "README.md").read_text()
+    quote = "remote not usable: AccessDenied: remote directory /srv/syncd-remote is not writable"
+    assert f"`{quote}`" in readme.replace("\n", " ")
+    remote = tmp_path / "remote"
+    remote.mkdir(mode=0o755)
+    cmd = [sys.executable, "-m", "syncd", "--config", "CONFIG", "run"]
+    if os.geteuid() == 0:  # root writes anywhere: drop the capability, give the directory away
+        if not shutil.which("setpriv"):
+            pytest.skip("setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE")
+        os.chown(remote, 65534, 65534)
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", *cmd]
+    remote.chmod(0o555)
+    config = write_config(tmp_path / "syncd.toml", remote={"url": f"file://{remote}"},
+                          watches=[{"path": str(tmp_path / "uploads"), "prefix": "uploads"}],
+                          syncd={"ledger": str(tmp_path / "l.db"), "health_listen": ""})
+    cmd[cmd.index("CONFIG")] = str(config)
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: "remote not usable" in log.read_text() or p.poll() is not None, 60,
+                     what="the remote's line")
+        finally:
+            p.terminate()
+            p.wait(15)
+    assert quote.replace("/srv/syncd-remote", str(remote)) in log.read_text(), log.read_text()
 
 
 def test_the_start_timeout_is_finite_and_what_each_extension_gives() -> None:
@@ -431,3 +510,20 @@ def test_restored_files_follow_the_umask_so_the_app_group_can_read_them(tmp_path
     assert p.returncode == 0, p.stderr
     assert (root / "a" / "photo.jpg").stat().st_mode & 0o777 == 0o660
     assert (root / "a").stat().st_mode & 0o777 == 0o770
+
+
+def test_a_reload_rescan_is_logged_at_info_not_warning(tmp_path: Path) -> None:
+    """`systemctl reload syncd` (SIGHUP) is an operator's request, not a problem: at WARNING it
+    showed in every `journalctl -p warning` (issue 23)."""
+    config = write_config(tmp_path / "syncd.toml", remote={"url": f"file://{tmp_path / 'remote'}"},
+                          watches=[{"path": str(tmp_path / "uploads"), "prefix": "uploads"}],
+                          syncd={"ledger": str(tmp_path / "l.db"), "health_listen": ""})
+    d = DaemonProc(config, tmp_path / "l.db", tmp_path / "daemon.log").start()
+    try:
+        d.wait_ready()
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: "rescan requested: SIGHUP" in d.log() or not d.alive(), 60, what="the rescan's line")
+    finally:
+        d.stop()
+    line = next(x for x in d.log().splitlines() if "rescan requested: SIGHUP" in x)
+    assert " INFO " in line and " WARNING " not in line, line

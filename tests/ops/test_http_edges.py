@@ -49,7 +49,7 @@ class Site:
         self.rescans: list[str] = []
         self.daemon = SimpleNamespace(
             cfg=self.cfg, ledger=self.ledger, stop=threading.Event(), health=lambda: (True, "ok"),
-            last_reconcile_at=None, request_rescan=self.rescans.append,
+            last_reconcile_at=None, request_rescan=lambda reason, **_: self.rescans.append(reason),
             engine=SimpleNamespace(remote=self.remote, stats=Stats(), wake=Wake()))
         self.endpoint = HttpEndpoint(self.daemon, listen)  # type: ignore[arg-type]
         self.endpoint.start(self.daemon)  # type: ignore[arg-type]

@@ -62,7 +62,7 @@ class FakeDaemon:
     def health(self) -> tuple[bool, str]:
         return False, "a pending file has waited 9999s (max_backlog_age) <b>"
 
-    def request_rescan(self, reason: str) -> None:
+    def request_rescan(self, reason: str, *, asked: bool = False) -> None:
         self.rescans.append(reason)
 
     def fail(self, path: str, error: str) -> None:
