@@ -5,7 +5,8 @@ directly or through an SNS topic (one queue per host subscribed to the topic: th
 lets several hosts share a prefix). This module only turns messages into `Change`s and hands
 each to a callback that records it durably in the ledger; the message is deleted only after
 that callback returned, so a crash at any moment loses nothing (the message comes back after
-the queue's visibility timeout). The periodic listing stays the safety net: a lost, late or
+the queue's visibility timeout). Local deletions go through the mass-deletion guard
+(`syncd.guard`). The periodic listing stays the safety net: a lost, late or
 misconfigured queue only slows convergence down.
 """
 
@@ -255,9 +256,9 @@ class EventConsumer:
 
 def start(cfg: Config, ledger: Ledger, engine: Engine, stop: threading.Event) -> EventConsumer:
     """The daemon's consumer of `events_queue`: each change goes through the listing's rules for
-    one key (`reconcile.apply_remote_change`, durable in the ledger when it returns), then the
+    one key (`changes.apply_remote_change`, durable in the ledger when it returns), then the
     workers are woken. Own uploads show the etag the ledger already has and cost nothing."""
-    from syncd.reconcile import apply_remote_change, watch_for_key
+    from syncd.changes import apply_remote_change, watch_for_key
 
     def apply(change: Change) -> None:
         if change.bucket != cfg.remote.bucket:
@@ -273,7 +274,7 @@ def start(cfg: Config, ledger: Ledger, engine: Engine, stop: threading.Event) ->
         watch, rel = found
         info = (ObjectInfo(key=change.key, size=change.size, etag=change.etag) if change.created else None)
         kind = apply_remote_change(ledger, cfg, watch, rel, info, seen_at=change.at or time.time(),
-                                   remote=engine.remote)
+                                   remote=engine.remote, guard=engine.guard)
         if kind is not None:
             log.debug("event %s %s: %s", "created" if change.created else "removed", change.key, kind)
             engine.wake.set()

@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from syncd.errors import LedgerCorrupt, LedgerError, LedgerUnwritable
+from syncd.guard import PAUSED
 
 SCHEMA_VERSION = 3
 STATES = ("pending", "uploading", "synced", "failed", "deleting", "deleted")
@@ -646,11 +647,12 @@ class Ledger:
         return rows[0]["d"]
 
     def outstanding(self, ops: tuple[str, ...], include_failed: bool = False) -> int:
-        """Rows with work left (queued or in flight) for `ops`."""
+        """Rows with work left (queued or in flight) for `ops`; local deletions paused by the
+        mass-deletion guard have none until a listing or `syncd retry --deletes` (syncd.guard)."""
         states = "'pending','uploading','deleting'" + (",'failed'" if include_failed else "")
         marks = ",".join("?" for _ in ops)
-        return self.query(f"SELECT count(*) AS n FROM files WHERE op IN ({marks}) AND state IN ({states})",
-                          list(ops))[0]["n"]
+        return self.query(f"SELECT count(*) AS n FROM files WHERE op IN ({marks}) AND state IN ({states}) "
+                          f"AND due_at<?", [*ops, PAUSED])[0]["n"]
 
     def find_remote_copy(self, sha256: str, exclude_id: int) -> Row | None:
         """Another row whose key holds this content: a server-side copy source (renames, duplicates)."""
