@@ -2,6 +2,8 @@
 `syncd.guard`): driven through the consumer's own handler with a queue the test fills, against
 moto's S3 server, one step at a time (no daemon, no timing).
 
+- an event that meets its path busy (a worker holds the row) is never dropped: the path is
+  compared with the remote once it is free, and the last version wins;
 - remote deletion events that would remove most of a watch's files delete nothing locally: they
   pause until a listing judges them (an empty one: nothing deleted, uploaded again; one that
   still holds other objects: confirmed) or `syncd retry --deletes` releases them.
@@ -119,6 +121,31 @@ def synced(h: HostB, files: dict[str, bytes]) -> None:
     h.engine.drain(UPLOAD_OPS)
     assert {r["path"]: r["state"] for r in h.ledger.query("SELECT path, state FROM files")} == \
         dict.fromkeys(files, "synced")
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+def test_an_event_that_meets_its_path_being_restored_is_applied_once_the_restore_ends(host: HostB) -> None:
+    h = host
+    root = h.cfg.watches[0].path
+    synced(h, {"doc.txt": b"version 1"})
+    h.put("doc.txt", b"version 2 (host a)")
+    h.queue.notify(f"{h.key_base}/doc.txt", b"version 2 (host a)")
+    h.receive()
+    claimed = h.ledger.claim(("get",), now=time.time())  # a worker starts replacing doc.txt with version 2
+    assert [r["path"] for r in claimed] == ["doc.txt"]
+    # host a writes again; the event arrives while the worker still holds the path (its GET
+    # started before that PUT: it brings version 2)
+    h.queue.notify(f"{h.key_base}/doc.txt", b"version 3 (host a)")
+    h.receive()
+    assert h.queue.deleted == h.queue.sent  # recorded in the ledger: the message is done with
+    h.engine.transfers.handle(claimed[0])
+    assert (root / "doc.txt").read_bytes() == b"version 2 (host a)"
+    h.put("doc.txt", b"version 3 (host a)")
+    # the path is free: the next turn of the consumer applies what waited for it
+    h.receive()
+    h.engine.drain(("get",))
+    assert (root / "doc.txt").read_bytes() == b"version 3 (host a)"
+    assert h.ledger.get("uploads", "doc.txt")["state"] == "synced"
 
 
 @pytest.mark.parametrize("store", ["moto_server"], indirect=True)
