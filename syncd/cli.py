@@ -387,7 +387,7 @@ def iam_policy(c: Ctx) -> None:
 
 @cli.command()
 @click.option("--all", "all_", is_flag=True, help="every failed file (the default)")
-@click.option("--deletes", is_flag=True, help="release remote deletions paused by max_deletes")
+@click.option("--deletes", is_flag=True, help="release deletions paused by max_deletes or by mass remote deletions")
 @click.argument("paths", nargs=-1)
 @pass_ctx
 def retry(c: Ctx, all_: bool, deletes: bool, paths: tuple[str, ...]) -> None:
@@ -402,11 +402,13 @@ def retry(c: Ctx, all_: bool, deletes: bool, paths: tuple[str, ...]) -> None:
     ledger = Ledger(cfg.ledger, config=cfg.path)
     try:
         if deletes:
-            was = ledger.get_meta("deletes_paused")
-            ledger.set_meta("deletes_released_at", str(time.time()))
-            ledger.set_meta("deletes_paused", None)
+            from syncd.guard import release
+
+            was, local = release(ledger)
             click.echo(f"remote deletions released (were paused: {was})" if was else
                        "remote deletions were not paused")
+            if local:
+                click.echo(f"released {local} local deletions that remote deletion events had paused")
             if not paths and not all_:
                 return
         n = 0

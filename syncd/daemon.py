@@ -8,8 +8,8 @@ READY -> workers upload the catch-up and every later change (with `lazy_restore`
 before the restore, which drains behind it: `syncd.lazy`). The listing thread lists the remote
 right after READY (READY never waits for it when the ledger knows the remote) and then every
 `remote_rescan_interval` (SPEC §3). The main thread supervises: rescans (periodic, or after a
-watcher overflow/error), the deletion cap, readiness and health. Remote problems never end the
-daemon; they are retried.
+watcher overflow/error), the deletion cap (`syncd.guard`), readiness and health. Remote
+problems never end the daemon; they are retried.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 STOP_TIMEOUT = 10.0
 TICK = 0.5
-DELETE_WINDOW = 60.0
 LEDGER_RETRY_MAX = 30.0  # seconds between tries of a ledger that cannot be opened, at most
 NO_DELETE_OPS = ("put", "get", "tomb")
 ALL_OPS = ("get", *UPLOAD_OPS, *LOCAL_DELETE_OPS)
@@ -64,7 +63,6 @@ class Daemon:
         self.lazy: LazyRestore | None = None  # lazy_restore: the restore queue behind READY
         self._rescan_reason: str | None = None
         self._rescan_lock = threading.Lock()
-        self._pause_lock = threading.Lock()
         self.tick = time.monotonic()
         self.working = False  # a long startup restore or rescan is progress, not a stuck loop
         self.last_reconcile_ok: bool | None = None
@@ -108,9 +106,9 @@ class Daemon:
         if self.watcher.down:
             return False, "; ".join(self.watcher.down.values())
         assert self.ledger is not None and self.engine is not None
-        paused = self.ledger.get_meta("deletes_paused")
+        paused = self.engine.guard.health()
         if paused:
-            return False, f"deletions paused ({paused}); release with `syncd retry --deletes`"
+            return False, paused
         stats = self.engine.stats
         if stats.remote_fail_since and now - stats.remote_fail_since > self.cfg.max_backlog_age:
             return False, (f"remote failing for {now - stats.remote_fail_since:.0f}s: "
@@ -228,9 +226,8 @@ class Daemon:
         cfg, ledger = self.cfg, self.ledger
         remote = open_remote(cfg)
         self.engine = engine = Engine(cfg, ledger, remote, oneshot=False, stop=self.stop)
-        engine.transfers.delete_gate = self.deletes_allowed
+        engine.transfers.delete_gate = engine.guard.allowed
         engine.stats.on_remote = self._remote_changed
-        engine.on_too_many_deletes = self._pause_deletes
         ledger.set_meta("ready", "0")
         ledger.set_meta("startup_restore", None)  # of the previous start
         ledger.set_meta("remote_error", None)
@@ -538,7 +535,7 @@ class Daemon:
                 raise
             if self._next_rescan is not None:
                 self._next_rescan = time.monotonic() + self.cfg.rescan_interval
-        self._check_delete_rate()
+        self.engine.guard.check_rate()
         if self.lazy is not None and self.lazy.finished():
             self._reconciled(self.engine)
         ops = self._ops()
@@ -580,39 +577,14 @@ class Daemon:
                 log.error("rescan of %s failed: %s", w.path, e)
                 ok = False
                 continue
-            remote_deletions = stats.deletions if w.on_delete != "keep" else 0
-            if remote_deletions > self.cfg.max_deletes:
-                self._pause_deletes(f"{remote_deletions} deletions in one rescan of {w.prefix}")
+            self.engine.guard.after_rescan(w.prefix, stats.deletions if w.on_delete != "keep" else 0)
         self.engine.wake.set()
         self._reconciled(self.engine, ok)
 
     def deletes_allowed(self) -> bool:
-        """Asked by a worker before each remote deletion, so the max_deletes cap holds even when
-        workers delete faster than the supervisor ticks (SPEC §4.5)."""
-        assert self.ledger is not None
-        self._check_delete_rate()
-        return not self.ledger.get_meta("deletes_paused")
-
-    def _check_delete_rate(self) -> None:
-        """More than max_deletes remote deletions queued or done within 60 s pauses them all.
-        Rows queued before the last `syncd retry --deletes` are not counted again."""
-        assert self.ledger is not None
-        if self.ledger.get_meta("deletes_paused"):
-            return
-        since = max(time.time() - DELETE_WINDOW, float(self.ledger.get_meta("deletes_released_at") or 0))
-        n = self.ledger.query("SELECT count(*) AS n FROM files WHERE state IN ('deleting','deleted') "
-                              "AND queued_at>?", [since])[0]["n"]
-        if n > self.cfg.max_deletes:
-            self._pause_deletes(f"{n} remote deletions queued within {DELETE_WINDOW:.0f}s")
-
-    def _pause_deletes(self, why: str) -> None:
-        assert self.ledger is not None
-        with self._pause_lock:  # workers may all hit the cap at once: one log line, one reason
-            if self.ledger.get_meta("deletes_paused"):
-                return
-            log.error("pausing remote deletions: %s exceeds max_deletes=%d; check the watch, then run "
-                      "`syncd retry --deletes` to release them", why, self.cfg.max_deletes)
-            self.ledger.set_meta("deletes_paused", why)
+        """Asked by a worker before each deletion (`syncd.guard`: the max_deletes cap)."""
+        assert self.engine is not None
+        return self.engine.guard.allowed()
 
     def _reconciled(self, engine: Engine, ok: bool = True) -> None:
         failed = self.ledger.query("SELECT count(*) AS n FROM files WHERE state='failed'")[0]["n"] if self.ledger \

@@ -19,6 +19,7 @@ from syncd.closes import Closes
 from syncd.config import Config, WatchConfig
 from syncd.errors import ConfigError, Interrupted, LedgerError, RemoteUnavailable
 from syncd.fsutil import make_dirs
+from syncd.guard import DeleteGuard
 from syncd.interrupt import unless_stopped
 from syncd.keys import join_key
 from syncd.ledger import Ledger, Row
@@ -109,8 +110,7 @@ class Engine:
         self.scans: dict[str, ScanStats] = {}
         self.reuploads = 0  # synced files whose object `--verify` found missing or different
         self.listings: dict[str, Result] = {}
-        # called when one listing holds more local deletions than max_deletes (the daemon's pause)
-        self.on_too_many_deletes: Callable[[str], None] | None = None
+        self.guard = DeleteGuard(cfg, ledger)  # the mass-deletion guard every deletion asks
         self.wake = Wake()
         self._held: list[int] = []
         self.done = 0  # rows the workers finished (the progress bar's count)
@@ -222,7 +222,7 @@ class Engine:
                        include_tombstones=include_tombstones, overwrite=overwrite)
         try:
             res = Listing(self.cfg, self.ledger, self.remote, watch, opts,
-                          on_too_many_deletes=self.on_too_many_deletes, stop=self.stop,
+                          guard=self.guard, stop=self.stop,
                           report_refused=None if self.oneshot else self._report_refused,
                           on_plan=self._plan_hook(), forever=not self.oneshot,
                           on_retry=self.listing_failed, on_flush=self.wake.set).run()
@@ -355,7 +355,8 @@ class Engine:
         self.prepare(create=not dry_run)
         if not dry_run:
             self.ledger.recover()
-            cancel_held(self.ledger)
+            # not those remote deletion events paused: they wait for this watch's listing
+            cancel_held(self.ledger, paused=False)
         for w in self.cfg.watches:
             self.scan(w, missing="restore" if restore else "ignore", retry_failed=True, dry_run=dry_run)
 

@@ -5,8 +5,11 @@ directly or through an SNS topic (one queue per host subscribed to the topic: th
 lets several hosts share a prefix). This module only turns messages into `Change`s and hands
 each to a callback that records it durably in the ledger; the message is deleted only after
 that callback returned, so a crash at any moment loses nothing (the message comes back after
-the queue's visibility timeout). The periodic listing stays the safety net: a lost, late or
-misconfigured queue only slows convergence down.
+the queue's visibility timeout). A change whose path is busy (being uploaded or restored) is
+recorded on its row and applied once the path is free (`syncd.changes`: the consumer compares
+those paths with the remote after each receive, and polls every second while some wait).
+Local deletions go through the mass-deletion guard (`syncd.guard`). The periodic listing stays
+the safety net: a lost, late or misconfigured queue only slows convergence down.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 WAIT_SECONDS = 10  # SQS long poll: an answer as soon as a message arrives, one request per 10 s idle
+WAIT_BUSY = 1  # the long poll while changes wait for their paths: they are applied within a second
 BATCH = 10  # the most SQS returns per receive
 
 
@@ -147,14 +151,17 @@ class EventConsumer:
     """Long-polls the queue in its own thread until `stop` is set.
 
     `apply(change)` records one change durably (the ledger) or raises; a message is deleted only
-    when every change in it was applied. `state` tells the daemon how the queue is doing, for
-    /healthz, `status` and the logs."""
+    when every change in it was applied. `after()`, run after each receive, does what waited for
+    a busy path and returns how much still waits. `error` tells the daemon how the queue is
+    doing, for /healthz, `status` and the logs."""
 
     def __init__(self, queue_url: str, apply: Callable[[Change], None], stop: threading.Event, *,
                  region: str = "", profile: str = "", client: Any = None,
-                 on_exit: Callable[[], None] | None = None) -> None:
+                 on_exit: Callable[[], None] | None = None, after: Callable[[], int] | None = None) -> None:
         self.queue_url = queue_url
         self.apply = apply
+        self.after = after
+        self.waiting = 0  # what `after` said still waits
         self.stop = stop
         self.on_exit = on_exit  # run by the consumer's thread when it ends (its ledger connection)
         self.client = client if client is not None else queue_client(queue_url, region, profile)
@@ -189,7 +196,7 @@ class EventConsumer:
         attempt = 0
         while not self.stop.is_set():
             try:
-                self.poll_once()
+                self.poll_once(WAIT_BUSY if self.waiting else WAIT_SECONDS)
             except Exception as e:  # noqa: BLE001 - the consumer must outlive any queue failure
                 attempt += 1
                 self._failed(describe(e))
@@ -226,6 +233,13 @@ class EventConsumer:
                 continue
             done.append(m)
         self._delete(done)
+        if self.after is not None:
+            try:
+                self.waiting = self.after()
+            except Exception as e:  # noqa: BLE001 - the changes stay recorded: tried again next turn
+                self.waiting = 1
+                self.causes.report(f"could not apply the changes that waited for their paths: "
+                                   f"{type(e).__name__}: {e}", self.queue_url, logging.ERROR)
         return len(done)
 
     def _handle(self, message: dict[str, Any]) -> None:
@@ -256,9 +270,9 @@ class EventConsumer:
 
 def start(cfg: Config, ledger: Ledger, engine: Engine, stop: threading.Event) -> EventConsumer:
     """The daemon's consumer of `events_queue`: each change goes through the listing's rules for
-    one key (`reconcile.apply_remote_change`, durable in the ledger when it returns), then the
+    one key (`changes.apply_remote_change`, durable in the ledger when it returns), then the
     workers are woken. Own uploads show the etag the ledger already has and cost nothing."""
-    from syncd.reconcile import apply_remote_change, watch_for_key
+    from syncd.changes import apply_remote_change, recheck_waiting, watch_for_key
 
     def apply(change: Change) -> None:
         if change.bucket != cfg.remote.bucket:
@@ -274,13 +288,17 @@ def start(cfg: Config, ledger: Ledger, engine: Engine, stop: threading.Event) ->
         watch, rel = found
         info = (ObjectInfo(key=change.key, size=change.size, etag=change.etag) if change.created else None)
         kind = apply_remote_change(ledger, cfg, watch, rel, info, seen_at=change.at or time.time(),
-                                   remote=engine.remote)
+                                   remote=engine.remote, guard=engine.guard)
         if kind is not None:
             log.debug("event %s %s: %s", "created" if change.created else "removed", shown(change.key), kind)
             engine.wake.set()
 
+    def after() -> int:
+        return recheck_waiting(ledger, cfg, engine.remote, engine.guard, on_queued=engine.wake.set,
+                               causes=engine.causes)
+
     consumer = EventConsumer(cfg.remote.events_queue, apply, stop, region=cfg.remote.region,
-                             profile=cfg.remote.profile, on_exit=ledger.close_thread)
+                             profile=cfg.remote.profile, on_exit=ledger.close_thread, after=after)
     consumer.start()
     log.info("events queue %s: remote changes arrive as they happen", cfg.remote.events_queue)
     return consumer

@@ -19,6 +19,8 @@ the row waits for:
   file still has the row's size and mtime (a remote change in a shared watch, SPEC §4.12).
 - further ops: `tomb` (write the remote tombstone, `on_delete = "keep"`) and `unlink` (delete
   the local file because its object was deleted remotely, shared watches).
+- `recheck`: set (the change's time) when a remote change (an S3 event) met the path busy: the
+  path is compared with the remote once free (`syncd.changes`); a worker's result stands.
 
 Writes use `BEGIN IMMEDIATE` (a deferred read-then-write fails at once in WAL mode, PITFALLS
 §6) and `synchronous=FULL` (the ledger drives restores and tombstones), all on one writer
@@ -43,8 +45,9 @@ import sqlite_utils
 
 from syncd.errors import LedgerCorrupt, LedgerError, LedgerUnwritable
 from syncd.fsutil import AS_ROOT, give_to_parent_owner, make_dirs
+from syncd.guard import PAUSED
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STATES = ("pending", "uploading", "synced", "failed", "deleting", "deleted")
 QUEUE_STATES = ("pending", "failed", "deleting")
 BATCHED = ("put", "get")  # claimed a few small files at a time
@@ -92,7 +95,13 @@ def _migrate_3(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE files ADD COLUMN overwrite INTEGER NOT NULL DEFAULT 0")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2, _migrate_3]
+def _migrate_4(db: sqlite_utils.Database) -> None:
+    # remote changes that met their path busy wait on the row, not in memory (syncd.changes)
+    db.execute("ALTER TABLE files ADD COLUMN recheck REAL")
+    db.execute("CREATE INDEX files_recheck ON files(recheck) WHERE recheck IS NOT NULL")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2, _migrate_3, _migrate_4]
 
 
 def recovery_hint(path: Path, config: Path | None = None) -> str:
@@ -642,10 +651,15 @@ class Ledger:
         return self._grouped(apply)
 
     def forget(self, row: Row) -> bool:
-        """Drop a row if nobody changed it meanwhile (a file that vanished before it was ever uploaded)."""
+        """Drop a row if nobody changed it meanwhile (a file that vanished before it was ever
+        uploaded); one a remote change waits for (`recheck`) stays, as a deletion, to be judged."""
 
         def drop(w: sqlite_utils.Database) -> bool:
-            cur = w.execute("DELETE FROM files WHERE id=? AND gen=?", [row["id"], row["gen"]])
+            cur = w.execute("DELETE FROM files WHERE id=? AND gen=? AND recheck IS NULL", [row["id"], row["gen"]])
+            if cur.rowcount:
+                return True
+            cur = w.execute("UPDATE files SET state='deleted', op=NULL, lease_until=NULL, gen=gen+1 "
+                            "WHERE id=? AND gen=? AND recheck IS NOT NULL", [row["id"], row["gen"]])
             if not cur.rowcount:
                 w.execute("UPDATE files SET lease_until=NULL WHERE id=?", [row["id"]])
             return bool(cur.rowcount)
@@ -685,11 +699,12 @@ class Ledger:
         return rows[0]["d"]
 
     def outstanding(self, ops: tuple[str, ...], include_failed: bool = False) -> int:
-        """Rows with work left (queued or in flight) for `ops`."""
+        """Rows with work left (queued or in flight) for `ops`; local deletions paused by the
+        mass-deletion guard have none until a listing or `syncd retry --deletes` (syncd.guard)."""
         states = "'pending','uploading','deleting'" + (",'failed'" if include_failed else "")
         marks = ",".join("?" for _ in ops)
-        return self.query(f"SELECT count(*) AS n FROM files WHERE op IN ({marks}) AND state IN ({states})",
-                          list(ops))[0]["n"]
+        return self.query(f"SELECT count(*) AS n FROM files WHERE op IN ({marks}) AND state IN ({states}) "
+                          f"AND due_at<?", [*ops, PAUSED])[0]["n"]
 
     def find_remote_copy(self, sha256: str, exclude_id: int) -> Row | None:
         """Another row whose key holds this content: a server-side copy source (renames, duplicates)."""

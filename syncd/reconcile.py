@@ -26,9 +26,10 @@ Rules (`backup`: this host is the only writer of the prefix; `shared`: several h
   (op `get` with `overwrite`, checked again just before the rename);
 - a synced row whose object is gone: `backup` (and `shared` under `keep`) uploads it again;
   `shared` under `mirror`/`trash` deletes the local copy when it is unchanged since its last sync
-  (op `unlink`). Those deletions are held until the listing ends: a listing that found no object
-  at all deletes nothing (the files are uploaded again instead), and more than `max_deletes`
-  pauses them (`on_too_many_deletes`) until `syncd retry --deletes`;
+  (op `unlink`). Those deletions are held until the listing ends, then `syncd.guard` judges
+  them: a listing that found no object at all deletes nothing (the files are uploaded again),
+  and more than `max_deletes` pause them until `syncd retry --deletes`. A listing also judges
+  again the local deletions that remote deletion events paused (`cancel_held`);
 - a local change not uploaded yet (a row with op `put`) always wins: it is uploaded;
 - rows touched since the listing started, or leased by a worker, are left to the next listing
   (the listing may predate what they know);
@@ -36,15 +37,7 @@ Rules (`backup`: this host is the only writer of the prefix; `shared`: several h
 - keys that would escape the watch root are refused and reported (SPEC §4.4); syncd's own keys
   (`.syncd/`, `.trash/`, `.syncd-check/`) are never files.
 
-`apply_remote_change(ledger, cfg, watch, rel, info, seen_at=...)` (with `watch_for_key(cfg, key)`
-to find `watch` and `rel`; then wake the workers, `Engine.wake.set()`) applies ONE remote change with
-exactly these rules, for the S3 event consumer (`syncd/events.py`): `info` is the object as the
-event describes it (key, size, etag, mtime_ns = the event time) or None for a deletion. Its
-own uploads are recognised (same etag: nothing to do). Differences from a listing: local
-deletions are not held (the daemon's max_deletes rate cap, asked by the worker before each
-deletion, still applies), the empty-listing guard does not apply, and tombstones are not known
-(pass `tomb` when the consumer knows one; tombstone events themselves are ignored: `rel` under
-`.syncd/` returns None). A deleted object's event arrives as `info=None`.
+One remote change at a time (an S3 event) goes through the same `decide`: `syncd.changes`.
 """
 
 from __future__ import annotations
@@ -60,6 +53,7 @@ from typing import Any
 
 from syncd import refusals, tombstones
 from syncd.config import Config, WatchConfig
+from syncd.guard import HELD, PAUSED, DeleteGuard
 from syncd.keys import UnsafeKey, is_reserved, join_key, rel_from_key
 from syncd.ledger import Ledger, Row
 from syncd.names import shown
@@ -69,7 +63,6 @@ from syncd.retry import ONESHOT_ATTEMPTS, backoff, is_transient
 
 log = logging.getLogger(__name__)
 BATCH = 500
-HELD = 1e18  # due_at of a local deletion held until its listing ends (never due by itself)
 
 
 @dataclass
@@ -196,17 +189,18 @@ def _rows(ledger: Ledger, watch: str, page: int = 2000) -> Iterator[Row]:
         after = batch[-1][1]
 
 
-def cancel_held(ledger: Ledger, watch: str | None = None) -> int:
-    """Local deletions a listing held and never released (it was interrupted): back to synced;
-    the next listing decides again."""
-    where = "op='unlink' AND due_at>=?"
-    params: list[Any] = [HELD]
+def cancel_held(ledger: Ledger, watch: str | None = None, *, paused: bool = True) -> int:
+    """Local deletions a listing held and never released (it was interrupted) and, with `paused`,
+    those remote deletion events paused (`syncd.guard`): back to synced; the listing about to
+    run decides again."""
+    where = "op='unlink' AND due_at>=?" + ("" if paused else " AND due_at<?")
+    params: list[Any] = [HELD] if paused else [HELD, PAUSED]
     if watch is not None:
         where += " AND watch=?"
         params.append(watch)
     with ledger.write() as w:
-        return w.execute(f"UPDATE files SET state='synced', op=NULL, due_at=0, queued_at=NULL, gen=gen+1 "
-                         f"WHERE {where}", params).rowcount
+        return w.execute(f"UPDATE files SET state='synced', op=NULL, due_at=0, queued_at=NULL, last_error=NULL, "
+                         f"gen=gen+1 WHERE {where}", params).rowcount
 
 
 class Work:
@@ -215,7 +209,7 @@ class Work:
     worker that got there first wins."""
 
     def __init__(self, ledger: Ledger, watch: WatchConfig, key_base: str, *, now: float,
-                 dry_run: bool = False, hold_deletes: bool = True,
+                 dry_run: bool = False, unlink_due: float | None = None,
                  on_plan: Callable[[str, str, str], None] | None = None) -> None:
         self.on_plan = on_plan  # (kind, watch prefix, path): a dry run names every file
         self.ledger = ledger
@@ -223,7 +217,10 @@ class Work:
         self.key_base = key_base
         self.now = now
         self.dry_run = dry_run
-        self.hold_deletes = hold_deletes
+        # when local deletions are due: None holds them until the listing ends (HELD)
+        self.unlink_due = unlink_due
+        # changes a watcher or worker got to first (the row changed or is leased since it was read)
+        self.missed: list[int] = []
         self.inserts: list[Row] = []
         self.changes: list[tuple[Row, dict[str, Any], bool]] = []
         self.lifts: list[str] = []
@@ -260,8 +257,10 @@ class Work:
     def unlink(self, row: Row) -> None:
         self.planned("delete", row["path"])
         fields = self._queued(state="deleting", op="unlink")
-        if self.hold_deletes:
+        if self.unlink_due is None:
             fields.update(due_at=HELD, queued_at=None)  # released when the listing ends
+        else:
+            fields.update(due_at=self.unlink_due)
         self.change(row, **fields)
 
     def change(self, row: Row, **fields: Any) -> None:
@@ -274,8 +273,9 @@ class Work:
     def lift(self, rel: str) -> None:
         self.lifts.append(rel)
 
-    def flush(self, remote: Remote | None) -> None:
-        if not self.dry_run and (self.inserts or self.changes):
+    def flush(self, remote: Remote | None, then: Callable[[Any], object] | None = None) -> None:
+        """Write the batch in one transaction; `then(db)` runs in that transaction after it."""
+        if not self.dry_run and (self.inserts or self.changes or then is not None):
             with self.ledger.write() as w:
                 for r in self.inserts:
                     cols = list(r)
@@ -284,8 +284,11 @@ class Work:
                               f"ON CONFLICT(watch, path) DO NOTHING", [r[c] for c in cols])
                 for row, fields, bump in self.changes:
                     sets = ", ".join(f"{k}=?" for k in fields) + (", gen=gen+1" if bump else "")
-                    w.execute(f"UPDATE files SET {sets} WHERE id=? AND gen=? AND lease_until IS NULL",
-                              [*fields.values(), row["id"], row["gen"]])
+                    if not w.execute(f"UPDATE files SET {sets} WHERE id=? AND gen=? AND lease_until IS NULL",
+                                     [*fields.values(), row["id"], row["gen"]]).rowcount:
+                        self.missed.append(row["id"])
+                if then is not None:
+                    then(w)
         if not self.dry_run and remote is not None:
             for rel in self.lifts:
                 try:
@@ -343,7 +346,11 @@ def _present(work: Work, watch: WatchConfig, rel: str, obj: ObjectInfo, tomb: Ob
         return
     state, op = row["state"], row["op"]
     if op == "unlink":  # the object is back: the held or paused local deletion no longer holds
-        work.change(row, state="synced", op=None, due_at=0, queued_at=None)
+        if shared and obj.etag != row["remote_etag"] and _same_local(watch, rel, row) is True:
+            work.replace(row, obj)  # another version than the one deleted: it replaces the local copy
+            res.replaces += 1
+        else:
+            work.change(row, state="synced", op=None, due_at=0, queued_at=None, last_error=None)
         return
     if state == "deleted" and op is None:
         # backup: the app deleted it here. shared: another host may have written it again since
@@ -437,7 +444,7 @@ class Listing:
     """One listing of one watch, merged with its tombstones and ledger rows."""
 
     def __init__(self, cfg: Config, ledger: Ledger, remote: Remote, watch: WatchConfig, opts: Options, *,
-                 on_too_many_deletes: Callable[[str], None] | None = None,
+                 guard: DeleteGuard | None = None,
                  stop: threading.Event | None = None,
                  report_refused: Callable[[str, str], None] | None = None,
                  on_plan: Callable[[str, str, str], None] | None = None, forever: bool = False,
@@ -454,7 +461,7 @@ class Listing:
         self.remote = remote
         self.watch = watch
         self.opts = opts
-        self.on_too_many_deletes = on_too_many_deletes
+        self.guard = guard if guard is not None else DeleteGuard(cfg, ledger)
         self.key_base = join_key(cfg.remote.prefix, watch.prefix)
         self.result = Result()
 
@@ -513,15 +520,14 @@ class Listing:
         return res
 
     def _release_deletes(self) -> None:
-        """The held local deletions: none from an empty listing, all paused beyond max_deletes."""
+        """The held local deletions, as the guard says: none from an empty listing (uploaded
+        again instead), all paused beyond max_deletes, else due now."""
         res, w = self.result, self.watch
         if not res.local_deletes or self.opts.dry_run:
             return
         now = time.time()
-        if res.objects == 0:
-            log.warning("the listing of %s found no object while the ledger holds %d synced files: "
-                        "nothing is deleted locally (a wiped or wrong bucket must not wipe the hosts); "
-                        "they are uploaded again", self.key_base or self.remote.name, res.local_deletes)
+        if not self.guard.listing_may_delete(w.prefix, self.key_base or self.remote.name, res.objects,
+                                             res.local_deletes):
             with self.ledger.write() as wr:
                 wr.execute("UPDATE files SET state='pending', op='put', probe=0, remote_sha256=NULL, "
                            "remote_etag=NULL, due_at=?, queued_at=?, gen=gen+1 "
@@ -529,51 +535,8 @@ class Listing:
             res.uploads += res.local_deletes
             res.local_deletes = 0
             return
-        if res.local_deletes > self.cfg.max_deletes:  # paused before they are due
-            why = f"{res.local_deletes} local deletions in one listing of {w.prefix}"
-            if self.on_too_many_deletes is not None:
-                self.on_too_many_deletes(why)
-            else:
-                pause_deletes(self.ledger, why, self.cfg.max_deletes)
         with self.ledger.write() as wr:
             wr.execute("UPDATE files SET due_at=?, queued_at=? WHERE watch=? AND op='unlink' AND due_at>=?",
                        [now, now, w.prefix, HELD])
 
 
-def pause_deletes(ledger: Ledger, why: str, max_deletes: int) -> None:
-    """Pause every deletion (remote and local) until `syncd retry --deletes` (SPEC §4.5)."""
-    if ledger.get_meta("deletes_paused"):
-        return
-    log.error("pausing deletions: %s exceeds max_deletes=%d; check the remote, then run "
-              "`syncd retry --deletes` to release them", why, max_deletes)
-    ledger.set_meta("deletes_paused", why)
-
-
-def watch_for_key(cfg: Config, key: str) -> tuple[WatchConfig, str] | None:
-    """The watch a key belongs to and its relative path (None: no watch's); raises UnsafeKey for
-    a key that would escape the watch root (to be refused and reported, SPEC §4.4)."""
-    for w in cfg.watches:
-        base = join_key(cfg.remote.prefix, w.prefix)
-        if not base or key.startswith(base + "/"):
-            return w, rel_from_key(key, base)
-    return None
-
-
-def apply_remote_change(ledger: Ledger, cfg: Config, watch: WatchConfig, rel: str, info: ObjectInfo | None,
-                        *, seen_at: float, tomb: ObjectInfo | None = None, remote: Remote | None = None) -> str | None:
-    """Apply one remote change (an S3 event) with the listing's rules; see the module docstring.
-
-    `seen_at`: when the change happened (the event time): a row changed after it is left alone.
-    Returns what was queued ("restore", "replace", "upload", "unlink", "adopt") or None.
-    """
-    if not rel or is_reserved(rel) or not Filter(watch.include, watch.exclude).wants(rel):
-        return None
-    res = Result()
-    work = Work(ledger, watch, join_key(cfg.remote.prefix, watch.prefix), now=time.time(), hold_deletes=False)
-    decide(work, watch, rel, info, tomb, ledger.get(watch.prefix, rel), since=seen_at, res=res)
-    work.flush(remote)
-    for kind, n in (("restore", res.restores), ("replace", res.replaces), ("upload", res.uploads),
-                    ("unlink", res.local_deletes), ("adopt", res.adopted)):
-        if n:
-            return kind
-    return None

@@ -225,8 +225,8 @@ def test_shared_more_remote_deletions_than_max_deletes_pause_local_deletion(stor
 def test_apply_remote_change_is_one_listing_decision(tmp_path, make_env, request):
     """The entry point of the event consumer: a put restores, its own etag is a no-op, a
     deletion of an unchanged file queues a local deletion."""
+    from syncd.changes import apply_remote_change, watch_for_key
     from syncd.keys import UnsafeKey
-    from syncd.reconcile import apply_remote_change, watch_for_key
     from tests.conftest import Store
 
     root = tmp_path / "remote"

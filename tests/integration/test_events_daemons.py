@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from syncd.guard import PAUSED
 from tests.conftest import free_port, sns_fanout, wait_for, write_config
-from tests.daemon_util import DaemonProc, live_tree, write_file
+from tests.daemon_util import DaemonProc, bucket_objects, live_tree, write_file
 
 
 def fanout(endpoint: str, hosts: int = 2) -> tuple[str, list[str], Any]:
@@ -24,6 +25,7 @@ def fanout(endpoint: str, hosts: int = 2) -> tuple[str, list[str], Any]:
 class Host:
     def __init__(self, tmp: Path, name: str, endpoint: str, bucket: str, queue: str, rescan: float = 0) -> None:
         self.tmp = tmp / name
+        self.bucket, self.endpoint = bucket, endpoint
         self.root = self.tmp / "uploads"
         self.root.mkdir(parents=True)
         self.ledger = self.tmp / "ledger.db"
@@ -103,3 +105,38 @@ def test_a_missing_queue_is_reported_and_the_listing_still_converges(tmp_path: P
         for h in (a, b):
             if h.proc.alive():
                 h.proc.stop()
+
+
+def test_a_bucket_emptied_by_another_tool_pauses_the_hosts_until_a_listing_uploads_it_again(two_hosts) -> None:
+    """`aws s3 rm --recursive` (or a wrong bucket): the deletion events would remove every file
+    of the watch on every host; they pause instead (/healthz 503), nothing is deleted, and a
+    listing that finds the prefix empty has the files uploaded again (SPEC §4.12)."""
+    import boto3
+
+    (a, b), _sqs, _queues = two_hosts
+    s3, bucket = boto3.client("s3", endpoint_url=a.endpoint, region_name="us-east-1"), a.bucket
+    files = {f"dir{i % 4}/photo {i}.jpg": f"photo {i}".encode() * (i + 1) for i in range(30)}
+    for rel, data in files.items():
+        write_file(a.root / rel, data)
+    wait_for(lambda: b.files() == files, 90, 0.2, "a's files on b")
+    wait_for(lambda: all(h.proc.states() == {"synced": len(files)} for h in (a, b)), 60, 0.2, "both hosts synced")
+    keys = [{"Key": f"backups/uploads/{rel}"} for rel in files]
+    s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+    for h in (a, b):
+        wait_for(lambda h=h: h.healthz()[0] == 503 and "paused" in h.healthz()[1], 60, 0.2,
+                 f"host {h.tmp.name} paused")
+        # every deletion event is recorded and paused (none will be due), and no file is deleted
+        wait_for(lambda h=h: h.proc.query("SELECT count(*) FROM files WHERE state='deleting' AND op='unlink' "
+                                          "AND due_at>=?", (PAUSED,)) == [(len(files),)], 60, 0.2,
+                 "every deletion paused")
+        assert h.files() == files
+    # a listing (host a restarts) finds the prefix empty: nothing is deleted, a uploads its files
+    # again, and their events lift b's pause
+    a.proc.stop()
+    a.proc.start()
+    a.proc.wait_ready()
+    wait_for(lambda: len(bucket_objects(s3, bucket, "backups/uploads/")) == len(files), 90, 0.2,
+             "the files uploaded again")
+    for h in (a, b):
+        wait_for(lambda h=h: h.healthz() == (200, "ok\n"), 60, 0.2, f"host {h.tmp.name} healthy")
+        assert h.files() == files
