@@ -5,6 +5,7 @@
     python bench/run.py --only m [--scale-files 100000,1000000]     # scale (m), opt-in
     python bench/run.py --only i [--latency-ms 50]                  # first byte via /files/ (i), opt-in
     python bench/run.py --only s                                    # shared watches converging (s), opt-in
+    python bench/run.py --only l                                    # the bandwidth limit (l), opt-in
 
 Setup installs missing peers (awscli: pip into bench/.venv, else apt; rclone: apt) or skips them
 with a line saying so. Each scenario starts a fresh moto server on 127.0.0.1, generates seeded
@@ -68,14 +69,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="(m): tracked-tree sizes, smallest first (default 100000,1000000)")
     args = p.parse_args(argv)
     from bench.converge import CONVERGE
+    from bench.ratelimit import RATE
     from bench.scale import SCALE
 
     if args.wan:
         args.only = WAN if args.only == ALL else args.only + WAN
-    bad = set(args.only) - set(ALL + FIRST_BYTE + WAN + SCALE + CONVERGE)
+    bad = set(args.only) - set(ALL + FIRST_BYTE + WAN + SCALE + CONVERGE + RATE)
     if bad:
         p.error(f"--only: unknown scenario(s) {''.join(sorted(bad))}; choose from {ALL}, {FIRST_BYTE} (first byte "
-                f"through /files/), {WAN} (WAN), {SCALE} (scale) or {CONVERGE} (shared watches)")
+                f"through /files/), {WAN} (WAN), {SCALE} (scale), {CONVERGE} (shared watches) or {RATE} "
+                "(bandwidth limit)")
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     return args
@@ -97,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     from bench.converge import CONVERGE, scenario_s
     from bench.converge import markdown as converge_markdown
     from bench.converge import verdicts as converge_verdicts
+    from bench.ratelimit import RATE, scenario_l
+    from bench.ratelimit import markdown as rate_markdown
+    from bench.ratelimit import verdicts as rate_verdicts
     from bench.scale import SCALE, scenario_m
     from bench.scale import markdown as scale_markdown
     from bench.scale import verdicts as scale_verdicts
@@ -112,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     wan_results: dict[str, Result] = {}
     scale_results: dict[str, Result] = {}
     converge_results: dict[str, Result] = {}
+    rate_results: dict[str, Result] = {}
     results: dict[str, Result] = {}
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -162,6 +169,13 @@ def run(args: argparse.Namespace) -> int:
             except Exception as e:  # noqa: BLE001
                 failed.append(f"(s): {e}")
                 say(f"  FAILED: {e}")
+        if RATE in args.only:
+            say("(l) bwlimit: the rate of uploads and restores, small and large files")
+            try:
+                rate_results["l"] = scenario_l(bench)
+            except Exception as e:  # noqa: BLE001
+                failed.append(f"(l): {e}")
+                say(f"  FAILED: {e}")
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -198,10 +212,12 @@ def run(args: argparse.Namespace) -> int:
     md += scale_markdown(scale_results, big_verdicts)
     shared_verdicts = converge_verdicts(converge_results.get("s"))
     md += converge_markdown(converge_results.get("s"), shared_verdicts)
+    limit_verdicts = rate_verdicts(rate_results.get("l"))
+    md += rate_markdown(rate_results.get("l"), limit_verdicts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(md)
     args.out.with_suffix(".json").write_text(json.dumps(raw({**results, **wan_results, **scale_results,
-                                                                   **converge_results}), indent=1))
+                                                                   **converge_results, **rate_results}), indent=1))
     say("")
     for v in verdicts:
         say(f"{v.status:4}  {v.n}. {v.text}: {v.detail}")
@@ -211,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"{v.status:4}  scale {v.text}: {v.detail}")
     for v in shared_verdicts:
         say(f"{v.status:4}  shared {v.text}: {v.detail}")
+    for v in limit_verdicts:
+        say(f"{v.status:4}  {v.text}: {v.detail}")
     for x in failed:
         say(f"FAILED {x}")
     say(f"report: {args.out}")

@@ -69,11 +69,17 @@ class Sizes:
     s_rate: float = 10.0
     s_rescan: float = 5.0  # remote_rescan_interval of the run without events_queue
     s_compare: bool = True  # also the events run with upload_on_close = false (for comparison)
+    l_seconds: float = 40.0  # (l) bwlimit: each transfer sized to take about this long at its limit
+    l_window: float = 30.0  # the rate must hold over every window of this many seconds
+    l_small_size: int = 4096
+    l_small_limit: str = "512K"  # what 4 KiB files can reach here (unlimited, (a): ~1.5 MiB/s of bodies)
+    l_large_size: int = 64 * MIB
+    l_large_limit: str = "8M"
 
 
 FULL = Sizes()
 QUICK = Sizes(a_files=300, b_files=2, d_files=10_000, e_seconds=8.0, f_small=2_000, f_large=10_000,
-              h_seconds=8.0, h_crash_at=5.0, i_files=2_000, i_requests=50, s_files=30)
+              h_seconds=8.0, h_crash_at=5.0, i_files=2_000, i_requests=50, s_files=30, l_seconds=8.0, l_window=5.0)
 
 
 @dataclass

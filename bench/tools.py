@@ -195,7 +195,8 @@ def rclone_sync(tool: Tool, src: str, dst: str) -> list[str]:
 
 def write_syncd_config(path: Path, *, endpoint: str, bucket: str, prefix: str, watch: Path, watch_prefix: str,
                        ledger: Path, settle: float = 2.0, workers: int | None = None,
-                       log_level: str = "info", remote_extra: dict[str, int] | None = None) -> Path:
+                       log_level: str = "info", remote_extra: dict[str, int] | None = None,
+                       bwlimit: str = "") -> Path:
     lines = [
         "[syncd]",
         f'ledger = "{ledger}"',
@@ -205,6 +206,8 @@ def write_syncd_config(path: Path, *, endpoint: str, bucket: str, prefix: str, w
     ]
     if workers is not None:
         lines.append(f"workers = {workers}")
+    if bwlimit:
+        lines.append(f'bwlimit = "{bwlimit}"')
     lines += [
         "",
         "[remote]",

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from syncd.access import normalize_host
+from syncd.bwlimit import parse_rate
 from syncd.errors import ConfigError
 from syncd.keys import check_prefix
 
@@ -90,6 +91,7 @@ class Config:
     serve_files: bool = False  # GET /files/<watch prefix>/<path> (SPEC §6)
     lazy_restore: bool = False  # READY after the local scan; the restore runs behind it
     http_hosts: tuple[str, ...] = ()  # Host names the private routes accept (SPEC §6), normalized
+    bwlimit: int = 0  # bytes/s shared by uploads and restores (syncd.bwlimit); 0 = no limit
     extra: dict[str, Any] = field(default_factory=dict)
 
     def watch(self, prefix: str) -> WatchConfig:
@@ -215,7 +217,7 @@ def _real(p: Path) -> Path:
 _SYNCD_KEYS = {
     "ledger", "log_level", "log_format", "settle_seconds", "workers", "rescan_interval",
     "health_listen", "max_backlog_age", "max_deletes", "healthcheck_url", "remote_rescan_interval",
-    "serve_files", "lazy_restore", "http_hosts",
+    "serve_files", "lazy_restore", "http_hosts", "bwlimit",
 }
 _REMOTE_KEYS = {
     "url", "endpoint_url", "region", "profile", "storage_class", "sse", "sse_kms_key_id",
@@ -412,6 +414,10 @@ def parse_config(data: dict[str, Any], file: Path) -> Config:
     remote_rescan = float(ctx.take(s, "syncd", "remote_rescan_interval", (int, float), 3600))
     if remote_rescan < 0:
         raise ctx.fail("syncd.remote_rescan_interval", "must not be negative (0 = only at start)")
+    try:
+        bwlimit = parse_rate(ctx.take(s, "syncd", "bwlimit", (str, int, float), "0"))
+    except ValueError as e:
+        raise ctx.fail("syncd.bwlimit", str(e)) from None
     ledger = _resolve(base, ctx.take(s, "syncd", "ledger", str, "syncd-ledger.db"))
     for i, w in enumerate(watches):
         if _contains(_real(w.path), _real(ledger.parent)):
@@ -441,6 +447,7 @@ def parse_config(data: dict[str, Any], file: Path) -> Config:
         serve_files=ctx.take(s, "syncd", "serve_files", bool, False),
         lazy_restore=ctx.take(s, "syncd", "lazy_restore", bool, False),
         http_hosts=tuple(dict.fromkeys(normalize_host(h) for h in http_hosts)),
+        bwlimit=bwlimit,
     )
 
 

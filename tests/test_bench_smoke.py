@@ -100,3 +100,40 @@ def test_shared_watches_converge_scenario_on_a_tiny_run(tmp_path: Path) -> None:
     assert v.n == 5 and v.status in ("PASS", "FAIL")  # a timing: reported, not asserted
     md = markdown(res, [v])
     assert "events_queue, remote_rescan_interval 0 | 6/6" in md and "listing, remote_rescan_interval 1 | 6/6" in md
+
+
+def test_the_rate_meter_counts_object_bodies_only() -> None:
+    """bench (l)'s proxy: PUT bodies up; GET bodies of objects down (not listings, HEADs, a 100
+    Continue or chunk framing), however the stream is cut."""
+    from collections import deque
+
+    from bench.ratelimit import HttpCounter
+
+    up = (b"PUT /b/k/x HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nhello"
+          b"HEAD /b/k/x HTTP/1.1\r\n\r\n"
+          b"GET /b?list-type=2&prefix=k HTTP/1.1\r\n\r\n"
+          b"GET /b/k/x HTTP/1.1\r\n\r\n"
+          b"POST /b/k/y?uploads HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc")
+    down = (b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"  # HEAD: no body follows
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n<x/>\r\n0\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    for cut in (1, 7, 1000):
+        pending: deque = deque()
+        req, resp = HttpCounter("request", pending), HttpCounter("response", pending)
+        assert sum(req.feed(up[i:i + cut]) for i in range(0, len(up), cut)) == 5
+        assert sum(resp.feed(down[i:i + cut]) for i in range(0, len(down), cut)) == 5  # "abc" + "de"
+        assert not pending
+
+
+def test_the_rate_meter_reports_the_lowest_and_highest_window() -> None:
+    from bench.ratelimit import TICK, window_rates
+
+    # 10 ticks of 100 bytes, then 10 of 300: bodies at 1,000 then 3,000 bytes/s
+    series = [(t, 100 if t < 10 else 300, 150) for t in range(20)]
+    r = window_rates(series, window=10 * TICK)
+    assert r["windows"] == 11 and r["bytes"] == 4000
+    assert (r["min"], r["max"]) == (1000, 3000)
+    assert r["body"] == 4000 / (20 * TICK) and r["all"] == 3000 / (20 * TICK)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from syncd.bwlimit import Limiter
 from syncd.fsutil import CHUNK, fsync_dir, give_to_parent_owner, make_dirs
 from syncd.remote.base import (
     INTEGRITY,
@@ -41,8 +42,10 @@ def _etag(st: os.stat_result) -> str:
 
 
 class LocalRemote:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, limiter: Limiter | None = None) -> None:
         self.root = Path(root)
+        self._limiter = limiter  # bwlimit: what put and get move takes tokens (a copy's bytes do not)
+        self._chunk = limiter.chunk if limiter is not None else CHUNK
         self.name = f"file://{self.root.as_posix()}"
         self._meta = self.root / META_DIR
         self._tmp = self._meta / ".tmp"
@@ -180,16 +183,25 @@ class LocalRemote:
 
     def put(self, key: str, path: Path, *, size: int, sha256: str, mtime_ns: int,
             data: bytes | None = None) -> str:
+        return self._put(key, path, sha256=sha256, mtime_ns=mtime_ns, data=data, limiter=self._limiter)
+
+    def _put(self, key: str, path: Path, *, sha256: str, mtime_ns: int, data: bytes | None,
+             limiter: Limiter | None) -> str:
         target = self._path(key)
         digest = hashlib.sha256()
+        take = limiter.take if limiter is not None else None
 
         def fill(f: BinaryIO) -> None:
             if data is not None:
+                if take is not None:
+                    take(len(data))
                 digest.update(data)
                 f.write(data)
             else:
                 with open(path, "rb") as src:
-                    while chunk := src.read(CHUNK):
+                    while chunk := src.read(self._chunk):
+                        if take is not None:
+                            take(len(chunk))
                         digest.update(chunk)
                         f.write(chunk)
             # the "server-side" check: what arrived must hash to what the client announced
@@ -216,7 +228,10 @@ class LocalRemote:
             raise RemoteError(NOT_FOUND, f"no object {key}", code="NoSuchKey") from None
         with f:
             st = os.fstat(f.fileno())
-            while chunk := f.read(CHUNK):
+            take = self._limiter.take if self._limiter is not None else None
+            while chunk := f.read(self._chunk):
+                if take is not None:
+                    take(len(chunk))
                 dest.write(chunk)
         meta = self._read_meta(key, st)
         info = ObjectInfo(key=key, size=st.st_size, sha256=meta.get("sha256"),
@@ -230,8 +245,8 @@ class LocalRemote:
             raise RemoteError(NOT_FOUND, f"no object {src}", code="NoSuchKey")
         # the metadata is always the hash of what is copied (checked while copying, by `put`)
         want = expect_sha256 or hashlib.sha256(sp.read_bytes()).hexdigest()
-        try:
-            return self.put(dst, sp, size=sp.stat().st_size, sha256=want, mtime_ns=mtime_ns)
+        try:  # a "server-side" copy: no bytes cross the link to the store, none are limited
+            return self._put(dst, sp, sha256=want, mtime_ns=mtime_ns, data=None, limiter=None)
         except RemoteError as e:
             if e.kind == INTEGRITY:
                 raise RemoteError(NOT_FOUND, f"{src} changed before it could be copied",

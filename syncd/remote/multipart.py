@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from syncd.bwlimit import Limiter, MeteredBody
 from syncd.fsutil import CHUNK
 from syncd.remote.base import INTEGRITY, NOT_FOUND, RemoteError, Stopped
 
@@ -135,8 +136,10 @@ class Upload:
 
     def __init__(self, client: Any, abort: Callable[..., bool], bucket: str, key: str, path: Path, *,
                  size: int, chunk: int, checksum: str, slots: threading.Semaphore, underway: Underway,
-                 stop: threading.Event | None, map_error: Callable[[BaseException, str, str], RemoteError]) -> None:
+                 stop: threading.Event | None, map_error: Callable[[BaseException, str, str], RemoteError],
+                 limiter: Limiter | None = None) -> None:
         self.client, self._abort_fn, self.bucket, self.key, self.path = client, abort, bucket, key, path
+        self.limiter = limiter  # bwlimit: a part's bytes take tokens as they are sent (a retry's too)
         self.underway = underway
         self.size, self.checksum, self.slots, self.stop, self.map_error = size, checksum, slots, stop, map_error
         chunk = part_size(size, chunk)
@@ -284,8 +287,9 @@ class Upload:
             args["ChecksumSHA256"] = base64.b64encode(_digest(body, "sha256")).decode()
         elif self.checksum == "md5":
             args["ContentMD5"] = base64.b64encode(_digest(body, "md5")).decode()
+        sent = body if self.limiter is None else MeteredBody(body, self.limiter)
         resp = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                                       PartNumber=part.number, Body=body, ContentLength=part.length, **args)
+                                       PartNumber=part.number, Body=sent, ContentLength=part.length, **args)
         self._unchanged(f)  # what was sent is the file's content since the upload began
         entry = {"PartNumber": part.number, "ETag": resp["ETag"]}
         if self.checksum == "sha256":

@@ -29,6 +29,7 @@ from botocore.httpchecksum import StreamingChecksumBody
 from botocore.utils import determine_content_length, parse_timestamp
 
 from syncd import __version__
+from syncd.bwlimit import Limiter, MeteredBody, MeteredWriter, start_metering
 from syncd.config import RemoteConfig
 from syncd.errors import ConfigError
 from syncd.fsutil import CHUNK, SMALL_FILE, SizedBody
@@ -141,8 +142,9 @@ def _b64(hexdigest: str) -> str:
 
 
 class S3Remote:
-    def __init__(self, cfg: RemoteConfig, *, workers: int = 8) -> None:
+    def __init__(self, cfg: RemoteConfig, *, workers: int = 8, limiter: Limiter | None = None) -> None:
         self.cfg = cfg
+        self._limiter = limiter  # bwlimit: every body sent or received takes its tokens (syncd.bwlimit)
         self.bucket = cfg.bucket
         self.name = f"s3://{cfg.bucket}/{cfg.prefix}".rstrip("/")
         # a botocore session, not boto3's: boto3 imports s3transfer and its resource layer at
@@ -179,7 +181,7 @@ class S3Remote:
 
     def _make_client(self, session: Any, s3opts: dict[str, Any], workers: int, *, attempts: int,
                      timeout: float = 0) -> Any:
-        return session.create_client(
+        client = session.create_client(
             "s3",
             endpoint_url=self.cfg.endpoint_url or None,
             region_name=self.cfg.region or None,
@@ -202,6 +204,9 @@ class S3Remote:
                 s3=s3opts,
             ),
         )
+        if self._limiter is not None:  # first: before anything (moto's in-process stub too) reads the body
+            client.meta.events.register_first("before-send.s3", start_metering)
+        return client
 
     def _multipart_clients(self) -> tuple[Any, Any]:
         """The clients of multipart uploads, made at the first large file: one whose requests are
@@ -220,8 +225,11 @@ class S3Remote:
         return multipart.abort(self._multipart_clients()[1], bucket, key, upload_id, map_error, quiet=quiet)
 
     def interrupt_on(self, stop: threading.Event) -> None:
-        """A multipart upload under way when `stop` is set is aborted (`syncd.remote.multipart`)."""
+        """A multipart upload under way when `stop` is set is aborted (`syncd.remote.multipart`);
+        transfers in flight stop waiting for the bandwidth limit."""
         self._stop = stop
+        if self._limiter is not None:
+            self._limiter.interrupt_on(stop)
 
     # --- helpers ------------------------------------------------------------------------
     def _extra(self, key: str, sha256: str, mtime_ns: int) -> dict[str, Any]:
@@ -298,11 +306,14 @@ class S3Remote:
                 md5 = hashlib.md5(data, usedforsecurity=False).digest() if data is not None else _md5_file(path)
                 extra["ContentMD5"] = base64.b64encode(md5).decode()
             if data is not None:  # already read (a small file): sent from memory
+                if self._limiter is not None:
+                    self._limiter.take(len(data))  # a single attempt: these bytes are sent once
                 resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
             else:
                 with open(path, "rb") as f:
                     body = SizedBody(f, size)  # rewritten meanwhile: no hung or mixed request
-                    resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=size,
+                    sent = body if self._limiter is None else MeteredBody(body, self._limiter)
+                    resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=sent, ContentLength=size,
                                                   **extra)
             return str(resp.get("ETag", "")).strip('"') or None
         except Exception as e:
@@ -314,7 +325,8 @@ class S3Remote:
     def _multipart(self, key: str, path: Path, size: int, extra: dict[str, Any]) -> str | None:
         return multipart.Upload(self._multipart_clients()[0], self._abort, self.bucket, key, path, size=size,
                                 chunk=self._part_size, checksum=self.cfg.checksum, slots=self._slots,
-                                underway=self._underway, stop=self._stop, map_error=map_error).run(extra)
+                                underway=self._underway, stop=self._stop, map_error=map_error,
+                                limiter=self._limiter).run(extra)
 
     def abort_stale_uploads(self, bases: Mapping[str, float],
                             ours: Callable[[str], bool] = lambda _key: True) -> int:
@@ -357,12 +369,15 @@ class S3Remote:
             if not verified and info.sha256 is None:  # another tool's object: maybe a composite
                 parts = self._part_check(key, resp, info, dest, version_id)
             sink = dest if parts is None else cast(BinaryIO, parts)
-            if int(resp.get("ContentLength") or 0) <= CHUNK:
+            size = CHUNK
+            if self._limiter is not None:  # the body is read from the socket as fast as it is written
+                sink, size = cast(BinaryIO, MeteredWriter(sink, self._limiter)), self._limiter.chunk
+            if int(resp.get("ContentLength") or 0) <= size:
                 # one exact-size read: a read(CHUNK) allocates (and zeroes) a 1 MiB buffer per call,
                 # which cost more than the download for small files
                 sink.write(body.read())
             else:
-                for chunk in body.iter_chunks(CHUNK):
+                for chunk in body.iter_chunks(size):
                     sink.write(chunk)
             if parts is not None:
                 parts.check(f"{action} {key}")  # before the file can appear (SPEC §4.3)
