@@ -6,6 +6,8 @@ seeds until the budget is spent (README "The fault explorer").
 - `SYNCD_EXPLORE_SCHEDULE=FILE` replays a saved (shrunk) schedule: `{"profile": ..., "steps": [...]}`.
 - `SYNCD_EXPLORE_SHRINK` (seconds, default 240): how long a failure is shrunk before it is reported.
 - `SYNCD_EXPLORE_REPORT=FILE`: where the figures of the new seeds' run are written (JSON).
+- `SYNCD_EXPLORE_KEEP_GOING=1`: a long run goes on after a failing seed (no shrinking) and fails
+  at the end with every failure.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ def explore(tmp: Path, moto: str, profile: str, seed: int, steps: list[Step] | N
         run_schedule(tmp / "run", moto, profile, seed, steps)
     except Violation as e:
         budget = float(os.environ.get("SYNCD_EXPLORE_SHRINK", "240"))
+        if os.environ.get("SYNCD_EXPLORE_KEEP_GOING") == "1":
+            budget = 0.0
         small = shrink(tmp, moto, profile, seed, list(steps), budget) if budget > 0 else steps
         saved = tmp / "schedule.json"
         saved.write_text(json.dumps({"profile": profile, "seed": seed, "steps": small}, indent=1))
@@ -138,14 +142,22 @@ def test_new_seeds_within_the_budget(tmp_path: Path, moto_server: str) -> None:
     names = sorted(PROFILES)
     i = rng.randrange(len(names))
     n = 0
+    keep_going = os.environ.get("SYNCD_EXPLORE_KEEP_GOING") == "1"  # a long run: count, then fail
+    failures: list[str] = []
     while time.monotonic() < deadline:
         profile = names[i % len(names)]
         seed = rng.randrange(1, 2**31)
         print(f"explorer: {profile}:{seed}")
-        explore(tmp_path / f"s{n}", moto_server, profile, seed)
+        try:
+            explore(tmp_path / f"s{n}", moto_server, profile, seed)
+        except Violation as e:
+            if not keep_going:
+                raise
+            failures.append(str(e).split("\n--- trace ---")[0])
         i += 1
         n += 1
-    FIGURES["seconds"] = int(budget)
-    print(f"explorer figures: {json.dumps(FIGURES)}")
+    report = {**FIGURES, "seconds": int(budget), "failures": failures}
+    print(f"explorer figures: {json.dumps(report)}")
     if os.environ.get("SYNCD_EXPLORE_REPORT"):
-        Path(os.environ["SYNCD_EXPLORE_REPORT"]).write_text(json.dumps(FIGURES, indent=1) + "\n")
+        Path(os.environ["SYNCD_EXPLORE_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")
+    assert not failures, "\n\n".join(failures)
