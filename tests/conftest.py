@@ -25,6 +25,7 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("SYNCD_CONFIG", None)
 
 import itertools  # noqa: E402
+import logging  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -302,6 +303,12 @@ def syncd(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            # the CLI's log handler writes to this test's captured stderr, closed after it: a
+            # later test logging at debug would print "--- Logging error ---" into its own
+            root = logging.getLogger()
+            for h in [h for h in root.handlers if getattr(h, "_syncd", False)]:
+                root.removeHandler(h)
         captured = capsys.readouterr()
         _outputs.append(captured.out + captured.err)
         return Result(code, captured.out, captured.err)

@@ -76,6 +76,7 @@ class Host:
     health: int
     proc: DaemonProc | None = None
     starts: int = 0
+    started_at: float = 0.0  # wall clock: a listing ended after it was this process's
 
 
 class World:
@@ -126,6 +127,7 @@ class World:
         if h.proc is not None and h.proc.alive():
             return
         h.starts += 1
+        h.started_at = time.time()
         h.proc = DaemonProc(h.config, h.ledger, h.root.parent / f"daemon{h.starts}.log").start()
         if wait:
             self.wait_ready(h)
@@ -345,6 +347,14 @@ class World:
         except sqlite3.OperationalError:
             return False
 
+    def listed(self, h: Host) -> bool:
+        """This host's current process has listed the remote (after READY, SPEC §3)."""
+        try:
+            rows = self.ledger_rows(h, "SELECT listed_at FROM watches")
+        except sqlite3.OperationalError:
+            return False
+        return bool(rows) and all((r[0] or 0) >= h.started_at for r in rows)
+
     def synced(self, h: Host) -> bool:
         """Settled, and every file on the host's disk is synced (not only seen)."""
         if not self.settled(h):
@@ -406,6 +416,10 @@ class World:
             assert h is not None
             self.stop(h)
             self.start(h)
+            try:
+                wait_for(lambda: self.listed(h), 30, 0.05)
+            except AssertionError:
+                self.note(f"  (host{h.i} did not list the remote within 30 s)")
         elif op == "lose_host":
             assert h is not None
             self.lose_host(h)
@@ -470,12 +484,15 @@ class World:
             self.start(h)
         problems: list[str] = []
         try:
-            wait_for(lambda: all(self.synced(h) for h in self.hosts) and not self.trees_problems(final=True),
+            wait_for(lambda: all(self.listed(h) and self.synced(h) for h in self.hosts)
+                     and not self.trees_problems(final=True),
                      self.quiet, 0.2, "hosts converged")
         except AssertionError:
             problems += self.trees_problems(final=True)
             problems += [f"host{h.i}: work left after {self.quiet:.0f} s of quiet: {self.unsettled(h)}"
                          for h in self.hosts if not self.synced(h)]
+            problems += [f"host{h.i}: no listing of the remote after its start" for h in self.hosts
+                         if not self.listed(h)]
         for h in self.hosts:
             self.stop(h)
         problems += self.bucket_problems()
