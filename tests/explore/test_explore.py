@@ -4,7 +4,7 @@ seeds until the budget is spent (README "The fault explorer").
 - `SYNCD_EXPLORE_SECONDS` (default 60): the budget for new seeds after the corpus.
 - `SYNCD_EXPLORE=PROFILE:SEED[:LENGTH]` replays one schedule (and nothing else).
 - `SYNCD_EXPLORE_SCHEDULE=FILE` replays a saved (shrunk) schedule: `{"profile": ..., "steps": [...]}`.
-- `SYNCD_EXPLORE_SHRINK` (seconds, default 240): how long a failure is shrunk before it is reported.
+- `SYNCD_EXPLORE_SHRINK` (seconds, default 120): how long a failure is shrunk before it is reported.
 - `SYNCD_EXPLORE_REPORT=FILE`: where the figures of the new seeds' run are written (JSON).
 - `SYNCD_EXPLORE_KEEP_GOING=1`: a long run goes on after a failing seed (no shrinking) and fails
   at the end with every failure.
@@ -91,7 +91,7 @@ def explore(tmp: Path, moto: str, profile: str, seed: int, steps: list[Step] | N
     try:
         run_schedule(tmp / "run", moto, profile, seed, steps)
     except Violation as e:
-        budget = float(os.environ.get("SYNCD_EXPLORE_SHRINK", "240"))
+        budget = float(os.environ.get("SYNCD_EXPLORE_SHRINK", "120"))
         if os.environ.get("SYNCD_EXPLORE_KEEP_GOING") == "1":
             budget = 0.0
         small = shrink(tmp, moto, profile, seed, list(steps), budget) if budget > 0 else steps
