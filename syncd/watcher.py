@@ -50,9 +50,11 @@ EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, 
           DirCreatedEvent, DirMovedEvent, DirDeletedEvent]
 BATCH_MAX = 2000
 BATCH_WAIT = 0.02
-# at a stop, how long the observers go on reading what inotify queued before they stop: an event
-# is read within a few ms of the change; this covers a change made just before SIGTERM
-STOP_GRACE = 0.2
+# at a stop, how long the observers go on reading what inotify queued before they stop: most
+# events are read within a few ms, but watchdog holds a rename's IN_MOVED_FROM 0.5 s for its
+# IN_MOVED_TO (InotifyMoveEventGrouper.delay); a rename out of sight (into a directory not yet
+# watched) just before SIGTERM would be dropped with it, and the old name come back at the start
+STOP_GRACE = 0.75
 
 
 class _Handler(FileSystemEventHandler):

@@ -1,6 +1,6 @@
 """A clean stop records what the watcher was told before it (found by the fault explorer: a
-rename made just before SIGTERM was lost at the stop, and the old name came back at the next
-start; SPEC §4.5: a deletion seen while running stays deleted)."""
+rename into a new directory made just before SIGTERM was lost at the stop, and the old name came
+back at the next start; SPEC §4.5: a deletion seen while running stays deleted)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.conftest import wait_for
 from tests.reliability.util import Rig, stop_clean, wait_ready
 
 
-@pytest.mark.parametrize("act", ["delete", "rename"])
+@pytest.mark.parametrize("act", ["delete", "rename", "rename_into_a_new_directory"])
 def test_a_file_deleted_just_before_sigterm_stays_deleted_after_the_next_start(
         tmp_path: Path, moto_server: str, act: str) -> None:
     rig = Rig(tmp_path, moto_server, watch={"on_delete": "mirror"})
@@ -25,8 +25,11 @@ def test_a_file_deleted_just_before_sigterm_stays_deleted_after_the_next_start(
     for name in files:  # the app acts, and the operator stops syncd at the same moment
         if act == "delete":
             (rig.root / name).unlink()
-        else:
+        elif act == "rename":
             (rig.root / name).rename(rig.root / f"moved-{name}")
+        else:  # watchdog holds such a rename's IN_MOVED_FROM 0.5 s for a partner that never comes
+            (rig.root / f"new-{name}").mkdir()
+            (rig.root / name).rename(rig.root / f"new-{name}" / name)
     stop_clean(d)
     d = rig.daemon()
     try:
