@@ -98,6 +98,8 @@ class World:
         self.proxy.delay_seconds = 1.5
         self.proxy.start()
         self.model: dict[str, PathModel] = {}
+        self.wiped = False  # another tool emptied the bucket
+        self.listed_since_wipe = False  # and a host listed it since: a listing may confirm the wipe
         self.hosts: list[Host] = []
         for i in range(profile.hosts):
             base = tmp / f"host{i}"
@@ -126,6 +128,7 @@ class World:
     def start(self, h: Host, wait: bool = True) -> None:
         if h.proc is not None and h.proc.alive():
             return
+        self.listed_since_wipe = self.wiped  # a start lists the remote (SPEC §3)
         h.starts += 1
         h.started_at = time.time()
         h.proc = DaemonProc(h.config, h.ledger, h.root.parent / f"daemon{h.starts}.log").start()
@@ -276,6 +279,7 @@ class World:
         keys = [o["Key"] for o in self.objects_raw()]
         for i in range(0, len(keys), 1000):
             self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
+        self.wiped, self.listed_since_wipe = True, False
         for pm in self.model.values():
             if pm.expect is not None:
                 # SPEC §4.12: events must not empty the hosts; a later listing may upload the
@@ -530,7 +534,7 @@ class World:
                 if pm.wiped:
                     # the bucket was wiped: the events must not take it (checked now); a listing
                     # may then confirm the deletion or upload it again
-                    allowed = allowed | ({GONE} if final else set())
+                    allowed = allowed | ({GONE} if final or self.listed_since_wipe else set())
                 if pm.clash or (pm.needs_start and not final):
                     allowed = allowed | {GONE}
                 if have in allowed:
@@ -546,7 +550,11 @@ class World:
         if len(trees) > 1:
             # a file/directory pair may end either way on each host (the first restored stays,
             # the other fails by name: README); every other path is the same everywhere
-            clash = {p for p, pm in self.model.items() if pm.clash}
+            # before every host listed: a restore refused once (a flipped byte) waits for a start
+            # on one host and not the other, and a wipe one host's listing confirmed is not yet
+            # confirmed on the other
+            clash = {p for p, pm in self.model.items() if pm.clash or (not final and (
+                pm.needs_start or (pm.wiped and self.listed_since_wipe)))}
             first = {p: d for p, d in trees[0].items() if p not in clash}
             for h, tree in zip(self.hosts[1:], trees[1:], strict=True):
                 mine = {p: d for p, d in tree.items() if p not in clash}
