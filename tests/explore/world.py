@@ -281,10 +281,10 @@ class World:
             self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
         self.wiped, self.listed_since_wipe = True, False
         for pm in self.model.values():
-            if pm.expect is not None:
-                # SPEC §4.12: events must not empty the hosts; a later listing may upload the
-                # files again, or (shared) confirm the deletions
-                pm.wiped = True
+            # SPEC §4.12: events must not empty the hosts; a later listing may upload the files
+            # again, or (shared) confirm the deletions. A deletion whose event came in the
+            # wipe's burst waits with it (paused) until a listing
+            pm.wiped = True
 
     def lose_host(self, h: Host) -> None:
         """The host's disk and ledger are lost (a container replaced): kill, wipe, start."""
@@ -531,10 +531,12 @@ class World:
             for path, pm in self.model.items():
                 have = tree.get(path)
                 allowed = pm.allowed()
-                if pm.wiped:
+                if pm.wiped and pm.expect is not None:
                     # the bucket was wiped: the events must not take it (checked now); a listing
                     # may then confirm the deletion or upload it again
                     allowed = allowed | ({GONE} if final or self.listed_since_wipe else set())
+                elif pm.wiped and not final:
+                    allowed = allowed | pm.last_deleted  # its removal event paused with the wipe
                 if pm.clash or (pm.needs_start and not final):
                     allowed = allowed | {GONE}
                 if have in allowed:
@@ -554,7 +556,7 @@ class World:
             # on one host and not the other, and a wipe one host's listing confirmed is not yet
             # confirmed on the other
             clash = {p for p, pm in self.model.items() if pm.clash or (not final and (
-                pm.needs_start or (pm.wiped and self.listed_since_wipe)))}
+                pm.needs_start or (pm.wiped and (self.listed_since_wipe or pm.expect is None))))}
             first = {p: d for p, d in trees[0].items() if p not in clash}
             for h, tree in zip(self.hosts[1:], trees[1:], strict=True):
                 mine = {p: d for p, d in tree.items() if p not in clash}
