@@ -208,7 +208,7 @@ class World:
         else:  # create, overwrite, new_dir (the directory made just before), large
             data = new
             f.write_bytes(data)
-        pm.expect, pm.also = data, set()
+        pm.expect, pm.also, pm.wiped = data, set(), False
         pm.versions.add(data)
         self.counts["writes"] += 1
 
@@ -271,7 +271,7 @@ class World:
         else:
             extra = {"ChecksumAlgorithm": checksum} if checksum else {}
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
-        pm.expect, pm.also = data, set()
+        pm.expect, pm.also, pm.wiped = data, set(), False
         pm.versions.add(data)
 
     def wipe_bucket(self) -> None:
