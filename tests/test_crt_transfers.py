@@ -81,7 +81,7 @@ def test_crt_puts_and_gets_carry_the_botocore_paths_headers_and_never_pass_throu
             assert head["StorageClass"] == "STANDARD_IA" and head["ServerSideEncryption"] == "AES256"
             assert head.get("ChecksumSHA256")  # the server was given the SHA-256 to verify
 
-        # a restore: syncd's objects come through awscrt (ranged GETs), another tool's through botocore
+        # a restore: syncd's objects of up to 8 MiB come through awscrt, the others through botocore
         store.put_raw(f"{env.prefix}/other.txt", b"written by another tool")
         files["other.txt"] = b"written by another tool"
         for name in files:
@@ -92,10 +92,10 @@ def test_crt_puts_and_gets_carry_the_botocore_paths_headers_and_never_pass_throu
     assert {name: (env.root / name).read_bytes() for name in files} == files
     got = {url.split("?")[0].rsplit("/", 1)[-1] for method, url in botocore_sent
            if method == "GET" and f"/{env.prefix}/" in url}
-    assert got == {"other.txt"}, botocore_sent
-    for name in ("small", "photo.jpg", "mid.bin", "big.bin"):
-        assert all("range" in h for h in _heads(proxy, "GET", name))
-    assert len(_heads(proxy, "GET", "big.bin")) == 1 + 1  # 8 MiB ranges: awscrt's first, then the rest
+    assert got == {"other.txt", "big.bin"}, botocore_sent  # not syncd's; above 8 MiB
+    for name in ("small", "photo.jpg", "mid.bin"):
+        (h,) = _heads(proxy, "GET", name)
+        assert h["range"] == "bytes=0-8388607" and "awscrt" in h["user-agent"]
 
 
 def _remote(store, make_env, transfers: str, **remote):
@@ -209,3 +209,37 @@ def test_a_stop_during_the_start_up_restore_is_clean_and_the_next_start_restores
         finally:
             stop_clean(d)
     assert local_tree(rig.root) == expected
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+def test_with_checksum_md5_a_crt_put_carries_the_content_md5_the_server_verifies(store, make_env, syncd):
+    import base64
+
+    data = os.urandom(5000)
+    with FaultProxy(port_of(store.endpoint_url), seed=0, rates=Rates(), record=True) as proxy:
+        env = make_env(store, remote={"endpoint_url": proxy.url, "transfers": "crt", "checksum": "md5"})
+        env.root.mkdir(parents=True)
+        (env.root / "a.bin").write_bytes(data)
+        r = syncd("--config", str(env.config), "resync")
+        assert r.code == 0, r.out + r.err
+    (h,) = _heads(proxy, "PUT", "a.bin")
+    assert h["content-md5"] == base64.b64encode(hashlib.md5(data).digest()).decode()
+    assert "x-amz-checksum-sha256" not in h and "awscrt" in h["user-agent"]
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # awscrt's traceback on stderr
+def test_without_credentials_a_crt_transfer_fails_as_botocores_does(store, make_env, tmp_path, monkeypatch):
+    import io
+
+    src = tmp_path / "f.txt"
+    src.write_bytes(b"x")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    seen = {}
+    for transfers in ("botocore", "crt"):
+        remote, env = _remote(store, make_env, transfers)
+        seen[transfers] = [_failure(lambda r=remote, k=f"{env.prefix}/f.txt": r.get(k, io.BytesIO())),
+                           _failure(lambda r=remote, k=f"{env.prefix}/f.txt": r.put(k, src, size=1, sha256="0" * 64,
+                                                                                    mtime_ns=1))]
+    assert seen["crt"] == seen["botocore"] == [("credentials", "NoCredentialsError")] * 2

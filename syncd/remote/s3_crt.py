@@ -4,7 +4,7 @@ Why: a restore of many small files is bound by the client's CPU on the botocore 
 builds, signs and parses each request in Python under the GIL: ~60% of 2.2-2.7 ms per 4 KiB
 file). awscrt does the HTTP, the signing and the connection pool in C, off the GIL.
 
-What goes this way, and what stays on botocore (`S3Remote` asks `takes_put` / calls `get`):
+What goes this way (`S3Remote.put` / `get` hand it over), and what stays on botocore:
 - PUTs of bodies up to CRT_PUT_MAX, as one PutObject that syncd builds itself, with exactly the
   headers of the botocore path: the SHA-256 the server verifies (x-amz-checksum-sha256, or
   Content-MD5), `syncd-sha256`/`syncd-mtime-ns`, type, storage class, SSE/KMS. awscrt reads a
@@ -12,10 +12,10 @@ What goes this way, and what stays on botocore (`S3Remote` asks `takes_put` / ca
   multipart uploads (whose parts, file-change checks and abort at a stop live in
   `syncd.remote.multipart`) stay on botocore.
 - GETs of syncd's own objects (those with `syncd-sha256`, which the restore checks over the bytes
-  written), streamed into the caller's writer in order; large ones are fetched in ranges in
-  parallel (each range after the first sent If-Match the first's ETag). An object without it
-  (another tool's, maybe a composite checksum to check part by part) or a version is refused
-  here at its headers, before any byte is written, and fetched by botocore.
+  written) of up to CRT_GET_MAX, streamed into the caller's writer. Any other object (another
+  tool's, maybe with a composite checksum to check part by part; a larger one) is given up here
+  at its headers, before any byte is written, and fetched by botocore (one request more); so are
+  versions (`restore --at`).
 
 Retries: awscrt cannot be told to try once; MAX_RETRIES = 1 is its least (one retry inside a
 ledger attempt, for the botocore path none). A request that moves no byte for READ_TIMEOUT is
@@ -55,8 +55,11 @@ from syncd.remote.multipart import STOP_GRACE
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 CRT_PUT_MAX = 8 * MIB  # bodies awscrt holds whole in memory: at most this much per request
-PART_SIZE = 8 * MIB  # ranges of a large GET
-THROUGHPUT_GBPS = 50.0  # awscrt sizes its connection pool from this; 10 (its default) kept fewer requests in flight
+# GETs of larger objects go to botocore: awscrt fetches them in PART_SIZE ranges, which cost
+# 1.7x the client CPU of botocore's one stream for a 512 MiB object (and 10x the time on moto,
+# which copies the whole object for each range); up to it, one request
+CRT_GET_MAX = PART_SIZE = 8 * MIB
+THROUGHPUT_GBPS = 10.0  # awscrt's default; syncd's threads bound the requests in flight (50 measured the same)
 MAX_RETRIES = 1
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
@@ -98,18 +101,16 @@ class CrtTransfers:
                 self.host, self._base = f"{bucket}.s3.{region}.{suffix}", "/"
             else:
                 self.host, self._base = f"s3.{region}.{suffix}", f"/{quote(bucket, safe='')}/"
-        self._cred_error: BaseException | None = None
+        # botocore's credentials (profile, SSO, role, refresh) are resolved by the caller's thread
+        # before each request (`_signing_credentials`); awscrt's delegate only hands over the
+        # last ones: a delegate that raises is printed by awscrt as an ignored exception with a
+        # traceback, on stderr
+        self._credentials = credentials
+        self._auth = auth
+        self._frozen: tuple[Any, Any] = (None, None)  # botocore's frozen credentials, awscrt's copy
 
         def provide() -> Any:
-            try:
-                c = credentials()
-                if c is None:
-                    raise bexc.NoCredentialsError()
-                frozen = c.get_frozen_credentials()
-                return auth.AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token)
-            except BaseException as e:  # told to the caller as its cause (awscrt only says "delegate failed")
-                self._cred_error = e
-                raise
+            return self._frozen[1]
 
         provider = auth.AwsCredentialsProvider.new_delegate(provide)
         tls_options = None
@@ -129,6 +130,15 @@ class CrtTransfers:
         )
         self._agent = f"syncd/{__version__} awscrt"
         self.stop: threading.Event | None = None  # S3Remote.interrupt_on
+
+    def _signing_credentials(self) -> None:
+        """Resolve botocore's credentials for the next request (refreshed when due)."""
+        c = self._credentials()
+        if c is None:
+            raise bexc.NoCredentialsError()
+        frozen = c.get_frozen_credentials()
+        if frozen != self._frozen[0]:
+            self._frozen = (frozen, self._auth.AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token))
 
     def _path(self, key: str) -> str:
         return self._base + quote(key, safe="/~")
@@ -150,7 +160,8 @@ class CrtTransfers:
     # --- GET ----------------------------------------------------------------------------
     def get(self, key: str, dest: BinaryIO) -> Fetched | None:
         """The object's bytes into `dest`, in order; None (nothing written) when it has no
-        syncd-sha256: botocore fetches it (its checksums, a composite's parts)."""
+        syncd-sha256 (botocore fetches it: its checksums, a composite's parts) or is larger than
+        CRT_GET_MAX."""
         from awscrt.http import HttpHeaders, HttpRequest
 
         request = HttpRequest("GET", self._path(key), HttpHeaders([("Host", self.host), ("User-Agent", self._agent)]))
@@ -166,7 +177,7 @@ class CrtTransfers:
             written += len(chunk)
 
         def headers_check(h: dict[str, str]) -> None:
-            if "x-amz-meta-syncd-sha256" not in h:
+            if "x-amz-meta-syncd-sha256" not in h or int(h.get("content-length") or 0) > CRT_GET_MAX:
                 raise NotForCrt(key)
 
         try:
@@ -200,10 +211,11 @@ class CrtTransfers:
 
         extra: dict[str, Any] = {"operation_name": operation} if kind == self._s3.S3RequestType.DEFAULT else {}
         try:
+            self._signing_credentials()
             req = self.client.make_request(type=kind, request=request, on_headers=on_headers,
                                            on_body=body if on_body is not None else None,
                                            on_progress=on_progress, **extra)
-        except Exception as e:  # awscrt refused to start it
+        except Exception as e:  # no credentials, or awscrt refused to start it
             raise self._error(e, action, key) from e
         fut = req.finished_future
         stop, stopping = self.stop, 0.0
@@ -234,11 +246,11 @@ class CrtTransfers:
     def _error(self, e: BaseException, action: str, key: str) -> BaseException:
         if isinstance(e, NotForCrt):
             return e
-        return crt_error(e, action, key, self._map_error, credentials=self._cred_error)
+        return crt_error(e, action, key, self._map_error)
 
 
-def crt_error(e: BaseException, action: str, key: str, map_error: Callable[[BaseException, str, str], RemoteError],
-              *, credentials: BaseException | None = None) -> RemoteError:
+def crt_error(e: BaseException, action: str, key: str,
+              map_error: Callable[[BaseException, str, str], RemoteError]) -> RemoteError:
     """An awscrt failure as the RemoteError the botocore path would raise for it."""
     from awscrt.exceptions import AwsCrtError
     from awscrt.s3 import S3ResponseError
@@ -258,8 +270,6 @@ def crt_error(e: BaseException, action: str, key: str, map_error: Callable[[Base
             response = {"Error": {"Code": code, "Message": e.message}, "ResponseMetadata": {"HTTPStatusCode": status}}
             return map_error(bexc.ClientError(response, action.split(":", 1)[1]), action, key)
         if name.startswith("AWS_AUTH_"):
-            if credentials is not None:
-                return map_error(credentials, action, key)
             return RemoteError(CREDENTIALS, f"no usable AWS credentials: {e.message}", code=name, action=action)
         if name in _UNREACHABLE:
             return RemoteError(UNREACHABLE, f"cannot reach the S3 endpoint: {e.message} ({name})", code="Unreachable",
