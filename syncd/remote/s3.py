@@ -414,7 +414,7 @@ class S3Remote:
             if crt is not None:
                 fetched = crt.get(key, dest)
                 if fetched is not None:
-                    return fetched  # else: not syncd's object, nothing written: botocore fetches it
+                    return fetched  # else: not syncd's, or above 8 MiB; nothing written: botocore fetches it
             extra = {"VersionId": version_id} if version_id else {}
             resp = self.client.get_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED", **extra)
             body = resp["Body"]
