@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"run the WAN scenarios ({WAN}: upload, restore, no-op at 50 and 200 ms); "
                         "with --only, they are added to its letters")
     p.add_argument("--wan-rounds", type=int, help="rounds of the WAN scenarios (default 2 at <= 50 ms, else 1)")
+    p.add_argument("--transfers", choices=("botocore", "crt", "auto"),
+                   help="[remote] transfers of every syncd run (default: syncd's, botocore)")
     p.add_argument("--scale-files", default="100000,1000000",
                    help="(m): tracked-tree sizes, smallest first (default 100000,1000000)")
     args = p.parse_args(argv)
@@ -79,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--only: unknown scenario(s) {''.join(sorted(bad))}; choose from {ALL}, {FIRST_BYTE} (first byte "
                 f"through /files/), {WAN} (WAN), {SCALE} (scale), {CONVERGE} (shared watches) or {RATE} "
                 "(bandwidth limit)")
+    if args.transfers == "crt" and RATE in args.only:
+        p.error(f"--transfers crt: ({RATE}) sets bwlimit, which syncd refuses with crt (use auto)")
+    tools.TRANSFERS = args.transfers or ""
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     return args
@@ -195,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
         "- tools: " + "; ".join(t.version if t.version.startswith(t.name.split()[0]) else f"{t.name} {t.version}"
                                 for t in found.values()),
         f"- peers skipped: {', '.join(sorted({'aws', 'rclone'} - set(found))) or 'none'}",
-        "- syncd config: defaults (workers 8, checksum sha256) with settle_seconds "
+        "- syncd config: defaults (workers 8, checksum sha256"
+        f"{', transfers ' + args.transfers if args.transfers else ''}) with settle_seconds "
         f"{sizes.e_settle}; rclone `--checksum --fast-list --transfers {tools.RCLONE_TRANSFERS}`; "
         "aws s3 sync defaults",
     ]

@@ -25,6 +25,7 @@ CREDENTIALS = {
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 RCLONE_TRANSFERS = 16
+TRANSFERS = ""  # run.py --transfers: `[remote] transfers` of every syncd run ("": syncd's default)
 
 
 @dataclass
@@ -214,6 +215,7 @@ def write_syncd_config(path: Path, *, endpoint: str, bucket: str, prefix: str, w
         f'url = "s3://{bucket}/{prefix}"',
         f'endpoint_url = "{endpoint}"',
         'region = "us-east-1"',
+        *([f'transfers = "{TRANSFERS}"'] if TRANSFERS else []),
         *(f"{k} = {v}" for k, v in (remote_extra or {}).items()),
         "",
         "[[watch]]",

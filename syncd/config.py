@@ -70,6 +70,7 @@ class RemoteConfig:
     multipart_chunk_mb: int = 16
     checksum: str = "sha256"
     events_queue: str = ""  # SQS queue URL receiving the bucket's S3 event notifications
+    transfers: str = "botocore"  # PUTs and GETs through "botocore", "crt" (awscrt) or "auto" (syncd.remote.s3_crt)
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ _SYNCD_KEYS = {
 }
 _REMOTE_KEYS = {
     "url", "endpoint_url", "region", "profile", "storage_class", "sse", "sse_kms_key_id",
-    "multipart_threshold_mb", "multipart_chunk_mb", "checksum", "events_queue",
+    "multipart_threshold_mb", "multipart_chunk_mb", "checksum", "events_queue", "transfers",
 }
 _WATCH_KEYS = {"path", "prefix", "include", "exclude", "on_delete", "restore", "follow_symlinks", "observer",
                "mode", "upload_on_close"}
@@ -243,11 +244,15 @@ def _parse_remote(ctx: _Ctx, t: dict[str, Any], base: Path) -> RemoteConfig:
         "multipart_chunk_mb": ctx.take(t, "remote", "multipart_chunk_mb", (int, float), 16),
         "checksum": ctx.choice(t, "remote", "checksum", ("sha256", "md5", "none"), "sha256"),
         "events_queue": ctx.take(t, "remote", "events_queue", str, ""),
+        "transfers": ctx.choice(t, "remote", "transfers", ("botocore", "crt", "auto"), "botocore"),
     }
     if opts["multipart_chunk_mb"] < 5:
         raise ctx.fail("remote.multipart_chunk_mb", "must be at least 5 (the S3 minimum part size)")
     if opts["multipart_threshold_mb"] <= 0:
         raise ctx.fail("remote.multipart_threshold_mb", "must be greater than 0")
+    if opts["transfers"] == "crt" and opts["checksum"] == "none":
+        raise ctx.fail("remote.transfers", '"crt" sends a checksum the server verifies: it needs checksum = '
+                                           '"sha256" or "md5" (or transfers = "auto")')
     if opts["sse_kms_key_id"] and opts["sse"] != "aws:kms":
         raise ctx.fail("remote.sse_kms_key_id", 'needs sse = "aws:kms"')
     if opts["events_queue"] and urlsplit(opts["events_queue"]).scheme not in ("http", "https"):
@@ -418,6 +423,10 @@ def parse_config(data: dict[str, Any], file: Path) -> Config:
         bwlimit = parse_rate(ctx.take(s, "syncd", "bwlimit", (str, int, float), "0"))
     except ValueError as e:
         raise ctx.fail("syncd.bwlimit", str(e)) from None
+    if bwlimit and remote.transfers == "crt":
+        raise ctx.fail("remote.transfers", '"crt" cannot hold transfers to syncd.bwlimit (awscrt sends and '
+                                           'reads bodies itself): use "auto" (botocore while a limit is set) or '
+                                           '"botocore"')
     ledger = _resolve(base, ctx.take(s, "syncd", "ledger", str, "syncd-ledger.db"))
     for i, w in enumerate(watches):
         if _contains(_real(w.path), _real(ledger.parent)):

@@ -128,6 +128,7 @@ class Store:
 
     kind: str  # "file" | "moto" | "moto_server" | "s3rver"
     url: str
+    transfers: str = ""  # "crt" or "auto": [remote] transfers (make_env), else botocore's default
     endpoint_url: str = ""
     bucket: str = ""
     root: Path | None = None
@@ -175,10 +176,19 @@ def _new_bucket(client: Any) -> str:
     return name
 
 
-@pytest.fixture(params=["file", "moto", "moto_server", "s3rver"])
+@pytest.fixture(params=["file", "moto", "moto_server", "s3rver", "moto_server+crt", "s3rver+crt"])
 def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
-    """Each scenario runs against a file:// remote, moto in-process, moto over HTTP and s3rver."""
-    kind = request.param
+    """Each scenario runs against a file:// remote, moto in-process, moto over HTTP and s3rver, and
+    the last two again with transfers through awscrt ("+crt": `[remote] transfers = "crt"`). Not
+    moto in-process: awscrt sends its own HTTP, which moto's mock of botocore never sees."""
+    kind, _, transfers = request.param.partition("+")
+    for s in _stores(request, kind, tmp_path, monkeypatch):
+        s.transfers = transfers
+        yield s
+
+
+def _stores(request: pytest.FixtureRequest, kind: str, tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
     if kind == "s3rver":
         endpoint = request.getfixturevalue("s3rver")
         client = boto3.client("s3", region_name="us-east-1", endpoint_url=endpoint, aws_access_key_id="S3RVER",
@@ -252,6 +262,8 @@ def make_env(tmp_path: Path) -> Callable[..., Env]:
         remote_cfg: dict[str, Any] = {"url": store.url}
         if store.endpoint_url:
             remote_cfg["endpoint_url"] = store.endpoint_url
+        if store.transfers:
+            remote_cfg["transfers"] = store.transfers
         remote_cfg.update(remote or {})
         w = {"path": str(root), "prefix": "uploads"}
         w.update(watch or {})

@@ -44,6 +44,12 @@ BAD = {
     "http_hosts wildcard": (dict(syncd="http_hosts = ['*']"), "syncd.http_hosts[0]: must be a host name"),
     "http_hosts not a string": (dict(syncd="http_hosts = [7]"), "syncd.http_hosts[0]: must be a host name"),
     "small chunk": (dict(remote=GOOD_REMOTE + "\nmultipart_chunk_mb = 1"), "remote.multipart_chunk_mb"),
+    "bad transfers": (dict(remote=GOOD_REMOTE + "\ntransfers = 'fast'"),
+                      "remote.transfers: must be one of 'botocore', 'crt', 'auto'"),
+    "crt under a bwlimit": (dict(syncd="bwlimit = '8M'", remote=GOOD_REMOTE + "\ntransfers = 'crt'"),
+                            "remote.transfers: \"crt\" cannot hold transfers to syncd.bwlimit"),
+    "crt without a checksum": (dict(remote=GOOD_REMOTE + "\ntransfers = 'crt'\nchecksum = 'none'"),
+                               "remote.transfers: \"crt\" sends a checksum the server verifies"),
     "bad prefix": (dict(watches='[[watch]]\npath = "/tmp/x-syncd"\nprefix = "a/../b"'), "watch[0].prefix"),
 }
 

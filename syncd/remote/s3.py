@@ -52,6 +52,7 @@ from syncd.remote.base import (
     RemoteError,
     VersionInfo,
 )
+from syncd.remote.s3_crt import CRT_PUT_MAX, CrtTransfers
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -121,6 +122,15 @@ def map_error(e: BaseException, action: str, target: str = "") -> RemoteError:
                        action=action)
 
 
+def crt_available() -> bool:
+    """awscrt's S3 client can be imported (botocore[crt])."""
+    try:
+        import awscrt.s3  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def fast_timestamp(value: Any) -> datetime:
     """botocore's timestamp parser, with the formats S3 sends parsed by the standard library.
 
@@ -178,6 +188,14 @@ class S3Remote:
         self._part_clients: tuple[Any, Any] | None = None
         self._stop: threading.Event | None = None
         self._underway = multipart.Underway()
+        # the awscrt path (syncd.remote.s3_crt), made at the first transfer; never under a bwlimit
+        self._crt_mode = "botocore" if limiter is not None else cfg.transfers
+        self._crt: CrtTransfers | None = None
+        if self._crt_mode == "auto" and (cfg.checksum == "none" or not crt_available()):
+            self._crt_mode = "botocore"
+        elif self._crt_mode == "crt" and not crt_available():
+            raise ConfigError('remote.transfers: "crt" needs awscrt (pip install "botocore[crt]"), which cannot '
+                              'be imported')
 
     def _make_client(self, session: Any, s3opts: dict[str, Any], workers: int, *, attempts: int,
                      timeout: float = 0) -> Any:
@@ -221,15 +239,46 @@ class S3Remote:
                                       timeout=multipart.ABORT_TIMEOUT))
             return self._part_clients
 
+    def _transfers(self) -> CrtTransfers | None:
+        """The awscrt path (`syncd.remote.s3_crt`), or None: transfers go through botocore."""
+        if self._crt_mode == "botocore":
+            return None
+        with self._clients_lock:
+            if self._crt is None:
+                self._crt = CrtTransfers(bucket=self.bucket, endpoint_url=self.cfg.endpoint_url,
+                                         region=self._signing_region(), credentials=self._session.get_credentials,
+                                         ca_bundle=self._session.get_config_variable("ca_bundle"),
+                                         map_error=map_error, info=self._info)
+                self._crt.stop = self._stop
+                log.debug("transfers through awscrt (remote.transfers = %s)", self.cfg.transfers)
+            return self._crt
+
+    def _signing_region(self) -> str:
+        """The bucket's region, which awscrt signs for (it follows no region redirect)."""
+        if self.cfg.region or self.cfg.endpoint_url:
+            return str(self.cfg.region or self.client.meta.region_name or "us-east-1")
+        try:
+            resp = self.client.head_bucket(Bucket=self.bucket)
+        except bexc.ClientError as e:
+            resp = e.response
+        except Exception as e:  # unreachable: asked again at the next transfer
+            raise map_error(e, "s3:ListBucket", f"s3://{self.bucket}") from e
+        headers = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        return str(headers.get("x-amz-bucket-region") or self.client.meta.region_name or "us-east-1")
+
     def _abort(self, bucket: str, key: str, upload_id: str, *, quiet: bool = False) -> bool:
         return multipart.abort(self._multipart_clients()[1], bucket, key, upload_id, map_error, quiet=quiet)
 
     def interrupt_on(self, stop: threading.Event) -> None:
-        """A multipart upload under way when `stop` is set is aborted (`syncd.remote.multipart`);
-        transfers in flight stop waiting for the bandwidth limit."""
+        """A multipart upload under way when `stop` is set is aborted (`syncd.remote.multipart`),
+        so is an awscrt request (`syncd.remote.s3_crt`); transfers in flight stop waiting for the
+        bandwidth limit."""
         self._stop = stop
         if self._limiter is not None:
             self._limiter.interrupt_on(stop)
+        with self._clients_lock:
+            if self._crt is not None:
+                self._crt.stop = stop
 
     # --- helpers ------------------------------------------------------------------------
     def _extra(self, key: str, sha256: str, mtime_ns: int) -> dict[str, Any]:
@@ -305,13 +354,18 @@ class S3Remote:
             elif self.cfg.checksum == "md5":
                 md5 = hashlib.md5(data, usedforsecurity=False).digest() if data is not None else _md5_file(path)
                 extra["ContentMD5"] = base64.b64encode(md5).decode()
+            crt = self._transfers()
             if data is not None:  # already read (a small file): sent from memory
+                if crt is not None:
+                    return crt.put(key, data, len(data), extra)
                 if self._limiter is not None:
                     self._limiter.take(len(data))  # a single attempt: these bytes are sent once
                 resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
             else:
                 with open(path, "rb") as f:
                     body = SizedBody(f, size)  # rewritten meanwhile: no hung or mixed request
+                    if crt is not None and size <= CRT_PUT_MAX:
+                        return crt.put(key, body, size, extra)
                     sent = body if self._limiter is None else MeteredBody(body, self._limiter)
                     resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=sent, ContentLength=size,
                                                   **extra)
@@ -356,6 +410,11 @@ class S3Remote:
     def get(self, key: str, dest: BinaryIO, *, version_id: str | None = None) -> Fetched:
         action = "s3:GetObjectVersion" if version_id else "s3:GetObject"
         try:
+            crt = None if version_id else self._transfers()
+            if crt is not None:
+                fetched = crt.get(key, dest)
+                if fetched is not None:
+                    return fetched  # else: not syncd's, or above 8 MiB; nothing written: botocore fetches it
             extra = {"VersionId": version_id} if version_id else {}
             resp = self.client.get_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED", **extra)
             body = resp["Body"]

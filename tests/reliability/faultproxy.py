@@ -25,7 +25,8 @@ answer is cut after a few bytes), ``delay`` / ``hold`` (the store acts at once, 
 Shaping (not faults, applied to every matching request): ``slow`` forwards the body of requests
 whose line contains it at ``slow_rate`` bytes per second (a slow uplink; ``progress`` counts the
 bytes sent on), and ``corrupt`` flips the first body byte of every GET response whose request
-line contains it (a bit flipped in transit).
+line contains it (a bit flipped in transit). ``record`` keeps every request's head (its line and
+headers) in ``heads``: what a client sent, whichever HTTP stack it uses.
 
 Only ``Content-Length`` bodies are parsed (what boto3 sends over plain HTTP); a connection
 that uses ``Transfer-Encoding: chunked`` is passed through untouched.
@@ -96,7 +97,7 @@ class FaultProxy:
 
     def __init__(self, upstream_port: int, *, seed: int, rates: Rates, stall_seconds: float = 2.0,
                  stall_then: str = "reset", max_per_request: int = 3, upstream_host: str = "127.0.0.1",
-                 slow: bytes = b"", slow_rate: int = 0, corrupt: bytes = b"") -> None:
+                 slow: bytes = b"", slow_rate: int = 0, corrupt: bytes = b"", record: bool = False) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.seed = seed
         self.rates = rates
@@ -108,6 +109,7 @@ class FaultProxy:
         self.slow, self.slow_rate, self.corrupt = slow, slow_rate, corrupt
         self.progress: Counter = Counter()  # slowed request line -> body bytes forwarded
         self.corrupted = 0  # responses whose body had a byte flipped
+        self.heads: list[bytes] | None = [] if record else None  # `record`: every request's line and headers
         self._seen: Counter = Counter()  # request line -> times seen
         self._streak: Counter = Counter()  # request line -> consecutive faults
         self.armed: list[Armed] = []
@@ -230,6 +232,8 @@ class FaultProxy:
             req = await _read_head(cr)
             if req is None:
                 return
+            if self.heads is not None:
+                self.heads.append(req.head)
             if req.chunked:  # not parsed: pass the rest of the connection through
                 uw.write(req.head)
                 await _pipe(cr, uw)

@@ -33,7 +33,11 @@ def _content(rng: random.Random, big: bool = False) -> bytes:
     return rng.randbytes(rng.choice([0, 1, 100, rng.randrange(1, 300_000)]))
 
 
-def test_daemon_rides_through_resets_stalls_and_5xx(tmp_path, moto_server, soak, seed, figures):
+TRANSFERS = pytest.mark.parametrize("transfers", ["botocore", "crt"])  # [remote] transfers: both paths
+
+
+@TRANSFERS
+def test_daemon_rides_through_resets_stalls_and_5xx(tmp_path, moto_server, soak, seed, figures, transfers):
     s = seed("faults")
     rng = random.Random(s)
     n_files = 400 if soak else 100
@@ -41,7 +45,7 @@ def test_daemon_rides_through_resets_stalls_and_5xx(tmp_path, moto_server, soak,
     rates = Rates(reset=0.07, stall=0.05, slowdown=0.07, internal=0.05)
     with FaultProxy(port_of(moto_server), seed=s, rates=rates, stall_seconds=2.0) as proxy:
         rig = Rig(tmp_path, proxy.url, direct=moto_server, watch={"on_delete": "mirror"},
-                  remote={"multipart_threshold_mb": 5, "multipart_chunk_mb": 5})
+                  remote={"multipart_threshold_mb": 5, "multipart_chunk_mb": 5, "transfers": transfers})
         expected: dict[str, bytes] = {}
         written = set()
         # some files before the first start: the startup catch-up goes through the proxy too
@@ -96,27 +100,30 @@ def test_daemon_rides_through_resets_stalls_and_5xx(tmp_path, moto_server, soak,
     assert rig.states().get("failed", 0) == 0
     assert "Traceback" not in d.log()
     print(f"faults injected: {counts} of {proxy.log.requests} requests")
-    figures.add("faults: daemon through the proxy", faults=counts, files_written=len(written),
+    figures.add(f"faults: daemon through the proxy ({transfers})", faults=counts, files_written=len(written),
                 writes=len(written) + len(expected) // 5, files_verified=len(expected) - len(problems),
                 files_lost=len(problems))
     assert not problems, problems
     assert all(counts[k] > 0 for k in KINDS), counts
 
 
-def test_stalls_past_the_client_read_timeout(tmp_path, moto_server, seed, figures, syncd, monkeypatch):
+@TRANSFERS
+def test_stalls_past_the_client_read_timeout(tmp_path, moto_server, seed, figures, syncd, monkeypatch, transfers):
     """A real read timeout: the client waits 1 s (monkeypatched), the proxy stalls 5 s."""
     from botocore.config import Config as BotoConfig
 
     import syncd.remote.s3 as s3mod
+    import syncd.remote.s3_crt as s3_crt
 
     monkeypatch.setattr(s3mod, "BotoConfig", lambda **kw: BotoConfig(**{**kw, "read_timeout": 1,
                                                                          "connect_timeout": 1}))
+    monkeypatch.setattr(s3_crt, "READ_TIMEOUT", 1.0)
     s = seed("stalls")
     rng = random.Random(s)
     # at most 2 stalls in a row per request: `resync` gives a transient error 5 tries
     with FaultProxy(port_of(moto_server), seed=s, rates=Rates(stall=0.3, slowdown=0.1), stall_seconds=5,
                     stall_then="hang", max_per_request=2) as proxy:
-        rig = Rig(tmp_path, proxy.url, direct=moto_server)
+        rig = Rig(tmp_path, proxy.url, direct=moto_server, remote={"transfers": transfers})
         expected = {f"s/f{i}.bin": rng.randbytes(rng.randrange(1, 50_000)) for i in range(12)}
         for rel, data in expected.items():
             write_file(rig.root / rel, data)
@@ -131,19 +138,20 @@ def test_stalls_past_the_client_read_timeout(tmp_path, moto_server, seed, figure
     assert {rel: (rig.root / rel).read_bytes() for rel in expected} == expected
     assert not restore_temps(rig.root)
     problems = rig.check(expected)
-    figures.add("faults: stalls past the read timeout (resync)", faults=counts, files_written=len(expected),
+    figures.add(f"faults: stalls past the read timeout (resync, {transfers})", faults=counts, files_written=len(expected),
                 writes=len(expected), files_verified=len(expected) - len(problems), files_lost=len(problems))
     assert not problems, problems
     assert counts["stall"] > 0, counts
 
 
+@TRANSFERS
 @pytest.mark.parametrize("kind", ["slowdown", "internal", "reset"])
-def test_every_request_faulted_once_still_completes(tmp_path, moto_server, seed, syncd, figures, kind):
+def test_every_request_faulted_once_still_completes(tmp_path, moto_server, seed, syncd, figures, kind, transfers):
     """The worst steady rate the retry policy must absorb: each request line fails once first."""
     s = seed(f"each_{kind}")
     rng = random.Random(s)
     with FaultProxy(port_of(moto_server), seed=s, rates=Rates(**{kind: 1.0}), max_per_request=1) as proxy:
-        rig = Rig(tmp_path, proxy.url, direct=moto_server)
+        rig = Rig(tmp_path, proxy.url, direct=moto_server, remote={"transfers": transfers})
         expected = {f"e/f{i}.bin": rng.randbytes(rng.randrange(1, 200_000)) for i in range(5)}
         for rel, data in expected.items():
             write_file(rig.root / rel, data)
@@ -165,7 +173,7 @@ def test_every_request_faulted_once_still_completes(tmp_path, moto_server, seed,
     assert local_tree(tmp_path / "copy" / "uploads") == expected
     assert not restore_temps(tmp_path)
     problems = rig.check(expected)
-    figures.add(f"faults: every request fails once ({kind})", faults=counts, files_written=len(expected),
+    figures.add(f"faults: every request fails once ({kind}, {transfers})", faults=counts, files_written=len(expected),
                 writes=len(expected), files_verified=len(expected) - len(problems), files_lost=len(problems))
     assert not problems, problems
     assert counts[kind] >= len(expected), counts
