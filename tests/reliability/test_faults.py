@@ -34,9 +34,13 @@ def _content(rng: random.Random, big: bool = False) -> bytes:
 
 
 TRANSFERS = pytest.mark.parametrize("transfers", ["botocore", "crt"])  # [remote] transfers: both paths
+# the two long daemon scenarios run the default path only in the default suite (its time budget);
+# SYNCD_SOAK=1 runs them through awscrt too
+LONG_TRANSFERS = pytest.mark.parametrize(
+    "transfers", ["botocore", "crt"] if os.environ.get("SYNCD_SOAK") == "1" else ["botocore"])
 
 
-@TRANSFERS
+@LONG_TRANSFERS
 def test_daemon_rides_through_resets_stalls_and_5xx(tmp_path, moto_server, soak, seed, figures, transfers):
     s = seed("faults")
     rng = random.Random(s)
@@ -107,7 +111,7 @@ def test_daemon_rides_through_resets_stalls_and_5xx(tmp_path, moto_server, soak,
     assert all(counts[k] > 0 for k in KINDS), counts
 
 
-@TRANSFERS
+@LONG_TRANSFERS
 def test_stalls_past_the_client_read_timeout(tmp_path, moto_server, seed, figures, syncd, monkeypatch, transfers):
     """A real read timeout: the client waits 1 s (monkeypatched), the proxy stalls 5 s."""
     from botocore.config import Config as BotoConfig
