@@ -6,6 +6,7 @@
     python bench/run.py --only i [--latency-ms 50]                  # first byte via /files/ (i), opt-in
     python bench/run.py --only s                                    # shared watches converging (s), opt-in
     python bench/run.py --only l                                    # the bandwidth limit (l), opt-in
+    python bench/run.py --only k                                    # the loss window under load, kills (k), opt-in
 
 Setup installs missing peers (awscli: pip into bench/.venv, else apt; rclone: apt) or skips them
 with a line saying so. Each scenario starts a fresh moto server on 127.0.0.1, generates seeded
@@ -71,16 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="(m): tracked-tree sizes, smallest first (default 100000,1000000)")
     args = p.parse_args(argv)
     from bench.converge import CONVERGE
+    from bench.loss_load import LOAD
     from bench.ratelimit import RATE
     from bench.scale import SCALE
 
     if args.wan:
         args.only = WAN if args.only == ALL else args.only + WAN
-    bad = set(args.only) - set(ALL + FIRST_BYTE + WAN + SCALE + CONVERGE + RATE)
+    bad = set(args.only) - set(ALL + FIRST_BYTE + WAN + SCALE + CONVERGE + RATE + LOAD)
     if bad:
         p.error(f"--only: unknown scenario(s) {''.join(sorted(bad))}; choose from {ALL}, {FIRST_BYTE} (first byte "
-                f"through /files/), {WAN} (WAN), {SCALE} (scale), {CONVERGE} (shared watches) or {RATE} "
-                "(bandwidth limit)")
+                f"through /files/), {WAN} (WAN), {SCALE} (scale), {CONVERGE} (shared watches), {RATE} "
+                f"(bandwidth limit) or {LOAD} (the loss window under load)")
     if args.transfers == "crt" and RATE in args.only:
         p.error(f"--transfers crt: ({RATE}) sets bwlimit, which syncd refuses with crt (use auto)")
     tools.TRANSFERS = args.transfers or ""
@@ -105,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
     from bench.converge import CONVERGE, scenario_s
     from bench.converge import markdown as converge_markdown
     from bench.converge import verdicts as converge_verdicts
+    from bench.loss_load import LOAD, scenario_k
+    from bench.loss_load import markdown as load_markdown
+    from bench.loss_load import verdicts as load_verdicts
     from bench.ratelimit import RATE, scenario_l
     from bench.ratelimit import markdown as rate_markdown
     from bench.ratelimit import verdicts as rate_verdicts
@@ -124,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     scale_results: dict[str, Result] = {}
     converge_results: dict[str, Result] = {}
     rate_results: dict[str, Result] = {}
+    load_results: dict[str, Result] = {}
     results: dict[str, Result] = {}
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -181,6 +187,13 @@ def run(args: argparse.Namespace) -> int:
             except Exception as e:  # noqa: BLE001
                 failed.append(f"(l): {e}")
                 say(f"  FAILED: {e}")
+        if LOAD in args.only:
+            say("(k) the loss window under load: writers, a backlog, kills at random moments")
+            try:
+                load_results["k"] = scenario_k(bench)
+            except Exception as e:  # noqa: BLE001
+                failed.append(f"(k): {e}")
+                say(f"  FAILED: {e}")
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -220,10 +233,13 @@ def run(args: argparse.Namespace) -> int:
     md += converge_markdown(converge_results.get("s"), shared_verdicts)
     limit_verdicts = rate_verdicts(rate_results.get("l"))
     md += rate_markdown(rate_results.get("l"), limit_verdicts)
+    kill_verdicts = load_verdicts(load_results.get("k"))
+    md += load_markdown(load_results.get("k"), kill_verdicts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(md)
     args.out.with_suffix(".json").write_text(json.dumps(raw({**results, **wan_results, **scale_results,
-                                                                   **converge_results, **rate_results}), indent=1))
+                                                                   **converge_results, **rate_results,
+                                                                   **load_results}), indent=1))
     say("")
     for v in verdicts:
         say(f"{v.status:4}  {v.n}. {v.text}: {v.detail}")
@@ -234,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
     for v in shared_verdicts:
         say(f"{v.status:4}  shared {v.text}: {v.detail}")
     for v in limit_verdicts:
+        say(f"{v.status:4}  {v.text}: {v.detail}")
+    for v in kill_verdicts:
         say(f"{v.status:4}  {v.text}: {v.detail}")
     for x in failed:
         say(f"FAILED {x}")

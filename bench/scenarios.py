@@ -60,6 +60,10 @@ class Sizes:
     h_seconds: float = 30.0
     h_crash_at: float = 10.0
     h_compare: bool = True  # also the run with upload_on_close = false (for comparison)
+    k_rate: float = 50.0  # (k) the loss window under load: files/s of all writers together
+    k_backlog: int = 2000  # files queued before the start in the backlog runs
+    k_kills: int = 5  # runs (one kill each) per mode
+    k_kill_between: tuple[float, float] = (4.0, 20.0)  # seconds after READY: the kill, uniform
     i_files: int = 10_000  # (i) first byte through /files/ during a lazy start of i_files x i_size
     i_size: int = 16 * 1024
     i_requests: int = 100  # missing files requested at READY, by i_clients threads
@@ -79,7 +83,7 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(a_files=300, b_files=2, d_files=10_000, e_seconds=8.0, f_small=2_000, f_large=10_000,
-              h_seconds=8.0, h_crash_at=5.0, i_files=2_000, i_requests=50, s_files=30, l_seconds=8.0, l_window=5.0)
+              h_seconds=8.0, h_crash_at=5.0, k_backlog=300, k_kills=1, k_kill_between=(3.0, 6.0), i_files=2_000, i_requests=50, s_files=30, l_seconds=8.0, l_window=5.0)
 
 
 @dataclass

@@ -50,8 +50,11 @@ from syncd.guard import PAUSED
 SCHEMA_VERSION = 4
 STATES = ("pending", "uploading", "synced", "failed", "deleting", "deleted")
 QUEUE_STATES = ("pending", "failed", "deleting")
-BATCHED = ("put", "get")  # claimed a few small files at a time
 DELETE_OPS = ("delete", "trash", "tomb", "unlink")  # rows in state 'deleting'
+# the app's deletions: until the store has them, a host lost with its ledger brings the file back
+REMOTE_DELETE_OPS = ("delete", "trash", "tomb")
+# claimed a few at a time: small files, and deletions (one bodiless request each, 0 bytes here)
+BATCHED = ("put", "get", *REMOTE_DELETE_OPS)
 Row = dict[str, Any]
 T = TypeVar("T")
 
@@ -571,26 +574,30 @@ class Ledger:
               max_size: int | None = None) -> list[Row]:
         """Atomically take due rows whose op is in `ops`: the first due row, then (up to `limit`
         rows in all, and no more than a `share`-th of what is due, so that `share` workers all
-        get some) the next uploads or restores while their sizes add up to at most
-        `batch_bytes`. Small files are claimed a few at a time (fewer write transactions); a
-        large file or a deletion is claimed alone.
+        get some) the next uploads, restores or deletions while their sizes (0 for a deletion)
+        add up to at most `batch_bytes`. Small files and deletions are claimed a few at a time
+        (fewer write transactions, sent at once by the lane); a large file is claimed alone.
 
-        Fresh uploads first (`fresh` seconds): those that became due and were queued within that
-        time, the newest first, ahead of older work by `due_at` (a catch-up backlog): what the
-        app has just closed is uploaded first (SPEC §4.1). `fresh_only`: no other rows;
-        `max_size`: no upload or restore larger than this."""
+        Fresh work first (`fresh` seconds): uploads that became due and were queued within that
+        time, and deletions seen within it and not tried yet, the newest first, ahead of older
+        work by `due_at` (a catch-up backlog): what the app has just closed or deleted reaches
+        the remote first (SPEC §4.1). `fresh_only`: no other rows; `max_size`: no upload or
+        restore larger than this."""
         marks = ",".join("?" for _ in ops)
         sized = " AND (op NOT IN ('put','get') OR size IS NULL OR size<=?)" if max_size is not None else ""
         size_args = [max_size] if max_size is not None else []
         where = (f"WHERE state IN ('pending','failed','deleting') AND due_at<=? AND lease_until IS NULL "
                  f"AND op IN ({marks}){sized}")
+        deletions = ",".join(f"'{op}'" for op in REMOTE_DELETE_OPS)
 
         def take(w: sqlite_utils.Database) -> list[Row]:
             want = limit * share
             due: list[tuple[int, int | None, str]] = []
             if fresh:  # a range of the due_at index (named: SQLite prefers files_state, the whole backlog)
-                due = w.execute(f"SELECT id, size, op FROM files INDEXED BY files_queue {where} AND op='put' "
-                                f"AND due_at>? AND queued_at>=? ORDER BY due_at DESC LIMIT ?",
+                # a deletion's due_at is when it was seen; a failed one is a retry, not fresh
+                due = w.execute(f"SELECT id, size, op FROM files INDEXED BY files_queue {where} AND due_at>? "
+                                f"AND ((op='put' AND queued_at>=?) OR (op IN ({deletions}) AND attempts=0)) "
+                                f"ORDER BY due_at DESC LIMIT ?",
                                 [now, *ops, *size_args, now - fresh, now - fresh, want]).fetchall()
             if not fresh_only and len(due) < want:
                 taken = {r[0] for r in due}
@@ -601,7 +608,7 @@ class Ledger:
             ids: list[int] = []
             total = 0
             for row_id, size, op in due[:fair]:
-                total += size or 0
+                total += 0 if op in REMOTE_DELETE_OPS else size or 0
                 if ids and (op not in BATCHED or total > batch_bytes):
                     break
                 ids.append(row_id)

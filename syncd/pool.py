@@ -3,10 +3,12 @@
 Workers only talk through the ledger: they claim due rows atomically and write the outcome back.
 A `Wake` lets producers (the watcher, other workers) cut a worker's idle wait short.
 
-What the app has just closed goes first (SPEC §4.1; `fresh`, the daemon's pool): workers claim
-fresh uploads (due and queued within `FRESH` seconds, the newest first) before a catch-up
-backlog, and one more worker, the fresh lane, claims only fresh small uploads: a fresh small
-file never waits for a free worker behind large uploads in flight.
+What the app has just closed or deleted goes first (SPEC §4.1; `fresh`, the daemon's pool):
+workers claim fresh uploads (due and queued within `FRESH` seconds) and fresh deletions (seen
+within it, not tried yet), the newest first, before a catch-up backlog, and one more worker, the
+fresh lane, claims only fresh small uploads and fresh deletions: neither waits for a free worker
+behind large uploads in flight. A deletion's remote effect (its tombstone, or the object's
+removal) is what keeps a lost host's file from coming back, as an upload is what keeps a file.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 
 from syncd.errors import LedgerError
 from syncd.lane import Lane, lane_size
-from syncd.ledger import Ledger, Row
+from syncd.ledger import REMOTE_DELETE_OPS, Ledger, Row
 from syncd.retry import backoff
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,7 @@ CLAIM_ROWS = 16  # small files are claimed several at a time: fewer ledger write
 CLAIM_BYTES = 1024 * 1024  # ... as long as they add up to no more than this
 STOP_TIMEOUT = 10.0  # SPEC §4.10: in-flight transfers finish or are aborted within 10 s
 FRESH = 60.0  # seconds an upload counts as fresh once it is due (and since its change was seen)
+FRESH_LANE_OPS = ("put", *REMOTE_DELETE_OPS)  # what the fresh lane takes (uploads up to CLAIM_BYTES)
 
 
 class Wake:
@@ -107,11 +110,11 @@ class WorkerPool:
         ledger = self.ledger
         self.last_loop = time.monotonic()
         seen = self.wake.seen()  # before looking at the queue: no wake-up after it is lost
-        ops = tuple(op for op in self.ops if op == "put") if fresh_lane else self.ops
+        ops = tuple(op for op in self.ops if op in FRESH_LANE_OPS) if fresh_lane else self.ops
         now = time.time()
         if not ops:
             rows = []
-        elif fresh_lane:  # fresh small uploads only: free whatever the other workers carry
+        elif fresh_lane:  # fresh small uploads and deletions only: free whatever the others carry
             rows = ledger.claim(ops, now, lease=self.lease, limit=CLAIM_ROWS, batch_bytes=CLAIM_BYTES,
                                 fresh=self.fresh, fresh_only=True, max_size=CLAIM_BYTES)
         else:

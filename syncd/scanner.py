@@ -204,8 +204,11 @@ class Scanner:
 
     # --- decisions ----------------------------------------------------------------------
     def _due(self, mtime_ns: int) -> float:
+        """When the file has settled. Settled long ago (a catch-up: written while syncd was
+        stopped), that moment: not fresh (`pool.FRESH`: the fresh lane stays free for what the app
+        closes next) and the oldest first. An mtime in the future (a skewed clock): now."""
         settled_at = mtime_ns / 1e9 + self.settle
-        return settled_at if self.now < settled_at < self.now + self.settle + 1 else self.now
+        return settled_at if settled_at < self.now + self.settle + 1 else self.now
 
     def _plan(self, kind: str, path: str) -> None:
         if self.on_plan is not None:

@@ -102,6 +102,23 @@ def test_shared_watches_converge_scenario_on_a_tiny_run(tmp_path: Path) -> None:
     assert "events_queue, remote_rescan_interval 0 | 6/6" in md and "listing, remote_rescan_interval 1 | 6/6" in md
 
 
+def test_the_loss_window_under_load_scenario_on_a_tiny_run(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from bench.loss_load import markdown, scenario_k, verdicts
+
+    sizes = replace(TINY, k_rate=20.0, k_backlog=20, k_kills=1, k_kill_between=(3.0, 3.0))
+    bench = Bench({"syncd": tools.find_syncd()}, tmp_path, sizes, rounds=1, say=lambda _m: None)
+    res = scenario_k(bench)
+    runs = res.extra["runs"]
+    assert [r["mode"] for r in runs] == ["steady", "backlog"] and all(r["uploads"]["acked"] > 0 for r in runs)
+    assert runs[1]["backlog"] == 20
+    vs = verdicts(res)
+    assert [v.status in ("PASS", "FAIL") for v in vs] == [True, True]  # timings: reported, not asserted
+    md = markdown(res, vs)
+    assert "| steady | 3 |" in md and "| backlog, all runs |" in md
+
+
 def test_the_rate_meter_counts_object_bodies_only() -> None:
     """bench (l)'s proxy: PUT bodies up; GET bodies of objects down (not listings, HEADs, a 100
     Continue or chunk framing), however the stream is cut."""

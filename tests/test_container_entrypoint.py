@@ -235,3 +235,95 @@ def test_lazy_mode_starts_the_app_at_ready_and_restores_behind_it(tmp_path: Path
             proc.wait()
         log.close()
     assert (remote / "uploads" / "last-words.txt").read_bytes() == b"bye"
+
+
+PROBING_APP = r'''
+import json, os, signal, sys, time, urllib.error, urllib.request
+port, report = sys.argv[1], sys.argv[2]
+try:  # what nginx's `try_files $uri @syncd` does with its first request
+    seen = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).status
+except urllib.error.HTTPError as e:
+    seen = e.code
+except OSError as e:
+    seen = f"no answer: {e}"
+json.dump({"healthz": seen}, open(report, "w"))
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+while not stop:
+    time.sleep(0.05)
+'''
+
+SLOW_RUN = r'''#!/bin/sh
+# `run` held back at its start (a big image's imports on a busy node) until the test opens the gate
+if [ "$1" = run ]; then
+    touch "{started}"
+    while [ ! -e "{gate}" ]; do sleep 0.05; done
+fi
+exec "{python}" -m syncd "$@"
+'''
+
+
+@needs_bash
+def test_the_default_mode_starts_the_app_once_syncd_answers_on_its_port(tmp_path: Path) -> None:
+    """nginx in front of the app falls back to syncd's port (`serve_files`): an app started
+    beside a `syncd run` that does not listen yet got 502s. The default mode starts the app once
+    syncd is READY, which it is only after its HTTP endpoint serves."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    remote = tmp_path / "remote"
+    write_file(remote / "uploads" / "a.txt", b"a")
+    env, root, _ledger = setup(tmp_path, {"url": f"file://{remote}"})
+    config = Path(env["SYNCD_CONFIG"])
+    config.write_text(config.read_text().replace('health_listen = ""', f'health_listen = "127.0.0.1:{port}"'))
+    assert f"127.0.0.1:{port}" in config.read_text()
+    started, gate = tmp_path / "run.started", tmp_path / "gate"
+    slow = tmp_path / "slow-syncd"
+    slow.write_text(SLOW_RUN.format(python=sys.executable, started=started, gate=gate))
+    slow.chmod(0o755)
+    env.update(SYNCD_BIN=str(slow), PYTHONPATH=str(ENTRYPOINT.parent.parent.parent))
+    app = tmp_path / "probe.py"
+    app.write_text(PROBING_APP)
+    report = tmp_path / "app-report.json"
+    log = open(tmp_path / "entrypoint.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT), sys.executable, str(app), str(port), str(report)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: started.exists() or proc.poll() is not None, 60, what="`syncd run` to start")
+        gate.touch()
+        wait_for(lambda: report.exists() and report.read_text().endswith("}") or proc.poll() is not None, 60,
+                 what="the app's report")
+        assert proc.poll() is None, (tmp_path / "entrypoint.log").read_text()
+        assert json.loads(report.read_text())["healthz"] == 200, (tmp_path / "entrypoint.log").read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, (tmp_path / "entrypoint.log").read_text()
+    finally:
+        gate.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@needs_bash
+def test_with_the_remote_down_and_require_restore_0_the_app_starts_without_waiting_for_ready(tmp_path: Path) -> None:
+    """READY waits for the remote; SYNCD_REQUIRE_RESTORE=0 asks for the app without it."""
+    env, root, _ledger = setup(tmp_path, {"url": "s3://no-such-bucket/x", "endpoint_url": "http://127.0.0.1:9"})
+    env["SYNCD_REQUIRE_RESTORE"] = "0"
+    root.mkdir(parents=True)
+    report = tmp_path / "app-report.json"
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT), sys.executable, str(tmp_path / "app.py"), str(root),
+                             str(report)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: report.exists() or proc.poll() is not None, 180, what="the app to start")
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        assert "starting the app anyway" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

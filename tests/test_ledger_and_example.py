@@ -141,8 +141,29 @@ def test_fresh_uploads_are_claimed_before_a_backlog_and_the_fresh_lane_takes_onl
     assert take(fresh=60, fresh_only=True, max_size=1 << 20) == ["new2", "new1"]
     assert take(fresh=60, fresh_only=True, max_size=1 << 20) == []
     assert take(fresh=60) == ["big"]  # a large one alone, ahead of the backlog
-    assert take(fresh=60) == [f"old{i:02}" for i in range(16)]  # then the rest by due_at (fresh: uploads only)
+    assert take(fresh=60) == [f"old{i:02}" for i in range(16)]  # then the rest by due_at (a restore is never fresh)
     assert led.next_due(("put",), after=now) is None  # nothing comes due later: the lane sleeps
+    led.close()
+
+
+def test_fresh_deletions_are_claimed_before_a_backlog_by_the_fresh_lane_and_weigh_nothing(tmp_path):
+    import time
+
+    now = time.time()
+    led = Ledger(tmp_path / "l.db")
+    old = [{"watch": "w", "path": f"old{i:02}", "state": "pending", "op": "put", "due_at": now - 3600 + i,
+            "queued_at": now - 3600, "size": 10} for i in range(20)]
+    gone = [{"watch": "w", "path": f"gone{i}", "state": "deleting", "op": op, "due_at": now - 1, "queued_at": None,
+             "attempts": 0, "size": 900_000} for i, op in enumerate(("tomb", "delete", "trash"))]
+    retry = {"watch": "w", "path": "retried", "state": "deleting", "op": "tomb", "due_at": now - 1, "attempts": 2}
+    led.upsert_many(old + gone + [retry])
+    ops = ("put", "tomb", "delete", "trash")
+    lane = led.claim(ops, now, limit=16, batch_bytes=1 << 20, fresh=60, fresh_only=True, max_size=1 << 20)
+    # all three in one claim: a deletion's bytes are not its file's (2.7 MB of files here)
+    assert sorted(r["path"] for r in lane) == ["gone0", "gone1", "gone2"]
+    # a retry is not fresh: it waits its turn behind the backlog
+    assert led.claim(ops, now, limit=16, batch_bytes=1 << 20, fresh=60, fresh_only=True) == []
+    assert [r["path"] for r in led.claim(ops, now, limit=30, batch_bytes=1 << 20, fresh=60)][-1] == "retried"
     led.close()
 
 

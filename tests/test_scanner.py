@@ -92,3 +92,24 @@ def test_a_bad_name_is_warned_about_once_not_at_every_change(tmp_path, caplog):
     (row,) = led.query("SELECT state, error_kind, size FROM files")
     assert (row["state"], row["error_kind"], row["size"]) == ("failed", "name", 3)  # the row follows the file
     led.close()
+
+
+def test_a_catch_up_backlog_is_not_fresh_and_goes_oldest_first(tmp_path):
+    """Files written while syncd was stopped (an hour and a day ago) are a catch-up, not what the
+    app has just closed: the fresh lane leaves them to the other workers (it stays free for the
+    app's next file), and they go oldest first. A file written a moment ago is fresh."""
+    import os
+    import time
+
+    w = watch(tmp_path)
+    now = time.time()
+    for name, age in (("hour.txt", 3600), ("day.txt", 86400), ("now.txt", 0)):
+        (w.path / name).write_text(name)
+        os.utime(w.path / name, (now - age, now - age))
+    led = Ledger(tmp_path / "l.db")
+    Scanner(led, w, "", settle=2.0).run()
+    lane = led.claim(("put",), time.time() + 3, limit=16, batch_bytes=1 << 20, fresh=60, fresh_only=True)
+    assert [r["path"] for r in lane] == ["now.txt"]
+    rest = led.claim(("put",), time.time() + 3, limit=16, batch_bytes=1 << 20, fresh=60)
+    assert [r["path"] for r in rest] == ["day.txt", "hour.txt"]
+    led.close()

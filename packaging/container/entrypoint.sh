@@ -4,7 +4,9 @@
 #   entrypoint.sh APP [ARGS...]
 #
 # 1. `syncd resync --no-upload`: the app's files come back from the remote before it starts.
-# 2. The app and `syncd run` side by side; either one ending ends the container.
+# 2. `syncd run`, then the app once syncd is READY (its HTTP endpoint serves by then: nginx's
+#    fallback to syncd's port would answer 502 to an app started earlier); either one ending
+#    ends the container.
 # 3. SIGTERM/SIGINT go to the app first; once it has exited (it writes nothing more), syncd
 #    is stopped and a last `syncd resync --no-restore` uploads what was still pending. If
 #    `syncd run` dies first (kill -9, OOM), the app is stopped and the same last upload runs.
@@ -62,7 +64,7 @@ fi
 restore_first() {
     "$syncd" resync --no-upload & current=$!
     wait_pid "$current"; rc=$?
-    current=""
+    current="" restore_rc=$rc
     if [ "$stopping" = 1 ]; then
         log "stopped during the restore"
         exit 143
@@ -81,11 +83,13 @@ restore_first() {
     esac
 }
 
-# 1. (lazy mode) syncd first; the app once syncd is READY (`syncd status --json`: "ready": true):
-# its local scan is done, the missing files are restored behind it
-start_lazy() {
+# `syncd run`, and wait until it is READY (`syncd status --json`: "ready": true): its HTTP
+# endpoint (/healthz, /files/) has served since before that, its watcher runs and its scan is
+# done. Lazy mode: the missing files are restored behind it. $1=1 waits; 0 does not (the remote
+# cannot be used and SYNCD_REQUIRE_RESTORE=0: READY waits for the remote, the app does not).
+start_syncd() {
     "$syncd" run & syncd_pid=$! current=$!
-    if [ "${SYNCD_REQUIRE_RESTORE:-1}" = 1 ]; then
+    if [ "$1" = 1 ]; then
         until [[ $("$syncd" status --json 2>/dev/null) == *'"ready": true'* ]]; do
             if [ "$stopping" = 1 ] || ! kill -0 "$syncd_pid" 2>/dev/null; then
                 break
@@ -109,10 +113,10 @@ start_lazy() {
 
 # 2. syncd beside the app
 if [ "${SYNCD_LAZY:-0}" = 1 ]; then
-    start_lazy
+    start_syncd "${SYNCD_REQUIRE_RESTORE:-1}"
 else
     restore_first
-    "$syncd" run & syncd_pid=$!
+    start_syncd "$(( restore_rc != 3 ))"
 fi
 "$@" & app_pid=$!
 if [ "$stopping" = 1 ]; then  # a signal between the restore and here

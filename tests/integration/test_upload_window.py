@@ -112,3 +112,48 @@ def test_a_fresh_small_file_overtakes_the_backlog_and_a_large_upload_in_flight(t
             assert len(behind) >= 150, f"only {len(behind)} of 300 backlog files were still queued"
             # and everything else after it (nothing left in flight at the stop)
             wait_for(lambda: len(rig.keys()) == len(backlog) + 2, 120, 0.2, "the backlog and the large file")
+
+
+@pytest.mark.parametrize("on_delete", ["keep", "mirror"])
+def test_a_fresh_deletion_reaches_the_remote_before_the_backlog(tmp_path: Path, moto_server: str,
+                                                               on_delete: str) -> None:
+    """A deletion is durable in the ledger at once, but a host lost with its disk (ledger too)
+    before its remote effect brings the file back. 300 files queued by the startup scan, each
+    answered late: the tombstone (`keep`) or the DELETE (`mirror`) of a file the app has just
+    deleted reaches the store before most of them. Asserted on order."""
+    backlog = [f"backlog/f{i:03d}.txt" for i in range(300)]
+    doomed = [f"doomed{i}.txt" for i in range(3)]
+    with s3_rig(tmp_path, moto_server) as rig:
+        for rel in doomed:
+            (rig.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (rig.root / rel).write_bytes(b"to be deleted")
+        rig.config.write_text(rig.config.read_text().replace(
+            'prefix = "up"', f'prefix = "up"\non_delete = "{on_delete}"', 1))
+        with running(rig.config) as d:  # a first run: the doomed files are on the remote
+            wait_for(lambda: ready(d), 60, what="ready")
+            wait_for(lambda: all(rig.read(rel) for rel in doomed), 60, what="the doomed files uploaded")
+        for rel in backlog:  # written while syncd was stopped: queued by the next start's scan
+            p = rig.root / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(rel.encode() * 20)
+            os.utime(p, (1_600_000_000, 1_600_000_000))
+        rig.proxy.delay_seconds = 0.2
+        rig.proxy.arm("delay", "PUT", b"/backlog/", count=len(backlog))
+
+        def gone() -> bool:
+            if on_delete == "keep":
+                return {f".syncd/tombstones/{rel}" for rel in doomed} <= rig.keys()
+            return not set(doomed) & rig.keys()
+
+        with running(rig.config) as d:
+            wait_for(lambda: ready(d), 60, what="ready")
+            wait_for(lambda: len(rig.keys()) >= 5 + len(doomed), 60, what="the backlog under way")
+            for rel in doomed:
+                (rig.root / rel).unlink()
+            wait_for(gone, 60, 0.05, "the deletions on the remote")
+            uploaded = rig.keys()
+            behind = [rel for rel in backlog if rel not in uploaded]
+            assert len(behind) >= 150, f"only {len(behind)} of 300 backlog files were still queued"
+            wait_for(lambda: not {r["path"] for r in d.ledger.query(
+                "SELECT path FROM files WHERE state IN ('pending','uploading','deleting')")}, 120, 0.2,
+                "the backlog")
