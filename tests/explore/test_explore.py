@@ -1,7 +1,7 @@
 """The fault explorer in the default test command: the corpus of seeds that found bugs, then new
 seeds until the budget is spent (README "The fault explorer").
 
-- `SYNCD_EXPLORE_SECONDS` (default 60): the budget for new seeds after the corpus.
+- `SYNCD_EXPLORE_SECONDS` (default 30): the budget for new seeds after the corpus.
 - `SYNCD_EXPLORE=PROFILE:SEED[:LENGTH]` replays one schedule (and nothing else).
 - `SYNCD_EXPLORE_SCHEDULE=FILE` replays a saved (shrunk) schedule: `{"profile": ..., "steps": [...]}`.
 - `SYNCD_EXPLORE_SHRINK` (seconds, default 120): how long a failure is shrunk before it is reported.
@@ -136,7 +136,7 @@ def test_the_corpus_of_seeds_that_found_bugs_still_holds(entry: dict, tmp_path: 
 def test_new_seeds_within_the_budget(tmp_path: Path, moto_server: str) -> None:
     """Fresh seeds, every profile in turn, until the budget is spent: each run explores new
     schedules. A failure prints its seed and the command that replays it."""
-    budget = float(os.environ.get("SYNCD_EXPLORE_SECONDS", "60"))
+    budget = float(os.environ.get("SYNCD_EXPLORE_SECONDS", "30"))
     deadline = time.monotonic() + budget
     rng = random.Random()
     names = sorted(PROFILES)
