@@ -301,7 +301,9 @@ class World:
                 continue
             # what this host had not made durable in the bucket is lost with it, as SPEC allows
             if pm.expect is not None and remote.get(path) != pm.expect:
-                pm.also |= {remote.get(path)}
+                # what the bucket has, or nothing when a tombstone hides that (a file recreated
+                # after a delete and lost before its upload)
+                pm.also |= {remote.get(path), GONE}
             if pm.expect is None and not (self.p.on_delete == "keep" and path in tombs):
                 pm.also |= {remote.get(path)}  # its deletion had not reached the bucket yet
         shutil.rmtree(h.root)
