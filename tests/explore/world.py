@@ -160,10 +160,11 @@ class World:
         if h.proc is not None and h.proc.alive():
             h.proc.kill9()
             self.counts["kills"] += 1
-            # a deletion the watcher may not have recorded before the kill may come back (§4.5)
+            # a deletion the watcher may not have recorded before the kill may come back (§4.5),
+            # with content the app wrote (the bucket may hold an older version than the last)
             for pm in self.model.values():
                 if pm.deleted_on == h.i and time.monotonic() - pm.deleted_at < 1.5:
-                    pm.also |= pm.last_deleted
+                    pm.also |= pm.last_deleted | pm.versions
 
     def close(self) -> None:
         for h in self.hosts:
@@ -539,8 +540,10 @@ class World:
                     # the bucket was wiped: the events must not take it (checked now); a listing
                     # may then confirm the deletion or upload it again
                     allowed = allowed | ({GONE} if final or self.listed_since_wipe else set())
-                elif pm.wiped and not final:
-                    allowed = allowed | pm.last_deleted  # its removal event paused with the wipe
+                elif not final and pm.expect is None and self.wiped and (pm.wiped or not self.listed_since_wipe):
+                    # its removal event paused with the wipe's, or after it: a watch with paused
+                    # deletions pauses the next ones too, until a listing (SPEC §4.12)
+                    allowed = allowed | pm.last_deleted
                 if pm.clash or (pm.needs_start and not final):
                     allowed = allowed | {GONE}
                 if have in allowed:
@@ -559,8 +562,7 @@ class World:
             # before every host listed: a restore refused once (a flipped byte) waits for a start
             # on one host and not the other, and a wipe one host's listing confirmed is not yet
             # confirmed on the other
-            clash = {p for p, pm in self.model.items() if pm.clash or (not final and (
-                pm.needs_start or (pm.wiped and (self.listed_since_wipe or pm.expect is None))))}
+            clash = {p for p, pm in self.model.items() if pm.clash or (not final and self.unsettled_before_listing(pm))}
             first = {p: d for p, d in trees[0].items() if p not in clash}
             for h, tree in zip(self.hosts[1:], trees[1:], strict=True):
                 mine = {p: d for p, d in tree.items() if p not in clash}
@@ -568,6 +570,14 @@ class World:
                     diff = sorted(set(mine.items()) ^ set(first.items()))
                     out.append(f"host0 and host{h.i} differ: {[p for p, _ in diff][:8]}")
         return out
+
+    def unsettled_before_listing(self, pm: PathModel) -> bool:
+        """A path that may differ between hosts until every host has listed: a restore refused
+        once (a flipped byte), a wipe one host's listing confirmed, a deletion paused with a
+        wipe's (or after it: the guard pauses a watch's next deletions too)."""
+        if pm.needs_start or (pm.wiped and self.listed_since_wipe):
+            return True
+        return pm.expect is None and self.wiped and (pm.wiped or not self.listed_since_wipe)
 
     def last_error(self, h: Host, path: str) -> str:
         rows = self.ledger_rows(h, f"SELECT last_error FROM files WHERE path={path!r}")
