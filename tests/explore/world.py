@@ -558,11 +558,10 @@ class World:
                     out.append(f"host{h.i}: {path}: stale content ({len(have)} bytes, expected {len(pm.expect)})")
         if len(trees) > 1:
             # a file/directory pair may end either way on each host (the first restored stays,
-            # the other fails by name: README); every other path is the same everywhere
-            # before every host listed: a restore refused once (a flipped byte) waits for a start
-            # on one host and not the other, and a wipe one host's listing confirmed is not yet
-            # confirmed on the other
-            clash = {p for p, pm in self.model.items() if pm.clash or (not final and self.unsettled_before_listing(pm))}
+            # the other fails by name: README); every other path is the same everywhere, once
+            # every host has listed
+            clash = {p for p, pm in self.model.items()
+                     if pm.clash or (not final and self.unsettled_before_listing(pm))}
             first = {p: d for p, d in trees[0].items() if p not in clash}
             for h, tree in zip(self.hosts[1:], trees[1:], strict=True):
                 mine = {p: d for p, d in tree.items() if p not in clash}
