@@ -29,7 +29,7 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 
 from tests.conftest import free_port, sns_fanout, wait_for, write_config
-from tests.daemon_util import DaemonProc, live_tree
+from tests.daemon_util import DaemonProc, http_get, live_tree
 from tests.explore.schedule import Profile, Step
 from tests.reliability.faultproxy import FaultProxy, Rates
 
@@ -527,6 +527,9 @@ class World:
     def trees_problems(self, *, final: bool) -> list[str]:
         out = []
         trees = [live_tree(h.root) for h in self.hosts]
+        # a host whose guard paused remote deletions says so (/healthz 503): they wait for a
+        # listing (SPEC §4.12: deletion events that would remove most of a watch)
+        paused = {h.i for h in self.hosts if not final and self.deletions_paused(h)}
         for h, tree in zip(self.hosts, trees, strict=True):
             failed = self.failed_paths(h) if final else set()
             for path, data in tree.items():
@@ -540,7 +543,8 @@ class World:
                     # the bucket was wiped: the events must not take it (checked now); a listing
                     # may then confirm the deletion or upload it again
                     allowed = allowed | ({GONE} if final or self.listed_since_wipe else set())
-                elif not final and pm.expect is None and self.wiped and (pm.wiped or not self.listed_since_wipe):
+                elif not final and pm.expect is None and (h.i in paused or (
+                        self.wiped and (pm.wiped or not self.listed_since_wipe))):
                     # its removal event paused with the wipe's, or after it: a watch with paused
                     # deletions pauses the next ones too, until a listing (SPEC §4.12)
                     allowed = allowed | pm.last_deleted
@@ -561,7 +565,8 @@ class World:
             # the other fails by name: README); every other path is the same everywhere, once
             # every host has listed
             clash = {p for p, pm in self.model.items()
-                     if pm.clash or (not final and self.unsettled_before_listing(pm))}
+                     if pm.clash or (not final and (self.unsettled_before_listing(pm)
+                                                    or (paused and pm.expect is None)))}
             first = {p: d for p, d in trees[0].items() if p not in clash}
             for h, tree in zip(self.hosts[1:], trees[1:], strict=True):
                 mine = {p: d for p, d in tree.items() if p not in clash}
@@ -569,6 +574,10 @@ class World:
                     diff = sorted(set(mine.items()) ^ set(first.items()))
                     out.append(f"host0 and host{h.i} differ: {[p for p, _ in diff][:8]}")
         return out
+
+    def deletions_paused(self, h: Host) -> bool:
+        code, body = http_get(f"http://127.0.0.1:{h.health}/healthz")
+        return code == 503 and "paused" in body
 
     def unsettled_before_listing(self, pm: PathModel) -> bool:
         """A path that may differ between hosts until every host has listed: a restore refused
