@@ -61,6 +61,7 @@ class PathModel:
     clash: bool = False  # another tool made it both a file and a directory: one may fail, named
     needs_start: bool = False  # a restore refused once (integrity): a start gives it another chance
     wiped: bool = False  # another tool emptied the bucket while the app had this file
+    held: set[int] = field(default_factory=set)  # the hosts that had it on disk when the bucket was wiped
     last_deleted: set[bytes | None] = field(default_factory=set)  # what its last delete removed
 
     def allowed(self) -> set[bytes | None]:
@@ -243,7 +244,7 @@ class World:
 
     def _moved(self, h: Host, path: str, to: str, data: bytes) -> None:
         old, new = self.pm(path), self.pm(to)
-        new.expect, new.also, new.owner = data, set(), old.owner
+        new.expect, new.also, new.owner, new.wiped = data, set(), old.owner, False
         new.versions.add(data)
         old.last_deleted = {data}
         old.also = {data} if not self.up(h) else set()
@@ -279,6 +280,11 @@ class World:
 
     def wipe_bucket(self) -> None:
         """Another tool empties the bucket (`aws s3 rm --recursive`): no app deletes anything."""
+        for path, pm in self.model.items():
+            # a host that did not have the file then (lost with its disk after an earlier wipe
+            # that no listing settled, or its restore not done yet) cannot get it from this
+            # bucket: no event brings it; only a listing (another host uploads it again) may
+            pm.held = {h.i for h in self.hosts if (h.root / path).is_file()}
         keys = [o["Key"] for o in self.objects_raw()]
         for i in range(0, len(keys), 1000):
             self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
@@ -540,9 +546,10 @@ class World:
                 have = tree.get(path)
                 allowed = pm.allowed()
                 if pm.wiped and pm.expect is not None:
-                    # the bucket was wiped: the events must not take it (checked now); a listing
-                    # may then confirm the deletion or upload it again
-                    allowed = allowed | ({GONE} if final or self.listed_since_wipe else set())
+                    # the bucket was wiped: the events must not take it from a host that had it
+                    # (checked now); a listing may then confirm the deletion or upload it again
+                    allowed = allowed | ({GONE} if final or self.listed_since_wipe or h.i not in pm.held
+                                         else set())
                 elif not final and pm.expect is None and (h.i in paused or (
                         self.wiped and (pm.wiped or not self.listed_since_wipe))):
                     # its removal event paused with the wipe's, or after it: a watch with paused
@@ -581,9 +588,10 @@ class World:
 
     def unsettled_before_listing(self, pm: PathModel) -> bool:
         """A path that may differ between hosts until every host has listed: a restore refused
-        once (a flipped byte), a wipe one host's listing confirmed, a deletion paused with a
-        wipe's (or after it: the guard pauses a watch's next deletions too)."""
-        if pm.needs_start or (pm.wiped and self.listed_since_wipe):
+        once (a flipped byte), a wipe one host's listing confirmed, a wiped file some host did
+        not have then, a deletion paused with a wipe's (or after it: the guard pauses a watch's
+        next deletions too)."""
+        if pm.needs_start or (pm.wiped and (self.listed_since_wipe or len(pm.held) < len(self.hosts))):
             return True
         return pm.expect is None and self.wiped and (pm.wiped or not self.listed_since_wipe)
 
