@@ -61,6 +61,7 @@ class PathModel:
     clash: bool = False  # another tool made it both a file and a directory: one may fail, named
     needs_start: bool = False  # a restore refused once (integrity): a start gives it another chance
     wiped: bool = False  # another tool emptied the bucket while the app had this file
+    wiped_held: dict[int, bytes | None] = field(default_factory=dict)  # what each host held then
     last_deleted: set[bytes | None] = field(default_factory=set)  # what its last delete removed
 
     def allowed(self) -> set[bytes | None]:
@@ -280,14 +281,16 @@ class World:
     def wipe_bucket(self) -> None:
         """Another tool empties the bucket (`aws s3 rm --recursive`): no app deletes anything."""
         keys = [o["Key"] for o in self.objects_raw()]
+        held = [live_tree(h.root) for h in self.hosts]  # what each host had when the wipe came
         for i in range(0, len(keys), 1000):
             self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
         self.wiped, self.listed_since_wipe = True, False
-        for pm in self.model.values():
+        for path, pm in self.model.items():
             # SPEC §4.12: events must not empty the hosts; a later listing may upload the files
             # again, or (shared) confirm the deletions. A deletion whose event came in the
             # wipe's burst waits with it (paused) until a listing
             pm.wiped = True
+            pm.wiped_held = {h.i: tree.get(path) for h, tree in zip(self.hosts, held, strict=True)}
 
     def lose_host(self, h: Host) -> None:
         """The host's disk and ledger are lost (a container replaced): kill, wipe, start."""
@@ -543,6 +546,14 @@ class World:
                     # the bucket was wiped: the events must not take it (checked now); a listing
                     # may then confirm the deletion or upload it again
                     allowed = allowed | ({GONE} if final or self.listed_since_wipe else set())
+                    if not final and h.i != pm.owner and pm.wiped_held.get(h.i) != pm.expect:
+                        # a host still catching up when the wipe came (a newer version's event
+                        # waiting for its path, a restore in flight) cannot get the last version
+                        # any more: SPEC §4.12 converges hosts through the remote's object, and
+                        # another tool deleted it. It keeps an earlier version or, when it had
+                        # none yet, may stay without one, until a listing
+                        held = pm.wiped_held.get(h.i)
+                        allowed = allowed | pm.versions | ({GONE} if held is None else set())
                 elif not final and pm.expect is None and (h.i in paused or (
                         self.wiped and (pm.wiped or not self.listed_since_wipe))):
                     # its removal event paused with the wipe's, or after it: a watch with paused
@@ -581,9 +592,10 @@ class World:
 
     def unsettled_before_listing(self, pm: PathModel) -> bool:
         """A path that may differ between hosts until every host has listed: a restore refused
-        once (a flipped byte), a wipe one host's listing confirmed, a deletion paused with a
-        wipe's (or after it: the guard pauses a watch's next deletions too)."""
-        if pm.needs_start or (pm.wiped and self.listed_since_wipe):
+        once (a flipped byte), a wiped file (a host that had not caught up keeps an earlier
+        version; one host's listing may confirm the wipe), a deletion paused with a wipe's (or
+        after it: the guard pauses a watch's next deletions too)."""
+        if pm.needs_start or pm.wiped:
             return True
         return pm.expect is None and self.wiped and (pm.wiped or not self.listed_since_wipe)
 
