@@ -628,9 +628,10 @@ class Ledger:
 
         return self._grouped(take)
 
-    def finish(self, row: Row, *, still_op: str | None = None, **fields: Any) -> bool:
+    def finish(self, row: Row, *, still_op: str | None = None, hold: bool = False, **fields: Any) -> bool:
         """Apply a worker's result if nobody changed the row meanwhile (and, with `still_op`, its
-        op is still that one); always release it.
+        op is still that one); release it, except with `hold` when the result was applied (the
+        worker still has a step to take: it lets go with `let_go`).
 
         Returns False when the row changed during the work (the outside change stands; only
         facts about the remote are kept from the result: `remote_sha256`, `remote_etag`, and
@@ -642,7 +643,8 @@ class Ledger:
         op_check = " AND op=?" if still_op is not None else ""
 
         def apply(w: sqlite_utils.Database) -> bool:
-            cur = w.execute(f"UPDATE files SET {sets}, lease_until=NULL WHERE id=? AND gen=?{op_check}",
+            lease = "" if hold else ", lease_until=NULL"
+            cur = w.execute(f"UPDATE files SET {sets}{lease} WHERE id=? AND gen=?{op_check}",
                             [*fields.values(), row["id"], row["gen"], *([still_op] if still_op else [])])
             if cur.rowcount:
                 return True
@@ -656,6 +658,10 @@ class Ledger:
             return False
 
         return self._grouped(apply)
+
+    def let_go(self, row_id: int) -> None:
+        """End a lease `finish(hold=True)` kept (the result stands as it was recorded)."""
+        self._grouped(lambda w: w.execute("UPDATE files SET lease_until=NULL WHERE id=?", [row_id]))
 
     def forget(self, row: Row) -> bool:
         """Drop a row if nobody changed it meanwhile (a file that vanished before it was ever

@@ -346,7 +346,7 @@ class Transfers:
     def _restore(self, row: Row, watch: WatchConfig) -> None:
         target = safe_target(watch.path, row["path"], follow_symlinks=watch.follow_symlinks)
         replace = bool(row["overwrite"])
-        local_changed = False
+        local_changed = held = False
 
         def record(res) -> bool:
             nonlocal local_changed
@@ -362,11 +362,15 @@ class Transfers:
                     return False
             # recorded before the rename: the watcher then sees a synced file, not one to upload;
             # not when an on-demand request restored it since the claim (the app may have
-            # deleted it since: that deletion stands)
-            return self.ledger.finish(row, still_op="get", state="synced", op=None, size=res.size, mtime_ns=res.mtime_ns,
-                                      sha256=res.sha256, remote_sha256=res.sha256, synced_at=time.time(),
-                                      attempts=0, last_error=None, error_kind=None, probe=0,
-                                      remote_etag=res.etag or None, overwrite=0)
+            # deleted it since: that deletion stands). The path stays busy until the file is
+            # there: a remote change seen in between (a synced row, no file yet) would find
+            # nothing to do and be lost; busy, it waits for the path (SPEC §4.12)
+            nonlocal held
+            held = self.ledger.finish(row, still_op="get", hold=True, state="synced", op=None, size=res.size,
+                                      mtime_ns=res.mtime_ns, sha256=res.sha256, remote_sha256=res.sha256,
+                                      synced_at=time.time(), attempts=0, last_error=None, error_kind=None,
+                                      probe=0, remote_etag=res.etag or None, overwrite=0)
+            return held
 
         try:
             # what the ledger knows was uploaded there checks an object without syncd-sha256
@@ -400,6 +404,8 @@ class Transfers:
             self.ledger.update(row["id"], state="pending", op="put", probe=1, due_at=time.time(),
                                lease_until=None)
             return
+        if held:  # the file is there: what waited for the path may go (every other way out releases it)
+            self.ledger.let_go(row["id"])
         if local_changed:
             # written here meanwhile: the local change wins and is uploaded (over the remote's)
             self.ledger.finish(row, state="pending", op="put", overwrite=0, probe=0, remote_sha256=None,

@@ -209,3 +209,40 @@ def test_paused_deletion_events_are_released_by_retry_deletes(host: HostB, syncd
     h.engine.drain(LOCAL_DELETE_OPS)  # the operator confirmed them: deleted here too
     assert tree(h.cfg.watches[0].path) == {}
     assert h.engine.guard.health() is None
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+def test_a_deletion_event_between_a_restores_record_and_its_rename_is_applied_once_the_file_is_there(
+        host: HostB, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The restore records the row synced just before the rename that makes the file appear: a
+    deletion event seen in between found a synced row and no file, did nothing, and the file
+    appeared after it (shared-events:616559094: a file the app deleted on one host, back on the
+    other). The path is busy until the file is there; the event waits for it."""
+    from syncd import changes, restore
+
+    h = host
+    root = h.cfg.watches[0].path
+    synced(h, {f"keep{i}.txt": b"kept %d" % i for i in range(4)})
+    h.put("new.txt", b"written on host a")
+    h.queue.notify(f"{h.key_base}/new.txt", b"written on host a")
+    h.receive()
+    claimed = h.ledger.claim(("get",), now=time.time())
+    assert [r["path"] for r in claimed] == ["new.txt"]
+    real_publish = restore.publish
+
+    def publish_after_the_deletion(tmp: Any, final: Any, *, overwrite: bool) -> None:
+        # the restore has recorded its result; host a's app deletes the file (mirror: the object
+        # goes) and its event reaches this host before the rename
+        h.engine.remote.delete(f"{h.key_base}/new.txt")
+        h.queue.notify(f"{h.key_base}/new.txt", None)
+        h.receive()
+        real_publish(tmp, final, overwrite=overwrite)
+
+    monkeypatch.setattr(restore, "publish", publish_after_the_deletion)
+    monkeypatch.setattr(changes, "EVENT_GRACE", 0.0)  # the local deletion is due at once
+    h.engine.transfers.handle(claimed[0])
+    monkeypatch.setattr(restore, "publish", real_publish)
+    h.receive()  # the consumer's next turn: what waited for the path
+    h.engine.drain(LOCAL_DELETE_OPS)
+    assert not (root / "new.txt").exists()
+    assert h.ledger.get("uploads", "new.txt")["state"] == "deleted"

@@ -61,7 +61,7 @@ class PathModel:
     clash: bool = False  # another tool made it both a file and a directory: one may fail, named
     needs_start: bool = False  # a restore refused once (integrity): a start gives it another chance
     wiped: bool = False  # another tool emptied the bucket while the app had this file
-    held: set[int] = field(default_factory=set)  # the hosts that had it on disk when the bucket was wiped
+    wiped_held: dict[int, bytes | None] = field(default_factory=dict)  # what each host held then
     last_deleted: set[bytes | None] = field(default_factory=set)  # what its last delete removed
 
     def allowed(self) -> set[bytes | None]:
@@ -280,20 +280,17 @@ class World:
 
     def wipe_bucket(self) -> None:
         """Another tool empties the bucket (`aws s3 rm --recursive`): no app deletes anything."""
-        for path, pm in self.model.items():
-            # a host that did not have the file then (lost with its disk after an earlier wipe
-            # that no listing settled, or its restore not done yet) cannot get it from this
-            # bucket: no event brings it; only a listing (another host uploads it again) may
-            pm.held = {h.i for h in self.hosts if (h.root / path).is_file()}
         keys = [o["Key"] for o in self.objects_raw()]
+        held = [live_tree(h.root) for h in self.hosts]  # what each host had when the wipe came
         for i in range(0, len(keys), 1000):
             self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
         self.wiped, self.listed_since_wipe = True, False
-        for pm in self.model.values():
+        for path, pm in self.model.items():
             # SPEC §4.12: events must not empty the hosts; a later listing may upload the files
             # again, or (shared) confirm the deletions. A deletion whose event came in the
             # wipe's burst waits with it (paused) until a listing
             pm.wiped = True
+            pm.wiped_held = {h.i: tree.get(path) for h, tree in zip(self.hosts, held, strict=True)}
 
     def lose_host(self, h: Host) -> None:
         """The host's disk and ledger are lost (a container replaced): kill, wipe, start."""
@@ -547,9 +544,18 @@ class World:
                 allowed = pm.allowed()
                 if pm.wiped and pm.expect is not None:
                     # the bucket was wiped: the events must not take it from a host that had it
-                    # (checked now); a listing may then confirm the deletion or upload it again
-                    allowed = allowed | ({GONE} if final or self.listed_since_wipe or h.i not in pm.held
-                                         else set())
+                    # (checked now); a listing may then confirm the deletion or upload it again.
+                    # A host that had no copy then (lost with its disk after an earlier wipe no
+                    # listing settled, a restore not done yet) cannot get one from this bucket:
+                    # no event brings it back, only a listing (another host uploads it again)
+                    held = pm.wiped_held.get(h.i)
+                    allowed = allowed | ({GONE} if final or self.listed_since_wipe or held is None else set())
+                    if not final and h.i != pm.owner and held != pm.expect:
+                        # a host still catching up when the wipe came (a newer version's event
+                        # waiting for its path, a restore in flight) cannot get the last version
+                        # any more: SPEC §4.12 converges hosts through the remote's object, and
+                        # another tool deleted it. It keeps an earlier version until a listing
+                        allowed = allowed | pm.versions
                 elif not final and pm.expect is None and (h.i in paused or (
                         self.wiped and (pm.wiped or not self.listed_since_wipe))):
                     # its removal event paused with the wipe's, or after it: a watch with paused
@@ -588,10 +594,10 @@ class World:
 
     def unsettled_before_listing(self, pm: PathModel) -> bool:
         """A path that may differ between hosts until every host has listed: a restore refused
-        once (a flipped byte), a wipe one host's listing confirmed, a wiped file some host did
-        not have then, a deletion paused with a wipe's (or after it: the guard pauses a watch's
-        next deletions too)."""
-        if pm.needs_start or (pm.wiped and (self.listed_since_wipe or len(pm.held) < len(self.hosts))):
+        once (a flipped byte), a wiped file (a host that had not caught up keeps an earlier
+        version; one host's listing may confirm the wipe), a deletion paused with a wipe's (or
+        after it: the guard pauses a watch's next deletions too)."""
+        if pm.needs_start or pm.wiped:
             return True
         return pm.expect is None and self.wiped and (pm.wiped or not self.listed_since_wipe)
 
