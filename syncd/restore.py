@@ -105,10 +105,18 @@ def _is_dir(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def ensure_placeable(target: Path) -> None:
-    """Raise Unplaceable when a directory holds the name a restore needs for a file."""
-    if _is_dir(target):
+def occupied(target: Path) -> bool:
+    """Does something hold the name a restore needs for a file? Raises Unplaceable when it is a
+    directory. One look (lstat): with two, a directory made between them (another worker
+    restoring a key under this name) would pass the first as absent and the second as a local
+    file that wins, and the object would end neither restored nor failed (SPEC §4.14)."""
+    try:
+        s = os.lstat(target)
+    except OSError:
+        return False
+    if st_mod.S_ISDIR(s.st_mode):
         raise Unplaceable(f"{target} is a directory")
+    return True
 
 
 def windows_name_problem(seg: str) -> str | None:
@@ -173,8 +181,7 @@ def fetch(remote: Remote, key: str, target: Path, *, overwrite: bool = False, ex
     Unplaceable when a directory has its name (before the download, or found at the rename);
     RemoteError(INTEGRITY) on a checksum mismatch; RemoteError(LOCAL) on local write errors.
     """
-    ensure_placeable(target)
-    if not overwrite and os.path.lexists(target):
+    if occupied(target) and not overwrite:
         raise FileExistsError(target)
     try:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=RESTORE_TEMP_PREFIX)

@@ -11,7 +11,6 @@ downloaded by `syncd.restore.fetch` like any restore (temp file, checked against
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -29,7 +28,7 @@ from syncd.ledger import Ledger
 from syncd.names import shown
 from syncd.patterns import Filter, matches_any
 from syncd.remote.base import Remote, RemoteError, VersionInfo
-from syncd.restore import Restored, ensure_placeable, fetch, safe_target
+from syncd.restore import Restored, fetch, occupied, safe_target
 from syncd.restore_cmd import PlanPrinter, RestoreSummary, clean_stale_temps
 from syncd.retry import call as retry_call
 
@@ -154,8 +153,8 @@ class _Run:
         try:
             target = safe_target(root, rel, follow_symlinks=w.follow_symlinks and self.ledger is not None,
                                  create=not self.dry_run)
-            ensure_placeable(target)  # a directory of that name: failed, not skipped (SPEC §4.14)
-            if os.path.lexists(target) and not self.overwrite:
+            # raises for a directory of that name: failed, not skipped (SPEC §4.14)
+            if occupied(target) and not self.overwrite:
                 self.count("skipped")
                 return
             if self.dry_run:

@@ -18,7 +18,7 @@ from syncd.keys import RESTORE_TEMP_PREFIX, UnsafeKey, join_key
 from syncd.ledger import Ledger
 from syncd.names import shown
 from syncd.remote.base import Remote, RemoteError
-from syncd.restore import ensure_placeable, fetch, safe_target
+from syncd.restore import fetch, occupied, safe_target
 from syncd.retry import call as retry_call
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,8 @@ def restore_to(cfg: Config, remote: Remote, to_dir: Path, *, globs: Iterable[str
     def one(prefix: str, root: Path, rel: str, key: str) -> None:
         try:
             target = safe_target(root, rel, create=not dry_run)
-            ensure_placeable(target)  # a directory of that name: failed, not skipped (SPEC §4.14)
-            if os.path.lexists(target) and not overwrite:
+            # raises for a directory of that name: failed, not skipped (SPEC §4.14)
+            if occupied(target) and not overwrite:
                 with lock:
                     out.skipped += 1
                 return

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import threading
 from pathlib import Path
 
@@ -230,3 +232,41 @@ def test_restore_at_a_time_over_a_local_directory_exits_1_naming_it(store, make_
     lines = failed_lines(r)
     assert len(lines) == 1 and f"{root / 'c'} is a directory" in lines[0]
     assert (root / "ok.txt").read_bytes() == b"ok" and (root / "c").is_dir() and not temps(root)
+
+
+@file_and_moto
+def test_a_directory_made_at_a_files_name_just_after_its_restore_looked_is_a_failure_not_a_local_file(
+        store, make_env, syncd, monkeypatch):
+    """Another worker restoring `c/d.txt` makes the directory `c` while this worker starts the
+    restore of the object `c`. Explorer seed backup-mirror:548390670: the directory appeared
+    between two looks at the name (absent, then there), was taken for a local file that wins,
+    and `c` ended synced with nothing restored: exit 0 with a file/directory pair in the bucket."""
+    env = make_env(store)
+    env.root.mkdir(parents=True)
+    store.put_raw(f"{env.prefix}/c", b"c")
+    target = str(env.root / "c")
+    real_lstat = os.lstat
+    made = threading.Event()
+
+    def racing_lstat(path, *a, **kw):
+        caller = sys._getframe(1).f_code.co_filename
+        first = not made.is_set() and os.fspath(path) == target and caller.endswith(
+            os.path.join("syncd", "restore.py"))
+        try:
+            return real_lstat(path, *a, **kw)  # FileNotFoundError while `c` is absent
+        finally:
+            if first:  # the restore's first look at the name: the other worker's mkdir lands now
+                made.set()
+                os.mkdir(target)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "lstat", racing_lstat)
+        r = syncd("--config", str(env.config), "resync")
+    assert made.is_set()
+    assert r.code == 1, r.out + r.err
+    assert r.out.strip().endswith("failed 1")
+    lines = failed_lines(r)
+    assert len(lines) == 1 and lines[0].startswith("failed: uploads/c: ")
+    assert f"{env.root / 'c'} is a directory" in lines[0]
+    assert row(env, "c")["state"] == "failed" and row(env, "c")["op"] == "get"
+    assert not temps(env.root)
