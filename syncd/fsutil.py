@@ -8,6 +8,7 @@ import logging
 import os
 import stat
 import sys
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -126,6 +127,17 @@ def publish(tmp: str | os.PathLike[str], final: str | os.PathLike[str], *, overw
 # restore makes (no system call at all when not root)
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 _chown_failed: set[str] = set()  # directories whose chown failure was said (once each)
+# A directory syncd makes as root is root's between its mkdir and its chown: a worker that copies
+# the owner of a directory another worker has just made waits until that one is given away.
+_owners = threading.RLock()
+
+
+def make_dir(path: str | os.PathLike[str]) -> None:
+    """mkdir, the new directory given to its parent's owner before any other thread can copy
+    its owner (raises FileExistsError as mkdir does)."""
+    with _owners:
+        os.mkdir(path)
+        give_to_parent_owner(path)
 
 
 def give_to_parent_owner(path: str | os.PathLike[str], parent: str | os.PathLike[str] | None = None) -> None:
@@ -139,10 +151,11 @@ def give_to_parent_owner(path: str | os.PathLike[str], parent: str | os.PathLike
     if not AS_ROOT:
         return
     parent = os.path.dirname(os.path.abspath(path)) if parent is None else os.fspath(parent)
-    try:
-        st, pst = os.lstat(path), os.stat(parent)
-    except OSError:  # gone meanwhile: nothing to give
-        return
+    with _owners:  # the parent's owner, once a `make_dir` of it in another thread is through
+        try:
+            st, pst = os.lstat(path), os.stat(parent)
+        except OSError:  # gone meanwhile: nothing to give
+            return
     if st.st_uid != 0 or (st.st_uid, st.st_gid) == (pst.st_uid, pst.st_gid) or stat.S_ISLNK(st.st_mode):
         return
     try:
@@ -164,9 +177,7 @@ def make_dirs(path: str | os.PathLike[str]) -> None:
         d = d.parent
     for m in reversed(missing):
         try:
-            m.mkdir()
+            make_dir(m)
         except FileExistsError:
             if not m.is_dir():
                 raise
-            continue
-        give_to_parent_owner(m)

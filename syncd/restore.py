@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from syncd.fsutil import give_to_parent_owner, publish
+from syncd.fsutil import give_to_parent_owner, make_dir, publish
 from syncd.keys import RESTORE_TEMP_PREFIX, UnsafeKey
 from syncd.names import shown
 from syncd.remote.base import INTEGRITY, LOCAL, Remote, RemoteError
@@ -151,8 +151,7 @@ def safe_target(root: Path, rel: str, *, follow_symlinks: bool = False, create: 
             if not create:
                 return Path(root).joinpath(*parts)
             try:
-                os.mkdir(cur)
-                give_to_parent_owner(cur)
+                make_dir(cur)
                 continue
             except FileExistsError:  # another worker made it meanwhile: check what it is
                 s = os.lstat(cur)

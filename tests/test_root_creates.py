@@ -140,3 +140,36 @@ def test_what_root_makes_in_its_own_directories_stays_roots(tmp_path: Path) -> N
     finally:
         ledger.close()
     assert {p.stat().st_uid for p in (tmp_path / "state").iterdir()} == {0}
+
+
+def test_a_directory_made_inside_one_another_worker_just_made_gets_the_owner_it_will_have(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two restores side by side: one makes `d1` (root's until its chown), the other finds `d1`
+    in that moment and makes `d1/d3` in it. `d1/d3` must not copy root from a `d1` whose chown
+    has not happened yet (seen under load: `d1/d3` and `d1/d3/b.txt` left root's)."""
+    import threading
+
+    import syncd.restore as restore_mod
+    from syncd.restore import safe_target
+
+    watch = nobodys_dir(tmp_path / "uploads")
+    made, go_on = threading.Event(), threading.Event()
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *a, **kw):  # the first worker stops between its mkdir of d1 and the chown
+        real_mkdir(path, *a, **kw)
+        if Path(path).name == "d1" and threading.current_thread().name == "first":
+            made.set()
+            go_on.wait(10)
+
+    monkeypatch.setattr(restore_mod.os, "mkdir", mkdir)
+    first = threading.Thread(target=safe_target, args=(watch, "d1/a.txt"), name="first")
+    second = threading.Thread(target=safe_target, args=(watch, "d1/d3/b.txt"), name="second")
+    first.start()
+    assert made.wait(10)
+    second.start()
+    second.join(2)  # done at once before the fix; waits for the first's chown after it
+    go_on.set()
+    first.join(10)
+    second.join(10)
+    assert not_nobodys(watch) == []
