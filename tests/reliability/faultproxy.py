@@ -41,6 +41,7 @@ import socket
 import struct
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 KINDS = ("reset", "stall", "slowdown", "internal")
@@ -261,11 +262,12 @@ class FaultProxy:
                     limit = rng.randrange(1, len(req.head) + req.length)
                 else:  # cut the answer after a few bytes
                     state["reset_after"] = rng.randrange(0, 4096)
-            rate = self.slow_rate if self.slow and self.slow in req.line else 0
+            slowed = bool(self.slow and self.slow in req.line)
+            rate = (lambda: self.slow_rate) if slowed else None  # read as it goes: a test may lift it
             state["flip"] = kind == "flip" or bool(self.corrupt and req.method == "GET" and self.corrupt in req.line)
             state["seen"] = b""
             await _forward(cr, uw, req.head, req.length, limit, rate=rate,
-                           progress=(self.progress, req.line) if rate else None)
+                           progress=(self.progress, req.line) if slowed else None)
             if limit is not None:
                 _reset(cw)
                 return
@@ -342,26 +344,27 @@ async def _read_head(r: asyncio.StreamReader) -> _Request | None:
 
 
 async def _forward(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, length: int,
-                   limit: int | None = None, rate: int = 0, progress: tuple[Counter, bytes] | None = None) -> None:
+                   limit: int | None = None, rate: Callable[[], int] | None = None,
+                   progress: tuple[Counter, bytes] | None = None) -> None:
     """Send `head` and `length` bytes of body read from `r`; only the first `limit` bytes if set;
-    at most `rate` bytes per second of body when set."""
+    at most `rate()` bytes per second of body while that is not 0."""
     left = len(head) + length if limit is None else limit
     w.write(head[:left])
     left -= min(left, len(head))
     body = length
-    step = 65536 if not rate else max(1, rate // 20)
     while left > 0 and body > 0:
-        chunk = await r.read(min(left, body, step))
+        now_rate = rate() if rate is not None else 0
+        chunk = await r.read(min(left, body, max(1, now_rate // 20) if now_rate else 65536))
         if not chunk:
             raise ConnectionError("client closed mid-body")
         w.write(chunk)
         left -= len(chunk)
         body -= len(chunk)
-        if rate:
+        if now_rate:
             await w.drain()
-            await asyncio.sleep(len(chunk) / rate)
-            if progress is not None:
-                progress[0][progress[1]] += len(chunk)
+            await asyncio.sleep(len(chunk) / now_rate)
+        if progress is not None:
+            progress[0][progress[1]] += len(chunk)
     await w.drain()
 
 
