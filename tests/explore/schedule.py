@@ -36,12 +36,16 @@ PROFILES = {p.name: p for p in (
 # written to a temp file then renamed into place (careful writers, Django's storage)
 WRITES = ("create", "create", "slow", "append", "overwrite", "temp_rename", "new_dir")
 CHECKSUMS = ("CRC32", "CRC32C", "SHA256", "SHA1")
+# CRC64NVME (S3's default for new objects; a multipart one is a full-object checksum) came later:
+# drawn from its own stream in place of half the SHA1s, so that older seeds keep their schedules
+LATER_CHECKSUM = "CRC64NVME"
 
 
 class Gen:
     def __init__(self, profile: Profile, seed: int) -> None:
         self.p = profile
         self.rng = random.Random(seed)
+        self.later = random.Random(f"later:{seed}")  # choices added since: not drawn from `rng`
         self.n = 0
         self.steps: list[Step] = []
 
@@ -171,8 +175,12 @@ class Gen:
                      method=self.rng.choice(("PUT", "GET", "HEAD", "DELETE")), path=self.some_path(),
                      count=self.rng.choice((1, 2)))
         elif r < 0.93:
-            self.add("other_put", path=self.new_path(), size=self.size(), salt=self.rng.randrange(1 << 30),
-                     checksum=self.rng.choice(("", *CHECKSUMS)), multipart=self.rng.random() < 0.3)
+            path, size, salt = self.new_path(), self.size(), self.rng.randrange(1 << 30)
+            checksum = self.rng.choice(("", *CHECKSUMS))
+            if checksum == "SHA1" and self.later.random() < 0.5:
+                checksum = LATER_CHECKSUM
+            self.add("other_put", path=path, size=size, salt=salt, checksum=checksum,
+                     multipart=self.rng.random() < 0.3)
         elif r < 0.96:
             self.add("await_synced", host=h)
         else:
