@@ -118,8 +118,8 @@ def test_ledger_disk_full_during_resync_workers_stops_with_one_line_exit_2_no_ro
     assert states(ledger) == {"pending": 600}
     size = ledger.stat().st_size
     # the WAL can grow to about the ledger's size: a few dozen commits, far fewer than 600 files
-    # (64 KB: the resync's listing writes its first pages before any worker's result)
-    r = run(syncd_cmd(cfg, "resync"), preexec=limit_file_size(size + 64001))
+    # (256 KB: with 64 KB the start's own writes filled it before any worker's result, at times)
+    r = run(syncd_cmd(cfg, "resync"), preexec=limit_file_size(size + 256_001))
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr[-3000:])
     line = one_line_error(r.stderr)
     assert f"ledger {ledger} cannot be written" in line and "corrupt" not in line
