@@ -8,7 +8,7 @@ defaults) on one moto server that serves S3, SNS and SQS (moto's all-services
 its writer; the bench polls b's directory every 20 ms (a download appears atomically, by rename)
 and records when each file is there. Convergence = appeared on b - closed on a (both
 `time.time()` on this host); every file's bytes on b are compared with a's at the end. Then,
-after a quiet `QUIET` seconds (longer than settle), each daemon's /metrics says what it did:
+after `s_quiet` quiet seconds (longer than settle), each daemon's /metrics says what it did:
 a must have uploaded every file and restored none, b restored every file and uploaded none (a
 download must not be uploaded back, nor a's own notifications make a download its own files).
 
@@ -50,7 +50,6 @@ SETTLE = 2.0  # syncd's default settle_seconds; the target is relative to it
 POLL = 0.02  # seconds between two looks at b's directory
 DRAIN_WAIT = 60.0  # seconds after the last write for every file to reach b (plus the rescan interval)
 PREFIX = "bench"
-QUIET = SETTLE + 2.0  # seconds after convergence before the daemons' counters are read
 
 _SERVER = """
 import logging, sys
@@ -208,7 +207,7 @@ def converge(bench: Bench, events: bool, on_close: bool = True) -> dict:
                     raise RuntimeError(f"syncd run exited {d.proc.returncode} (log {d.log})")
             time.sleep(POLL)
         cpu = [d.cpu() - c for d, c in zip(daemons, cpu0, strict=True)]
-        time.sleep(QUIET)  # a bench, not a test: what would bounce back has had its chance
+        time.sleep(s.s_quiet)  # a bench, not a test: what would bounce back has had its chance
         counters = [_counters(p) for p in ports]
     finally:
         for d in daemons:

@@ -73,6 +73,7 @@ class Sizes:
     s_rate: float = 10.0
     s_rescan: float = 5.0  # remote_rescan_interval of the run without events_queue
     s_compare: bool = True  # also the events run with upload_on_close = false (for comparison)
+    s_quiet: float = 4.0  # seconds after convergence before the counters are read (settle + 2)
     l_seconds: float = 40.0  # (l) bwlimit: each transfer sized to take about this long at its limit
     l_window: float = 30.0  # the rate must hold over every window of this many seconds
     l_small_size: int = 4096

@@ -15,7 +15,7 @@ from bench.tools import Sample
 TINY = Sizes(a_files=20, a_size=512, b_files=1, b_size=1024, d_files=50, d_size=64, e_rate=20.0, e_seconds=1.0,
              e_settle=0.3, f_small=20, f_large=50, h_rate=20.0, h_seconds=1.0, h_crash_at=2.0,
              h_compare=False, i_files=60, i_size=512, i_requests=8, i_clients=2, s_files=6, s_rate=5.0,
-             s_rescan=1.0, s_compare=False)
+             s_rescan=1.0, s_compare=False, s_quiet=1.0)
 
 
 def test_args() -> None:
