@@ -15,10 +15,18 @@ import re
 from pathlib import Path
 
 BEGIN, END = "<!-- explorer-figures:begin -->", "<!-- explorer-figures:end -->"
+# the oracle's words (tests/explore/world.py) for each kind of broken promise, counted in the failures
+KINDS = (
+    ("files lost (missing on a host or in a fresh resync)", ": missing"),
+    ("deleted files back", "deleted by the app, but back"),
+    ("stale hosts after quiet", "stale content"),
+    ("bytes no one wrote", "content no one wrote"),
+    ("multipart uploads left open", "multipart uploads left open"),
+)
 
 
 def block(report: dict, commit: str, when: str, note: str) -> str:
-    minutes = int(report.get("seconds", 0)) // 60
+    elapsed = int(report.get("elapsed", report.get("seconds", 0)))  # what the run took
     rows = [
         ("schedules (4 profiles in turn)", report.get("schedules", 0)),
         ("steps", report.get("steps", 0)),
@@ -28,10 +36,12 @@ def block(report: dict, commit: str, when: str, note: str) -> str:
          f"{report.get('faults_armed', 0)} / {report.get('faults_fired', 0)}"),
         ("files checked on every host, the bucket and a fresh resync", report.get("files_checked", 0)),
         ("deletions checked to stay deleted", report.get("deletions_checked", 0)),
+        *((what, sum(f.count(needle) for f in report.get("failures", []))) for what, needle in KINDS),
         ("**schedules that broke the contract**", f"**{len(report.get('failures', []))}**"),
     ]
     out = [BEGIN,
-           f"Last long run: {when}, commit `{commit}`, {minutes} min of new seeds on this 2-core machine "
+           f"Last long run: {when}, commit `{commit}`, {elapsed // 60} min {elapsed % 60} s of new seeds on "
+           f"this 2-core machine "
            f"(`SYNCD_EXPLORE_SECONDS={report.get('seconds', 0)} SYNCD_EXPLORE_KEEP_GOING=1`){note}.",
            "", "| figure | count |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
     failures = report.get("failures", [])

@@ -160,7 +160,7 @@ def test_new_seeds_within_the_budget(tmp_path: Path, moto_server: str) -> None:
             failures.append(str(e).split("\n--- trace ---")[0])
         i += 1
         n += 1
-    report = {**FIGURES, "seconds": int(budget), "failures": failures}
+    report = {**FIGURES, "seconds": int(budget), "elapsed": int(time.monotonic() - started), "failures": failures}
     print(f"explorer figures: {json.dumps(report)}")
     if os.environ.get("SYNCD_EXPLORE_REPORT"):
         Path(os.environ["SYNCD_EXPLORE_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")
