@@ -71,7 +71,7 @@ def main() -> int:
     n_files = args.files
     work = Path(tempfile.mkdtemp(prefix="syncd-inflight-"))
     src = data.make_tree(work / "data", n_files, SIZE, seed=1)
-    env = tools.bench_env()
+    env = tools.bench_env({"PYTHONPATH": str(ROOT)})  # this tree's syncd, whatever is installed
     runs: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
     jobs = [(op, ":".join(v)) for op in args.ops for v in variants]
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC latency {args.latency_ms:g} ms, "
