@@ -6,8 +6,8 @@ flight (8 at 200 ms: 40 files/s, 0.82x `aws s3 sync`, which runs 10). A worker c
 `pool.CLAIM_ROWS` small files at a time (no more than `pool.CLAIM_BYTES` together); it does the
 first itself and hands the others to the lane, then claims again once all are done. The lane
 has `PER_WORKER - 1` threads per worker, shared: small files are sent `PER_WORKER` per worker
-at once, while their memory stays bounded by the claims (at most 1 MiB of small files per
-worker). Deletions (a tombstone's empty PUT, a DELETE) are claimed and sent the same way and
+at once (`PER_WORKER_CRT` through awscrt, `per_worker`), while their memory stays bounded by the
+claims (at most 1 MiB of small files per worker). Deletions (a tombstone's empty PUT, a DELETE) are claimed and sent the same way and
 weigh nothing. A large file is claimed alone and never reaches the lane (its memory is bounded
 by multipart buffers, per worker, as before).
 
@@ -33,8 +33,13 @@ IDLE_EXIT = 30.0  # seconds a lane thread waits for work before it ends
 # (GIL hand-overs between runnable threads) and 35 MiB more RSS; 4 per worker: no more CPU
 # (A/B, 8 alternating runs of (a): 4.68 s vs 4.86 s) and 12 MiB more RSS while busy.
 PER_WORKER = 4
-# ... through awscrt (`transfers = "crt"`): a request waits in C, off the GIL, and costs a third
-# less CPU: TODO measured
+# ... through awscrt (`transfers = "crt"`), whose requests wait in C, off the GIL: 16 (128 at 8
+# workers; a claim holds at most pool.CLAIM_ROWS = 16). Medians of pairs against 4 (with awscrt's
+# 25 connections then), 2,000 x 4 KiB, 2026-12-07, load 5-12 (bench/inflight.py): at 200 ms per
+# request 0.60x/0.57x the time (restore/upload); at 50 ms 1.05x/0.89x for 13-16% more CPU per file
+# (bound by CPU there: 8 gave 0.94x/0.87x for 4-8% more); on loopback 1.05x/1.06x the time and
+# 4%/12% more CPU, still 0.69x/0.61x botocore's at 4. Botocore stays at 4: 16 gave 0.65x/0.66x
+# the time at 200 ms but nothing at 50 ms or on loopback (bench/README.md, awscrt section).
 PER_WORKER_CRT = 16
 LANE_MAX = 256  # lane threads at most, whatever `workers` says (a batch beyond waits for one)
 
