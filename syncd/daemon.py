@@ -25,6 +25,7 @@ from syncd.config import Config
 from syncd.engine import LOCAL_DELETE_OPS, RESTORE_OPS, UPLOAD_OPS, Engine
 from syncd.errors import LedgerError, LedgerUnwritable, RemoteUnavailable
 from syncd.interrupt import unless_stopped
+from syncd.lane import per_worker
 from syncd.lazy import LazyRestore, oldest_upload
 from syncd.ledger import Ledger
 from syncd.lock import LedgerLock
@@ -267,8 +268,9 @@ class Daemon:
                     "ready: %d files restored%s; watching %s", engine.stats.restored,
                     f", {failed} failed (see `syncd status`)" if failed else "",
                     ", ".join(str(w.path) for w in cfg.watches))
+            # what the app just closed first (SPEC §4.1)
             self.pool = WorkerPool(ledger, engine.transfers.handle, cfg.workers, stop=self.stop, wake=engine.wake,
-                                   fresh=FRESH)  # what the app just closed first (SPEC §4.1)
+                                   fresh=FRESH, per_worker=per_worker(engine.remote))
             self.pool.start(self._ops())
             self.lister = threading.Thread(target=self._list_remote, args=(engine,), name="syncd-listing",
                                            daemon=True)

@@ -22,6 +22,7 @@ from syncd.fsutil import make_dirs
 from syncd.guard import DeleteGuard
 from syncd.interrupt import unless_stopped
 from syncd.keys import join_key
+from syncd.lane import per_worker
 from syncd.ledger import Ledger, Row
 from syncd.logs import CauseLog
 from syncd.pool import Wake, WorkerPool
@@ -296,7 +297,7 @@ class Engine:
                 self.on_progress(1)
 
         return WorkerPool(self.ledger, self.transfers.handle, self.cfg.workers, stop=self.stop, wake=self.wake,
-                          on_done=done)
+                          on_done=done, per_worker=per_worker(self.remote))
 
     def drain(self, ops: tuple[str, ...], *, pool: WorkerPool | None = None) -> None:
         """Work through the queue for `ops` (with `pool` when one works on them already). A

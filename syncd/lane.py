@@ -6,8 +6,8 @@ flight (8 at 200 ms: 40 files/s, 0.82x `aws s3 sync`, which runs 10). A worker c
 `pool.CLAIM_ROWS` small files at a time (no more than `pool.CLAIM_BYTES` together); it does the
 first itself and hands the others to the lane, then claims again once all are done. The lane
 has `PER_WORKER - 1` threads per worker, shared: small files are sent `PER_WORKER` per worker
-at once, while their memory stays bounded by the claims (at most 1 MiB of small files per
-worker). Deletions (a tombstone's empty PUT, a DELETE) are claimed and sent the same way and
+at once (`PER_WORKER_CRT` through awscrt, `per_worker`), while their memory stays bounded by the
+claims (at most 1 MiB of small files per worker). Deletions (a tombstone's empty PUT, a DELETE) are claimed and sent the same way and
 weigh nothing. A large file is claimed alone and never reaches the lane (its memory is bounded
 by multipart buffers, per worker, as before).
 
@@ -33,12 +33,26 @@ IDLE_EXIT = 30.0  # seconds a lane thread waits for work before it ends
 # (GIL hand-overs between runnable threads) and 35 MiB more RSS; 4 per worker: no more CPU
 # (A/B, 8 alternating runs of (a): 4.68 s vs 4.86 s) and 12 MiB more RSS while busy.
 PER_WORKER = 4
+# ... through awscrt (`transfers = "crt"`), whose requests wait in C, off the GIL: 16 (128 at 8
+# workers; a claim holds at most pool.CLAIM_ROWS = 16). Medians of pairs against 4 (with awscrt's
+# 25 connections then), 2,000 x 4 KiB, 2026-12-07, load 5-12 (bench/inflight.py): at 200 ms per
+# request 0.60x/0.57x the time (restore/upload); at 50 ms 1.05x/0.89x for 13-16% more CPU per file
+# (bound by CPU there: 8 gave 0.94x/0.87x for 4-8% more); on loopback 1.05x/1.06x the time and
+# 4%/12% more CPU, still 0.69x/0.61x botocore's at 4. Botocore stays at 4: 16 gave 0.65x/0.66x
+# the time at 200 ms but nothing at 50 ms or on loopback (bench/README.md, awscrt section).
+PER_WORKER_CRT = 16
 LANE_MAX = 256  # lane threads at most, whatever `workers` says (a batch beyond waits for one)
 
 
-def lane_size(workers: int) -> int:
-    """Lane threads for `workers` workers (each handles one file of its batch itself)."""
-    return min(LANE_MAX, workers * (PER_WORKER - 1))
+def per_worker(remote: object) -> int:
+    """Small transfers in flight per worker for `remote` (its `native_transfers`: awscrt's)."""
+    return PER_WORKER_CRT if getattr(remote, "native_transfers", False) else PER_WORKER
+
+
+def lane_size(workers: int, width: int | None = None) -> int:
+    """Lane threads for `workers` workers with `width` (PER_WORKER) small transfers each in
+    flight (each worker handles one file of its batch itself)."""
+    return min(LANE_MAX, workers * ((PER_WORKER if width is None else width) - 1))
 
 
 class _Batch:
@@ -68,8 +82,10 @@ class _Batch:
 class Lane:
     """Up to `size` threads that run the items of `run` calls concurrently."""
 
-    def __init__(self, size: int, *, name: str = "syncd-lane", on_exit: Callable[[], None] | None = None) -> None:
+    def __init__(self, size: int, *, name: str = "syncd-lane", on_exit: Callable[[], None] | None = None,
+                 width: int | None = None) -> None:
         self.size = size
+        self.width = PER_WORKER if width is None else width  # `run`'s default
         self.name = name
         self.on_exit = on_exit
         self._tasks: queue.SimpleQueue[tuple[Callable[[Any], None], Any, _Batch] | None] = queue.SimpleQueue()
@@ -78,12 +94,14 @@ class Lane:
         self._idle = 0
         self._made = 0
 
-    def run(self, items: Sequence[T], fn: Callable[[T], None], width: int = PER_WORKER) -> None:
+    def run(self, items: Sequence[T], fn: Callable[[T], None], width: int | None = None) -> None:
         """Call `fn(item)` for every item, `width` at a time: the calling thread and `width - 1`
         lane threads each take the next item until none is left. Returns when all are done.
 
         An exception stops the taking of new items; it is raised once the calls under way have
         returned, with the items never started in its `lane_unstarted` attribute."""
+        if width is None:
+            width = self.width
         if len(items) <= 1 or width <= 1 or self.size <= 0:
             for item in items:  # nothing to overlap: no hand-over cost
                 fn(item)

@@ -23,6 +23,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from syncd.lane import per_worker
 from syncd.pool import Wake, WorkerPool
 
 if TYPE_CHECKING:
@@ -105,7 +106,8 @@ class LazyRestore:
     def __init__(self, engine: Engine, workers: int, stop: threading.Event) -> None:
         self.engine = engine
         self.stop = stop
-        self.pool = WorkerPool(engine.ledger, engine.transfers.handle, max(1, workers), stop=stop, wake=Wake())
+        self.pool = WorkerPool(engine.ledger, engine.transfers.handle, max(1, workers), stop=stop, wake=Wake(),
+                               per_worker=per_worker(engine.remote))
         self._started = False
         self._reported = False
 

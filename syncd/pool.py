@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from syncd.errors import LedgerError
-from syncd.lane import Lane, lane_size
+from syncd.lane import PER_WORKER, Lane, lane_size
 from syncd.ledger import REMOTE_DELETE_OPS, Ledger, Row
 from syncd.retry import backoff
 
@@ -59,7 +59,7 @@ class WorkerPool:
     def __init__(self, ledger: Ledger, handler: Callable[[Row], None], workers: int, *,
                  stop: threading.Event | None = None, wake: Wake | None = None,
                  on_done: Callable[[Row], None] | None = None, lease: float = 900.0,
-                 fresh: float = 0.0) -> None:
+                 fresh: float = 0.0, per_worker: int = PER_WORKER) -> None:
         self.ledger = ledger
         self.fresh = fresh  # > 0: fresh uploads first, and a fresh lane (`start`)
         self.handler = handler
@@ -78,8 +78,9 @@ class WorkerPool:
         self._err_lock = threading.Lock()
         self._unreleased: list[int] = []
         self._logged: dict[str, float] = {}
-        # a claimed batch of small files is sent all at once (syncd.lane): latency, not `workers`
-        self.lane = Lane(lane_size(workers), on_exit=ledger.close_thread)
+        # a claimed batch of small files is sent `per_worker` at a time (syncd.lane): latency,
+        # not `workers`, bounds them
+        self.lane = Lane(lane_size(workers, per_worker), on_exit=ledger.close_thread, width=per_worker)
 
     def _loop(self, fresh_lane: bool = False) -> None:
         attempt = 0

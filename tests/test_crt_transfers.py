@@ -167,6 +167,34 @@ def test_a_crt_request_that_gets_no_answer_is_given_up_after_the_read_timeout(st
         assert _failure(lambda: remote.get(f"{env.prefix}/f.txt", io.BytesIO())) == ("transient", "ReadTimeout")
 
 
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+def test_through_awscrt_a_worker_has_more_small_requests_in_flight_and_a_connection_for_each(
+        store, make_env, monkeypatch):
+    """awscrt opens throughput_target_gbps / 0.4 connections at most (25 at its default 10 Gbps):
+    fewer than syncd's requests in flight would queue them inside awscrt."""
+    import awscrt.s3
+
+    from syncd import lane
+
+    made: list[dict] = []
+    real = awscrt.s3.S3Client
+
+    def client(**kw):
+        made.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(awscrt.s3, "S3Client", client)
+    boto, _ = _remote(store, make_env, "botocore")
+    crt, _ = _remote(store, make_env, "crt")  # S3Remote's default: 8 workers
+    assert lane.per_worker(boto) == lane.PER_WORKER
+    assert lane.per_worker(crt) == lane.PER_WORKER_CRT > lane.PER_WORKER
+    assert crt._transfers() is not None
+    assert made[-1]["throughput_target_gbps"] / 0.4 >= 8 * lane.PER_WORKER_CRT
+    # botocore's pool has a connection for each too (DELETEs, HEADs, GETs of other tools' objects)
+    assert crt.client.meta.config.max_pool_connections >= 8 * lane.PER_WORKER_CRT
+    assert boto.client.meta.config.max_pool_connections < 8 * lane.PER_WORKER_CRT
+
+
 @pytest.mark.parametrize("transfers", ["botocore", "crt"])
 def test_a_stop_during_the_start_up_restore_is_clean_and_the_next_start_restores_every_file(tmp_path, moto_server,
                                                                                           transfers):

@@ -33,7 +33,7 @@ from syncd.bwlimit import Limiter, MeteredBody, MeteredWriter, start_metering
 from syncd.config import RemoteConfig
 from syncd.errors import ConfigError
 from syncd.fsutil import CHUNK, SMALL_FILE, SizedBody
-from syncd.lane import lane_size
+from syncd.lane import lane_size, per_worker
 from syncd.remote import composite, multipart
 from syncd.remote.base import (
     CREDENTIALS,
@@ -157,6 +157,17 @@ class S3Remote:
         self._limiter = limiter  # bwlimit: every body sent or received takes its tokens (syncd.bwlimit)
         self.bucket = cfg.bucket
         self.name = f"s3://{cfg.bucket}/{cfg.prefix}".rstrip("/")
+        # the awscrt path (syncd.remote.s3_crt), made at the first transfer; never under a bwlimit
+        self._crt_mode = "botocore" if limiter is not None else cfg.transfers
+        self._crt: CrtTransfers | None = None
+        if self._crt_mode == "auto" and (cfg.checksum == "none" or not crt_available()):
+            self._crt_mode = "botocore"
+        elif self._crt_mode == "crt" and not crt_available():
+            raise ConfigError('remote.transfers: "crt" needs awscrt (pip install "botocore[crt]"), which cannot '
+                              'be imported')
+        # small transfers in flight per worker (syncd.lane), on either path
+        self.native_transfers = self._crt_mode != "botocore"
+        self._per_worker = per_worker(self)
         # a botocore session, not boto3's: boto3 imports s3transfer and its resource layer at
         # once (a third of the start-up time of a one-shot resync) and syncd needs neither
         session = botocore.session.get_session()
@@ -188,14 +199,6 @@ class S3Remote:
         self._part_clients: tuple[Any, Any] | None = None
         self._stop: threading.Event | None = None
         self._underway = multipart.Underway()
-        # the awscrt path (syncd.remote.s3_crt), made at the first transfer; never under a bwlimit
-        self._crt_mode = "botocore" if limiter is not None else cfg.transfers
-        self._crt: CrtTransfers | None = None
-        if self._crt_mode == "auto" and (cfg.checksum == "none" or not crt_available()):
-            self._crt_mode = "botocore"
-        elif self._crt_mode == "crt" and not crt_available():
-            raise ConfigError('remote.transfers: "crt" needs awscrt (pip install "botocore[crt]"), which cannot '
-                              'be imported')
 
     def _make_client(self, session: Any, s3opts: dict[str, Any], workers: int, *, attempts: int,
                      timeout: float = 0) -> Any:
@@ -207,7 +210,7 @@ class S3Remote:
                 # a connection for every request in flight at once: each worker's own, its
                 # batch of small files in the lane (syncd.lane), multipart parts, and a few
                 # spare (an overflow is opened, used once and dropped, with a warning)
-                max_pool_connections=workers + lane_size(workers)
+                max_pool_connections=workers + lane_size(workers, self._per_worker)
                 + PART_CONCURRENCY * max(1, min(workers, 4)) + 4,
                 connect_timeout=timeout or 10,
                 read_timeout=timeout or 60,
@@ -248,7 +251,8 @@ class S3Remote:
                 self._crt = CrtTransfers(bucket=self.bucket, endpoint_url=self.cfg.endpoint_url,
                                          region=self._signing_region(), credentials=self._session.get_credentials,
                                          ca_bundle=self._session.get_config_variable("ca_bundle"),
-                                         map_error=map_error, info=self._info)
+                                         map_error=map_error, info=self._info,
+                                         in_flight=self._workers * self._per_worker)
                 self._crt.stop = self._stop
                 log.debug("transfers through awscrt (remote.transfers = %s)", self.cfg.transfers)
             return self._crt

@@ -59,7 +59,10 @@ CRT_PUT_MAX = 8 * MIB  # bodies awscrt holds whole in memory: at most this much 
 # 1.7x the client CPU of botocore's one stream for a 512 MiB object (and 10x the time on moto,
 # which copies the whole object for each range); up to it, one request
 CRT_GET_MAX = PART_SIZE = 8 * MIB
-THROUGHPUT_GBPS = 10.0  # awscrt's default; syncd's threads bound the requests in flight (50 measured the same)
+THROUGHPUT_GBPS = 10.0  # awscrt's default, at least; syncd's threads bound the requests in flight
+# awscrt opens throughput_target_gbps / 0.4 connections at most (its default 10 Gbps: 25, fewer than
+# syncd's 32 small requests in flight): the target is raised to give each request of syncd's one
+GBPS_PER_CONNECTION = 0.4
 MAX_RETRIES = 1
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
@@ -84,7 +87,8 @@ class CrtTransfers:
 
     def __init__(self, *, bucket: str, endpoint_url: str, region: str, credentials: Callable[[], Any],
                  ca_bundle: str | None, map_error: Callable[[BaseException, str, str], RemoteError],
-                 info: Callable[[str, dict[str, Any]], ObjectInfo]) -> None:
+                 info: Callable[[str, dict[str, Any]], ObjectInfo], in_flight: int = 0) -> None:
+        """`in_flight`: the requests syncd's threads make at once at most (small files)."""
         from awscrt import auth, io, s3
 
         self._s3, self._map_error, self._info = s3, map_error, info
@@ -124,7 +128,7 @@ class CrtTransfers:
             tls_mode=s3.S3RequestTlsMode.ENABLED if tls else s3.S3RequestTlsMode.DISABLED,
             tls_connection_options=tls_options,
             part_size=PART_SIZE,
-            throughput_target_gbps=THROUGHPUT_GBPS,
+            throughput_target_gbps=max(THROUGHPUT_GBPS, (in_flight + 8) * GBPS_PER_CONNECTION),
             retry_config=s3.S3RetryConfig(max_retries=MAX_RETRIES),
             connect_timeout_ms=int(CONNECT_TIMEOUT * 1000),
         )
