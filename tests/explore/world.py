@@ -259,7 +259,14 @@ class World:
         deleted before it was uploaded (within `settle_seconds`) never reached the other hosts."""
         if self.p.mode != "shared":
             return set()
-        return {live_tree(o.root).get(path) for o in self.hosts if o is not h} - {GONE}
+        out: set[bytes | None] = set()
+        for o in self.hosts:
+            try:
+                if o is not h and (o.root / path).is_file():
+                    out.add((o.root / path).read_bytes())
+            except FileNotFoundError:
+                continue  # a deletion applied between the look and the read
+        return out
 
     def app_rename_dir(self, h: Host, d: str, to: str) -> None:
         src, dst = h.root / d, h.root / to
