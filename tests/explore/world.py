@@ -28,6 +28,7 @@ from urllib.parse import quote
 import boto3
 from boto3.s3.transfer import TransferConfig
 
+from syncd.guard import EVENT_GRACE
 from tests.conftest import free_port, sns_fanout, wait_for, write_config
 from tests.daemon_util import DaemonProc, http_get, live_tree
 from tests.explore.schedule import Profile, Step
@@ -221,7 +222,7 @@ class World:
         pm = self.pm(path)
         before = f.read_bytes()
         f.unlink()
-        pm.last_deleted = {before}
+        pm.last_deleted = {before} | self.copies_elsewhere(h, path)
         if not self.up(h):
             pm.also = {before}  # deleted while syncd was down: it may come back (SPEC §4.5)
         else:
@@ -246,10 +247,26 @@ class World:
         old, new = self.pm(path), self.pm(to)
         new.expect, new.also, new.owner, new.wiped = data, set(), old.owner, False
         new.versions.add(data)
-        old.last_deleted = {data}
+        old.last_deleted = {data} | self.copies_elsewhere(h, path)
         old.also = {data} if not self.up(h) else set()
         old.expect = GONE
         old.deleted_at, old.deleted_on = time.monotonic(), h.i
+
+    def copies_elsewhere(self, h: Host, path: str) -> set[bytes | None]:
+        """What the other hosts of a shared watch hold of a path the app deletes on `h`: the
+        deletion's event removes those copies there, and until it does (or while it waits, paused,
+        SPEC §4.12) they stay. One may be an earlier version than the app deleted: a change
+        deleted before it was uploaded (within `settle_seconds`) never reached the other hosts."""
+        if self.p.mode != "shared":
+            return set()
+        out: set[bytes | None] = set()
+        for o in self.hosts:
+            try:
+                if o is not h and (o.root / path).is_file():
+                    out.add((o.root / path).read_bytes())
+            except FileNotFoundError:
+                continue  # a deletion applied between the look and the read
+        return out
 
     def app_rename_dir(self, h: Host, d: str, to: str) -> None:
         src, dst = h.root / d, h.root / to
@@ -291,6 +308,26 @@ class World:
             # wipe's burst waits with it (paused) until a listing
             pm.wiped = True
             pm.wiped_held = {h.i: tree.get(path) for h, tree in zip(self.hosts, held, strict=True)}
+            if pm.expect is None and self.deletion_on_its_way(path, pm):
+                # the app's deletion had not reached another host yet (its event on the way, or
+                # waiting its EVENT_GRACE there): it pauses with the wipe's burst, and a listing
+                # that then finds the bucket empty deletes nothing locally and uploads the file
+                # again (SPEC §4.12: an empty listing deletes nothing locally; paused deletion
+                # events wait for a listing to confirm them). The app's deletion is undone by
+                # the wipe, with the copy that host held
+                pm.also |= {d for i, d in pm.wiped_held.items() if i != pm.deleted_on} - {GONE}
+
+    def deletion_on_its_way(self, path: str, pm: PathModel) -> bool:
+        """A shared watch's app deletion that may not be applied on every host yet: another host
+        still holds a copy and its ledger has the local deletion queued (the event came, it waits
+        EVENT_GRACE) or the deletion is recent enough for its event to be on the way."""
+        if self.p.mode != "shared" or pm.deleted_on < 0 or not pm.wiped_held:
+            return False
+        if time.monotonic() - pm.deleted_at < EVENT_GRACE + 10:
+            return True
+        return any(d is not None and self.ledger_rows(
+            self.hosts[i], f"SELECT 1 FROM files WHERE path={path!r} AND state='deleting' AND op='unlink'")
+            for i, d in pm.wiped_held.items() if i != pm.deleted_on)
 
     def lose_host(self, h: Host) -> None:
         """The host's disk and ledger are lost (a container replaced): kill, wipe, start."""
