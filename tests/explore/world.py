@@ -63,6 +63,9 @@ class PathModel:
     needs_start: bool = False  # a restore refused once (integrity): a start gives it another chance
     wiped: bool = False  # another tool emptied the bucket while the app had this file
     wiped_held: dict[int, bytes | None] = field(default_factory=dict)  # what each host held then
+    # an app write since the wipe cleared `wiped`: while none has reached the bucket, losing the
+    # writer's disk brings the wipe's state back (the other hosts still hold what they held)
+    wiped_before_write: bool = False
     last_deleted: set[bytes | None] = field(default_factory=set)  # what its last delete removed
 
     def allowed(self) -> set[bytes | None]:
@@ -211,6 +214,7 @@ class World:
         else:  # create, overwrite, new_dir (the directory made just before), large
             data = new
             f.write_bytes(data)
+        pm.wiped_before_write = pm.wiped or pm.wiped_before_write
         pm.expect, pm.also, pm.wiped = data, set(), False
         pm.versions.add(data)
         self.counts["writes"] += 1
@@ -245,6 +249,7 @@ class World:
 
     def _moved(self, h: Host, path: str, to: str, data: bytes) -> None:
         old, new = self.pm(path), self.pm(to)
+        new.wiped_before_write = new.wiped or new.wiped_before_write
         new.expect, new.also, new.owner, new.wiped = data, set(), old.owner, False
         new.versions.add(data)
         old.last_deleted = {data} | self.copies_elsewhere(h, path)
@@ -292,7 +297,7 @@ class World:
         else:
             extra = {"ChecksumAlgorithm": checksum} if checksum else {}
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
-        pm.expect, pm.also, pm.wiped = data, set(), False
+        pm.expect, pm.also, pm.wiped, pm.wiped_before_write = data, set(), False, False
         pm.versions.add(data)
 
     def wipe_bucket(self) -> None:
@@ -306,7 +311,7 @@ class World:
             # SPEC §4.12: events must not empty the hosts; a later listing may upload the files
             # again, or (shared) confirm the deletions. A deletion whose event came in the
             # wipe's burst waits with it (paused) until a listing
-            pm.wiped = True
+            pm.wiped, pm.wiped_before_write = True, False
             pm.wiped_held = {h.i: tree.get(path) for h, tree in zip(self.hosts, held, strict=True)}
             if pm.expect is None and self.deletion_on_its_way(path, pm):
                 # the app's deletion had not reached another host yet (its event on the way, or
@@ -345,6 +350,13 @@ class World:
                 # what the bucket has, or nothing when a tombstone hides that (a file recreated
                 # after a delete and lost before its upload)
                 pm.also |= {remote.get(path), GONE}
+                if pm.wiped_before_write and remote.get(path) is None:
+                    # every write since the wipe is lost with this disk: the path is wiped
+                    # again, and the others keep what they held when the wipe came (their
+                    # deletion waits for a listing, SPEC §4.12), the newest copy left: a
+                    # listing may confirm the deletion or upload that copy again
+                    pm.wiped = True
+                    pm.also |= {v for i, v in pm.wiped_held.items() if i != h.i}
             if pm.expect is None and not (self.p.on_delete == "keep" and path in tombs):
                 pm.also |= {remote.get(path)}  # its deletion had not reached the bucket yet
         shutil.rmtree(h.root)
