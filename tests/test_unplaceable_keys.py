@@ -43,6 +43,16 @@ def failed_lines(r) -> list[str]:
     return [ln for ln in r.err.splitlines() if ln.startswith("failed: ")]
 
 
+def failed_as_a_directory(r, env, rel: str) -> None:
+    """The resync failed `rel` alone, by name, because a directory holds its name; its row says so."""
+    assert r.code == 1, r.out + r.err
+    assert r.out.strip().endswith("failed 1")
+    lines = failed_lines(r)
+    assert len(lines) == 1 and lines[0].startswith(f"failed: uploads/{rel}: ")
+    assert f"{env.root / rel} is a directory" in lines[0]
+    assert row(env, rel)["state"] == "failed" and row(env, rel)["op"] == "get"
+
+
 @moto
 def test_a_remote_file_whose_name_a_restored_directory_holds_is_a_failure_that_names_it(store, make_env, syncd):
     env = make_env(store)
@@ -51,13 +61,7 @@ def test_a_remote_file_whose_name_a_restored_directory_holds_is_a_failure_that_n
     assert syncd("--config", str(env.config), "resync").code == 0
     store.put_raw(f"{env.prefix}/c", b"c")  # restored after the directory c/ exists
     for _ in range(2):  # every resync says it again: not a success the second time either
-        r = syncd("--config", str(env.config), "resync")
-        assert r.code == 1, r.out + r.err
-        assert r.out.strip().endswith("failed 1")
-        lines = failed_lines(r)
-        assert len(lines) == 1 and lines[0].startswith("failed: uploads/c: ")
-        assert f"{env.root / 'c'} is a directory" in lines[0]
-    assert row(env, "c")["state"] == "failed" and row(env, "c")["op"] == "get"
+        failed_as_a_directory(syncd("--config", str(env.config), "resync"), env, "c")
     assert (env.root / "c/d.txt").read_bytes() == b"d"
     assert not temps(env.root)
 
@@ -263,10 +267,5 @@ def test_a_directory_made_at_a_files_name_just_after_its_restore_looked_is_a_fai
         m.setattr(os, "lstat", racing_lstat)
         r = syncd("--config", str(env.config), "resync")
     assert made.is_set()
-    assert r.code == 1, r.out + r.err
-    assert r.out.strip().endswith("failed 1")
-    lines = failed_lines(r)
-    assert len(lines) == 1 and lines[0].startswith("failed: uploads/c: ")
-    assert f"{env.root / 'c'} is a directory" in lines[0]
-    assert row(env, "c")["state"] == "failed" and row(env, "c")["op"] == "get"
+    failed_as_a_directory(r, env, "c")
     assert not temps(env.root)
