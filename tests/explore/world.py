@@ -61,6 +61,10 @@ class PathModel:
     deleted_on: int = -1
     clash: bool = False  # another tool made it both a file and a directory: one may fail, named
     needs_start: bool = False  # a restore refused once (integrity): a start gives it another chance
+    # a host was lost (kill -9, then its ledger) before this content reached the bucket: a
+    # multipart upload it had begun stays open (SPEC §4.10 aborts at a clean stop; the start-up
+    # sweep aborts only keys its ledger knows; the rest is for the bucket's lifecycle rule)
+    open_upload_allowed: bool = False
     wiped: bool = False  # another tool emptied the bucket while the app had this file
     wiped_held: dict[int, bytes | None] = field(default_factory=dict)  # what each host held then
     # an app write since the wipe cleared `wiped`: while none has reached the bucket, losing the
@@ -350,6 +354,7 @@ class World:
                 # what the bucket has, or nothing when a tombstone hides that (a file recreated
                 # after a delete and lost before its upload)
                 pm.also |= {remote.get(path), GONE}
+                pm.open_upload_allowed = True
                 if pm.wiped_before_write and remote.get(path) is None:
                     # every write since the wipe is lost with this disk: the path is wiped
                     # again, and the others keep what they held when the wipe came (their
@@ -673,7 +678,8 @@ class World:
         for path in tree:
             if path not in remote:
                 out.append(f"bucket: {path}: on the hosts, not in the bucket")
-        uploads = self.s3.list_multipart_uploads(Bucket=self.bucket).get("Uploads", [])
+        uploads = [u for u in self.s3.list_multipart_uploads(Bucket=self.bucket).get("Uploads", [])
+                   if not getattr(self.model.get(u["Key"].removeprefix(PREFIX + "/")), "open_upload_allowed", False)]
         if uploads:
             out.append(f"bucket: {len(uploads)} multipart uploads left open: {[u['Key'] for u in uploads][:5]}")
         for h in self.hosts:
