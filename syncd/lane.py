@@ -7,8 +7,8 @@ flight (8 at 200 ms: 40 files/s, 0.82x `aws s3 sync`, which runs 10). A worker c
 first itself and hands the others to the lane, then claims again once all are done. The lane
 has `PER_WORKER - 1` threads per worker, shared: small files are sent `PER_WORKER` per worker
 at once (`PER_WORKER_CRT` through awscrt, `per_worker`), while their memory stays bounded by the
-claims (at most 1 MiB of small files per worker). Deletions (a tombstone's empty PUT, a DELETE) are claimed and sent the same way and
-weigh nothing. A large file is claimed alone and never reaches the lane (its memory is bounded
+claims (at most 1 MiB of small files per worker). Deletions (a tombstone's empty PUT, a DELETE)
+are claimed and sent the same way and weigh nothing. A large file is claimed alone and never reaches the lane (its memory is bounded
 by multipart buffers, per worker, as before).
 
 Lane threads are made when a batch needs them and end after `IDLE_EXIT` seconds without work
