@@ -9,7 +9,9 @@ inside the watch root), so nothing outside the root is ever read.
 
 A file missing locally is restored first, exactly as at start (`restore.fetch`: temp file,
 checked against `syncd-sha256`, fsync, no-clobber rename) and recorded as synced in the same
-step, so the restore queue skips it and the watcher does not upload it back. Concurrent requests
+step, so the restore queue skips it and the watcher does not upload it back; the row stays leased
+(the path busy) from that record until the file is at its name, so a remote change seen in
+between waits for the path instead of finding a synced row and no file. Concurrent requests
 for one file wait for a single download (`_inflight`); a file queued for restore is leased ahead
 of the queue (no worker starts it meanwhile), and one a worker is already restoring is waited
 for, not downloaded twice. Ledger tombstones (`deleted` rows) hide a file; for a file the ledger
@@ -75,6 +77,16 @@ class Refusal(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
+
+
+@dataclass
+class _Lease:
+    """The row lease an on-demand restore holds: taken ahead of the queue (`_hold`), or by its
+    record (`_record`) until the file is at its name; `until` is its expiry, which the release
+    checks (a lease someone took after ours expired is theirs)."""
+
+    row_id: int | None = None
+    until: float = 0.0
 
 
 @dataclass
@@ -324,24 +336,24 @@ class FileServer:
         row = self.ledger.get(watch.prefix, rel)
         if row is not None and row["state"] in HIDDEN:
             raise Refusal(404, "not found (deleted by the app: a tombstone hides it)")
-        lease: tuple[int, float] | None = None  # (row id, lease expiry) while this request holds it
+        lease = _Lease()  # the row's, while this request holds it
         queued = row is not None and row["op"] == "get"
         just_restored = row is not None and row["state"] == "synced" and row["op"] is None and \
             time.time() - (row["updated_at"] or 0) < PUBLISH_GRACE
         if row is not None and (queued or just_restored):
-            lease = self._hold(row["id"])  # queued for restore: take it ahead of the queue
-            if lease is None:  # a restore worker has it, or has just recorded it (the rename follows)
+            # queued for restore: take it ahead of the queue
+            if not self._hold(row["id"], lease):  # a restore worker has it, or has just recorded it
                 if self._queued_restore_done(watch, rel):
                     return "remote"
-                lease = self._hold(row["id"])
+                self._hold(row["id"], lease)
         try:
-            return self._fetch(watch, rel, known=row is not None, queued=queued)
+            return self._fetch(watch, rel, known=row is not None, queued=queued, lease=lease)
         finally:
-            if lease is not None:  # released unless the restore recorded the row (which clears it)
-                with self.ledger.write() as w:
-                    w.execute("UPDATE files SET lease_until=NULL WHERE id=? AND lease_until=?", list(lease))
+            # the file is at its name (or the restore failed): what waited for the path may go
+            if lease.row_id is not None:
+                self.ledger.let_go(lease.row_id, until=lease.until)
 
-    def _fetch(self, watch: WatchConfig, rel: str, *, known: bool, queued: bool) -> str:
+    def _fetch(self, watch: WatchConfig, rel: str, *, known: bool, queued: bool, lease: _Lease) -> str:
         key = join_key(self.cfg.remote.prefix, watch.prefix, rel)
         t0 = time.monotonic()
         try:
@@ -356,7 +368,7 @@ class FileServer:
                     raise Refusal(404, "not found (deleted by the app: a remote tombstone hides it)")
             target = safe_target(watch.path, rel, follow_symlinks=watch.follow_symlinks)
             res = self._remote(lambda: fetch(self.remote, key, target,
-                                             before_publish=lambda r: self._record(watch, rel, key, r)))
+                                             before_publish=lambda r: self._record(watch, rel, key, r, lease)))
         except FileExistsError:
             self._local_appeared(watch, rel)
             return "disk"
@@ -374,15 +386,18 @@ class FileServer:
                  time.monotonic() - t0)
         return "remote"
 
-    def _hold(self, row_id: int) -> tuple[int, float] | None:
+    def _hold(self, row_id: int, lease: _Lease) -> bool:
         """Lease a queued restore (as a worker's claim does), so that no worker starts the same
-        download meanwhile: (row id, lease expiry), or None when someone else holds it."""
+        download meanwhile (into `lease`); False when someone else holds it."""
         now = time.time()
         until = now + QUEUE_WAIT
         with self.ledger.write() as w:
             cur = w.execute("UPDATE files SET lease_until=? WHERE id=? AND op='get' AND state IN ('pending','failed') "
                             "AND (lease_until IS NULL OR lease_until<?)", [until, row_id, now])
-            return (row_id, until) if cur.rowcount else None
+            if not cur.rowcount:
+                return False
+        lease.row_id, lease.until = row_id, until
+        return True
 
     def _queued_restore_done(self, watch: WatchConfig, rel: str) -> bool:
         """A restore worker holds the file's row (its download is under way, or next in its
@@ -420,27 +435,35 @@ class FileServer:
     def _remote(self, fn: Callable[[], object]):  # noqa: ANN202 - returns what fn returns
         return retry_call(fn, attempts=REQUEST_ATTEMPTS, stop_event=self.stop)
 
-    def _record(self, watch: WatchConfig, rel: str, key: str, res: Restored) -> bool:
+    def _record(self, watch: WatchConfig, rel: str, key: str, res: Restored, lease: _Lease) -> bool:
         """Before the file appears: its row is synced (what `Transfers._get` records), with `gen`
         bumped, so a queued restore of it is dropped and one in flight does not publish. False
-        (nothing published) when the app deleted the file meanwhile."""
+        (nothing published) when the app deleted the file meanwhile.
+
+        The row stays leased (`lease`, released by `_restore` once the file is at its name): a
+        remote change seen before the rename (a synced row, no file yet) would find nothing to
+        do and be lost; busy, it waits for the path (SPEC §4.12), as for a worker's restore."""
         now = time.time()
+        until = now + QUEUE_WAIT  # the rename follows at once; a crash's lease ends at the next start
         fields = {"key": key, "size": res.size, "mtime_ns": res.mtime_ns, "sha256": res.sha256,
                   "remote_sha256": res.sha256, "state": "synced", "op": None, "synced_at": now,
-                  "updated_at": now, "attempts": 0, "last_error": None, "error_kind": None, "probe": 0}
+                  "updated_at": now, "attempts": 0, "last_error": None, "error_kind": None, "probe": 0,
+                  "lease_until": until}
         with self.ledger.write() as w:
             found = w.execute("SELECT id, state FROM files WHERE watch=? AND path=?",
                               [watch.prefix, rel]).fetchone()
             if found is None:
                 cols = {"watch": watch.prefix, "path": rel, "due_at": 0, "queued_at": now, **fields}
-                w.execute(f"INSERT INTO files({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
-                          list(cols.values()))
-                return True
-            if found[1] in HIDDEN:
+                cur = w.execute(f"INSERT INTO files({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                                list(cols.values()))
+                row_id = cur.lastrowid
+            elif found[1] in HIDDEN:
                 return False
-            sets = ", ".join(f"{c}=?" for c in fields)
-            w.execute(f"UPDATE files SET {sets}, lease_until=NULL, gen=gen+1 WHERE id=?",
-                      [*fields.values(), found[0]])
+            else:
+                row_id = found[0]
+                sets = ", ".join(f"{c}=?" for c in fields)
+                w.execute(f"UPDATE files SET {sets}, gen=gen+1 WHERE id=?", [*fields.values(), row_id])
+        lease.row_id, lease.until = row_id, until
         return True
 
     def _local_appeared(self, watch: WatchConfig, rel: str) -> None:

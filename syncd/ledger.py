@@ -659,9 +659,12 @@ class Ledger:
 
         return self._grouped(apply)
 
-    def let_go(self, row_id: int) -> None:
-        """End a lease `finish(hold=True)` kept (the result stands as it was recorded)."""
-        self._grouped(lambda w: w.execute("UPDATE files SET lease_until=NULL WHERE id=?", [row_id]))
+    def let_go(self, row_id: int, *, until: float | None = None) -> None:
+        """End a lease `finish(hold=True)` kept (the result stands as it was recorded); with
+        `until`, only the lease that ends then (the caller's own: not one taken since it expired)."""
+        mine = "" if until is None else " AND lease_until=?"
+        self._grouped(lambda w: w.execute(f"UPDATE files SET lease_until=NULL WHERE id=?{mine}",
+                                          [row_id, *([until] if until is not None else [])]))
 
     def forget(self, row: Row) -> bool:
         """Drop a row if nobody changed it meanwhile (a file that vanished before it was ever

@@ -28,8 +28,10 @@ from syncd import events
 from syncd.config import Config
 from syncd.config import load_config as load
 from syncd.engine import LOCAL_DELETE_OPS, UPLOAD_OPS, Engine
+from syncd.files import FileServer
 from syncd.ledger import Ledger
 from syncd.remote import open_remote
+from tests.conftest import wait_for
 from tests.test_remote_truth import write
 from tests.test_resync import tree
 
@@ -242,6 +244,53 @@ def test_a_deletion_event_between_a_restores_record_and_its_rename_is_applied_on
     monkeypatch.setattr(changes, "EVENT_GRACE", 0.0)  # the local deletion is due at once
     h.engine.transfers.handle(claimed[0])
     monkeypatch.setattr(restore, "publish", real_publish)
+    h.receive()  # the consumer's next turn: what waited for the path
+    h.engine.drain(LOCAL_DELETE_OPS)
+    assert not (root / "new.txt").exists()
+    assert h.ledger.get("uploads", "new.txt")["state"] == "deleted"
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+@pytest.mark.parametrize("queued", [True, False], ids=["queued", "unknown-to-the-ledger"])
+def test_a_deletion_event_between_an_on_demand_restores_record_and_its_rename_is_applied_once_the_file_is_there(
+        host: HostB, monkeypatch: pytest.MonkeyPatch, queued: bool) -> None:
+    """`/files/` restores a missing file as the workers do: recorded synced just before the
+    rename. A deletion event seen in between found a synced row (not busy) and no file, did
+    nothing, and the file appeared after it: deleted on the other host, back here for good. The
+    request keeps the path busy until the file is there; the event waits for it. Both for a file
+    queued for restore (the request leases it ahead of the queue) and for one the ledger does not
+    know yet (its row is made by the record)."""
+    from syncd import changes, restore
+
+    h = host
+    root = h.cfg.watches[0].path
+    synced(h, {f"keep{i}.txt": b"kept %d" % i for i in range(4)})
+    h.put("new.txt", b"written on host a")
+    if queued:  # its event came first: a queued restore (else the ledger has no row for it yet)
+        h.queue.notify(f"{h.key_base}/new.txt", b"written on host a")
+        h.receive()
+        assert h.ledger.get("uploads", "new.txt")["op"] == "get"
+    files = FileServer(h.cfg, h.ledger, h.engine.remote, h.engine.stats, restoring=h.engine.transfers.restoring)
+    real_publish = restore.publish
+
+    def publish_after_the_deletion(tmp: Any, final: Any, *, overwrite: bool) -> None:
+        # the request has recorded its restore; host a's app deletes the file (mirror: the
+        # object goes) and its event reaches this host before the rename. The event's time
+        # (milliseconds) is after the record, as it is in the race
+        recorded = h.ledger.get("uploads", "new.txt")["updated_at"]
+        wait_for(lambda: int(time.time() * 1000) / 1000 > recorded, what="a millisecond after the record")
+        h.engine.remote.delete(f"{h.key_base}/new.txt")
+        h.queue.notify(f"{h.key_base}/new.txt", None)
+        h.receive()
+        real_publish(tmp, final, overwrite=overwrite)
+
+    monkeypatch.setattr(restore, "publish", publish_after_the_deletion)
+    monkeypatch.setattr(changes, "EVENT_GRACE", 0.0)  # the local deletion is due at once
+    opened, source = files.open("/files/uploads/new.txt")
+    opened.file.close()
+    assert source == "remote"
+    monkeypatch.setattr(restore, "publish", real_publish)
+    assert h.ledger.get("uploads", "new.txt")["lease_until"] is None  # the request let go of it
     h.receive()  # the consumer's next turn: what waited for the path
     h.engine.drain(LOCAL_DELETE_OPS)
     assert not (root / "new.txt").exists()
