@@ -3,8 +3,8 @@ guarantee of the botocore path: the same headers on the wire (the SHA-256 the se
 the metadata, type, storage class, SSE), the same error kinds, a changed file refused; objects
 syncd did not write, multipart uploads and versions still go through botocore.
 
-The contract tests that name them run against this path too: the `store` fixture's
-"moto_server+crt" and "s3rver+crt" (tests/conftest.py). A request awscrt sends never passes through botocore, so what
+The contract tests run against this path too: it is the default (`"auto"`) of the `store`
+fixture's HTTP stores, moto_server and s3rver (tests/conftest.py; "+botocore" names the other). A request awscrt sends never passes through botocore, so what
 it sent is seen through a recording proxy (tests/reliability/faultproxy.py).
 """
 

@@ -76,7 +76,7 @@ def test_multipart_only_above_the_threshold_and_bodies_hashed_once(store, make_e
         assert store.client.get_object(Bucket=store.bucket, Key=f"{env.prefix}/{name}")["Body"].read() == data
 
 
-@pytest.mark.parametrize("store", ["moto", "moto_server", "moto_server+crt"], indirect=True)
+@pytest.mark.parametrize("store", ["moto", "moto_server", "moto_server+botocore"], indirect=True)
 @pytest.mark.parametrize("size", [10, 3 * 1024 * 1024])  # one exact read / chunked reads
 def test_restore_refuses_an_object_that_does_not_match_its_sha256(store, make_env, syncd, size):
     env = make_env(store)
@@ -93,7 +93,7 @@ def test_restore_refuses_an_object_that_does_not_match_its_sha256(store, make_en
     assert sorted(p.name for p in env.root.iterdir()) == ["good.bin"]  # no partial or temp file
 
 
-@pytest.mark.parametrize("store", ["moto_server", "moto_server+crt"], indirect=True)
+@pytest.mark.parametrize("store", ["moto_server", "moto_server+botocore"], indirect=True)
 def test_a_small_duplicate_is_a_server_side_copy(store, make_env, syncd, wire):
     """SPEC §4.8: content already remote is copied on the server, whatever its size."""
     env = make_env(store)
@@ -108,7 +108,7 @@ def test_a_small_duplicate_is_a_server_side_copy(store, make_env, syncd, wire):
     assert store.read(f"{env.prefix}/renamed.txt") == b"same bytes"
 
 
-@pytest.mark.parametrize("store", ["moto_server", "moto_server+crt"], indirect=True)
+@pytest.mark.parametrize("store", ["moto_server", "moto_server+botocore"], indirect=True)
 def test_a_failed_part_is_sent_again_alone_not_the_whole_file(store, make_env, syncd, wire, monkeypatch):
     """One lost part of a large file costs that part, not a new multipart upload of the file."""
     import botocore.endpoint
