@@ -271,3 +271,24 @@ def test_without_credentials_a_crt_transfer_fails_as_botocores_does(store, make_
                            _failure(lambda r=remote, k=f"{env.prefix}/f.txt": r.put(k, src, size=1, sha256="0" * 64,
                                                                                     mtime_ns=1))]
     assert seen["crt"] == seen["botocore"] == [("credentials", "NoCredentialsError")] * 2
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+@pytest.mark.parametrize("change", ["shrank", "grew"])
+def test_a_file_that_changes_while_awscrt_reads_it_is_refused_without_a_traceback(store, make_env, tmp_path, capfd,
+                                                                                  change):
+    """awscrt prints any exception its body stream raises (a traceback and "Treating Python
+    exception as error" on stderr: the daemon's log) before it fails the request; a file
+    rewritten while sent is an ordinary event, refused like botocore's (integrity) and quiet."""
+    remote, env = _remote(store, make_env, "crt")
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(2 * MIB))  # streamed from the file (not read into memory first)
+    st = src.stat()
+    size = st.st_size + 1 if change == "shrank" else st.st_size - 1  # what was hashed vs. what is there now
+    key = f"{env.prefix}/f.bin"
+    capfd.readouterr()
+    assert _failure(lambda: remote.put(key, src, size=size, sha256="0" * 64, mtime_ns=st.st_mtime_ns)) == (
+        "integrity", "FileChanged")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Treating Python exception" not in err, err
+    assert key not in store.object_keys()
