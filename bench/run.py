@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "with --only, they are added to its letters")
     p.add_argument("--wan-rounds", type=int, help="rounds of the WAN scenarios (default 2 at <= 50 ms, else 1)")
     p.add_argument("--transfers", choices=("botocore", "crt", "auto"),
-                   help="[remote] transfers of every syncd run (default: syncd's, botocore)")
+                   help="[remote] transfers of every syncd run (default: syncd's, auto)")
     p.add_argument("--scale-files", default="100000,1000000",
                    help="(m): tracked-tree sizes, smallest first (default 100000,1000000)")
     args = p.parse_args(argv)

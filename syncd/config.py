@@ -70,7 +70,7 @@ class RemoteConfig:
     multipart_chunk_mb: int = 16
     checksum: str = "sha256"
     events_queue: str = ""  # SQS queue URL receiving the bucket's S3 event notifications
-    transfers: str = "botocore"  # PUTs and GETs through "botocore", "crt" (awscrt) or "auto" (syncd.remote.s3_crt)
+    transfers: str = "auto"  # PUTs and GETs through "botocore", "crt" (awscrt) or "auto" (syncd.remote.s3_crt)
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def _parse_remote(ctx: _Ctx, t: dict[str, Any], base: Path) -> RemoteConfig:
         "multipart_chunk_mb": ctx.take(t, "remote", "multipart_chunk_mb", (int, float), 16),
         "checksum": ctx.choice(t, "remote", "checksum", ("sha256", "md5", "none"), "sha256"),
         "events_queue": ctx.take(t, "remote", "events_queue", str, ""),
-        "transfers": ctx.choice(t, "remote", "transfers", ("botocore", "crt", "auto"), "botocore"),
+        "transfers": ctx.choice(t, "remote", "transfers", ("botocore", "crt", "auto"), "auto"),
     }
     if opts["multipart_chunk_mb"] < 5:
         raise ctx.fail("remote.multipart_chunk_mb", "must be at least 5 (the S3 minimum part size)")

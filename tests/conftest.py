@@ -136,7 +136,7 @@ class Store:
 
     kind: str  # "file" | "moto" | "moto_server" | "s3rver"
     url: str
-    transfers: str = ""  # "crt" or "auto": [remote] transfers (make_env), else botocore's default
+    transfers: str = ""  # [remote] transfers (make_env); "": syncd's default ("auto": crt), "botocore" for moto
     endpoint_url: str = ""
     bucket: str = ""
     root: Path | None = None
@@ -187,12 +187,14 @@ def _new_bucket(client: Any) -> str:
 @pytest.fixture(params=["file", "moto", "moto_server", "s3rver"])
 def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
     """Each scenario runs against a file:// remote, moto in-process, moto over HTTP and s3rver.
-    "moto_server+crt" and "s3rver+crt" (asked for by name: the suite's time) send the transfers
-    through awscrt (`[remote] transfers = "crt"`); not moto in-process: awscrt sends its own
-    HTTP, which moto's mock of botocore never sees."""
+    The HTTP stores (moto_server, s3rver) take syncd's default (`transfers = "auto"`: awscrt for
+    the small PUTs and GETs); moto in-process takes botocore (`transfers = "botocore"`): awscrt
+    sends its own HTTP, which moto's mock of botocore never sees. "moto_server+botocore" and
+    "s3rver+botocore" (asked for by name: the suite's time) send the transfers through botocore
+    over HTTP too; "+crt" and "+auto" name the other settings."""
     kind, _, transfers = request.param.partition("+")
     for s in _stores(request, kind, tmp_path, monkeypatch):
-        s.transfers = transfers
+        s.transfers = transfers or s.transfers
         yield s
 
 
@@ -218,7 +220,8 @@ def _stores(request: pytest.FixtureRequest, kind: str, tmp_path: Path,
         with mock_aws():
             client = boto3.client("s3", region_name="us-east-1")
             bucket = _new_bucket(client)
-            yield Store(kind="moto", url=f"s3://{bucket}/backups", bucket=bucket, client=client)
+            yield Store(kind="moto", url=f"s3://{bucket}/backups", transfers="botocore", bucket=bucket,
+                        client=client)
     else:
         endpoint = request.getfixturevalue("moto_server")
         client = boto3.client("s3", region_name="us-east-1", endpoint_url=endpoint)
@@ -271,8 +274,10 @@ def make_env(tmp_path: Path) -> Callable[..., Env]:
         remote_cfg: dict[str, Any] = {"url": store.url}
         if store.endpoint_url:
             remote_cfg["endpoint_url"] = store.endpoint_url
-        if store.transfers:
-            remote_cfg["transfers"] = store.transfers
+        # moto in-process sees only botocore's requests, whoever made the Store (tests/ops/test_hygiene.py)
+        transfers = store.transfers or ("botocore" if store.kind == "moto" else "")
+        if transfers:
+            remote_cfg["transfers"] = transfers
         remote_cfg.update(remote or {})
         w = {"path": str(root), "prefix": "uploads"}
         w.update(watch or {})

@@ -205,8 +205,9 @@ def limiters(monkeypatch: pytest.MonkeyPatch) -> list[Limiter]:
     return made
 
 
-# "+auto": `transfers = "auto"` takes botocore under a limit (awscrt's bodies cannot be metered)
-@pytest.mark.parametrize("store", ["file", "moto", "moto_server", "moto_server+auto"], indirect=True)
+# "moto_server": the default, `transfers = "auto"`, takes botocore under a limit (awscrt's bodies
+# cannot be metered); "+botocore" asks for botocore by name
+@pytest.mark.parametrize("store", ["file", "moto", "moto_server+botocore", "moto_server"], indirect=True)
 def test_a_limited_resync_uploads_and_restores_every_byte_through_the_limiter(store, make_env, syncd, limiters):
     # a rate no test waits for: what is checked is that every byte was accounted for, not the time
     env = make_env(store, syncd={"bwlimit": "1G"}, remote={"multipart_threshold_mb": 5, "multipart_chunk_mb": 5})

@@ -94,7 +94,7 @@ def test_a_file_another_tool_uploaded_in_parts_is_restored_verified(store, make_
 
 
 @pytest.mark.parametrize("algorithm", ["CRC32", "SHA256"])
-@pytest.mark.parametrize("store", ["moto_server", "moto_server+crt"], indirect=True)
+@pytest.mark.parametrize("store", ["moto_server", "moto_server+botocore"], indirect=True)
 def test_a_multipart_object_with_parts_of_different_sizes_is_restored_verified(store, make_env, syncd, algorithm):
     """The part boundaries are the object's own (asked of the store), not a guess from the first."""
     env = make_env(store)
@@ -115,7 +115,7 @@ def test_a_full_object_crc64nvme_multipart_upload_is_restored_verified(store, ma
 
 
 @pytest.mark.parametrize("algorithm", ["CRC32", "CRC32C", "SHA256"])
-@pytest.mark.parametrize("store", ["moto_server", "moto_server+crt"], indirect=True)
+@pytest.mark.parametrize("store", ["moto_server", "moto_server+botocore"], indirect=True)
 def test_a_byte_flipped_in_the_download_of_a_composite_object_is_refused(store, make_env, syncd, tmp_path, algorithm):
     data = os.urandom(SIZE)
     with FaultProxy(port_of(store.endpoint_url), seed=0, rates=Rates(), corrupt=b"/uploads/big.bin ") as proxy:

@@ -3,8 +3,8 @@ guarantee of the botocore path: the same headers on the wire (the SHA-256 the se
 the metadata, type, storage class, SSE), the same error kinds, a changed file refused; objects
 syncd did not write, multipart uploads and versions still go through botocore.
 
-The contract tests that name them run against this path too: the `store` fixture's
-"moto_server+crt" and "s3rver+crt" (tests/conftest.py). A request awscrt sends never passes through botocore, so what
+The contract tests run against this path too: it is the default (`"auto"`) of the `store`
+fixture's HTTP stores, moto_server and s3rver (tests/conftest.py; "+botocore" names the other). A request awscrt sends never passes through botocore, so what
 it sent is seen through a recording proxy (tests/reliability/faultproxy.py).
 """
 
@@ -271,3 +271,24 @@ def test_without_credentials_a_crt_transfer_fails_as_botocores_does(store, make_
                            _failure(lambda r=remote, k=f"{env.prefix}/f.txt": r.put(k, src, size=1, sha256="0" * 64,
                                                                                     mtime_ns=1))]
     assert seen["crt"] == seen["botocore"] == [("credentials", "NoCredentialsError")] * 2
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+@pytest.mark.parametrize("change", ["shrank", "grew"])
+def test_a_file_that_changes_while_awscrt_reads_it_is_refused_without_a_traceback(store, make_env, tmp_path, capfd,
+                                                                                  change):
+    """awscrt prints any exception its body stream raises (a traceback and "Treating Python
+    exception as error" on stderr: the daemon's log) before it fails the request; a file
+    rewritten while sent is an ordinary event, refused like botocore's (integrity) and quiet."""
+    remote, env = _remote(store, make_env, "crt")
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(2 * MIB))  # streamed from the file (not read into memory first)
+    st = src.stat()
+    size = st.st_size + 1 if change == "shrank" else st.st_size - 1  # what was hashed vs. what is there now
+    key = f"{env.prefix}/f.bin"
+    capfd.readouterr()
+    assert _failure(lambda: remote.put(key, src, size=size, sha256="0" * 64, mtime_ns=st.st_mtime_ns)) == (
+        "integrity", "FileChanged")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Treating Python exception" not in err, err
+    assert key not in store.object_keys()

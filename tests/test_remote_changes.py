@@ -125,7 +125,7 @@ def synced(h: HostB, files: dict[str, bytes]) -> None:
         dict.fromkeys(files, "synced")
 
 
-@pytest.mark.parametrize("store", ["moto_server", "moto_server+crt"], indirect=True)
+@pytest.mark.parametrize("store", ["moto_server", "moto_server+botocore"], indirect=True)
 def test_an_event_that_meets_its_path_being_restored_is_applied_once_the_restore_ends(host: HostB) -> None:
     h = host
     root = h.cfg.watches[0].path

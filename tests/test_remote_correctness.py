@@ -165,7 +165,7 @@ def _crc32c_only_object(store, env, data: bytes) -> str:
     return key
 
 
-@pytest.mark.parametrize("store", ["moto_server", "moto_server+crt"], indirect=True)
+@pytest.mark.parametrize("store", ["moto_server", "moto_server+botocore"], indirect=True)
 def test_a_byte_flipped_in_a_crc32c_only_download_is_refused(store, make_env, syncd):
     """Finding 9: botocore checks CRC32C only with awscrt (botocore[crt], a dependency now)."""
     data = os.urandom(3000)

@@ -15,7 +15,7 @@ from syncd.remote.base import ObjectInfo
 from syncd.remote.local import LocalRemote
 from tests.test_resync import tree
 
-both = pytest.mark.parametrize("store", ["file", "moto_server", "moto_server+crt"], indirect=True)
+both = pytest.mark.parametrize("store", ["file", "moto_server", "moto_server+botocore"], indirect=True)
 
 
 def write(root: Path, files: dict[str, bytes]) -> None:
@@ -55,7 +55,7 @@ def test_resync_with_a_ledger_restores_an_object_another_tool_put(store, make_en
     assert '"last_listing": "20' in r.out
 
 
-@pytest.mark.parametrize("store", ["moto_server", "moto_server+crt"], indirect=True)
+@pytest.mark.parametrize("store", ["moto_server", "moto_server+botocore"], indirect=True)
 def test_resync_with_a_ledger_refuses_a_hostile_key_put_later(store, make_env, syncd):
     env = make_env(store)
     write(env.root, {"a.txt": b"a"})

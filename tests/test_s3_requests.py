@@ -29,7 +29,9 @@ def wire(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, dict[str, str]
     return sent
 
 
-@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+# botocore's path by name: `wire` sees what http.client sends (botocore's HTTP), and awscrt
+# sends no Expect at all; its headers are checked through a recording proxy (test_crt_transfers.py)
+@pytest.mark.parametrize("store", ["moto_server+botocore"], indirect=True)
 def test_small_puts_skip_expect_continue_large_ones_keep_it_and_types_are_guessed(store, make_env, syncd, wire):
     env = make_env(store, remote={"multipart_threshold_mb": 64})
     env.root.mkdir(parents=True)
@@ -53,15 +55,32 @@ def test_small_puts_skip_expect_continue_large_ones_keep_it_and_types_are_guesse
     assert got == large
 
 
-@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
-def test_multipart_only_above_the_threshold_and_bodies_hashed_once(store, make_env, syncd, wire):
-    env = make_env(store, remote={"multipart_threshold_mb": 5, "multipart_chunk_mb": 5})
-    env.root.mkdir(parents=True)
+def proxy_wire(proxy) -> list[tuple[str, str, dict[str, str]]]:
+    """Every request line and its headers (lowercase names) the recording proxy saw: what
+    either path (botocore's HTTP, awscrt's) sent."""
+    out = []
+    for head in proxy.heads:
+        line, *rest = head.decode("latin-1").split("\r\n")
+        method, url = line.split(" ")[:2]
+        out.append((method, url, {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in rest if h)}))
+    return out
+
+
+@pytest.mark.parametrize("store", ["moto_server", "moto_server+botocore"], indirect=True)
+def test_multipart_only_above_the_threshold_and_bodies_hashed_once(store, make_env, syncd):
+    from tests.reliability.faultproxy import FaultProxy, Rates
+    from tests.reliability.util import port_of
+
     exact, above = os.urandom(5 * 1024 * 1024), os.urandom(5 * 1024 * 1024 + 1)
-    (env.root / "exact.bin").write_bytes(exact)
-    (env.root / "above.bin").write_bytes(above)
-    r = syncd("--config", str(env.config), "resync")
-    assert r.code == 0, r.err
+    with FaultProxy(port_of(store.endpoint_url), seed=0, rates=Rates(), record=True) as proxy:
+        env = make_env(store, remote={"endpoint_url": proxy.url, "multipart_threshold_mb": 5,
+                                      "multipart_chunk_mb": 5})
+        env.root.mkdir(parents=True)
+        (env.root / "exact.bin").write_bytes(exact)
+        (env.root / "above.bin").write_bytes(above)
+        r = syncd("--config", str(env.config), "resync")
+        assert r.code == 0, r.err
+        wire = proxy_wire(proxy)
     exact_reqs = [(m, url) for m, url, _ in wire if "exact.bin" in url]
     above_reqs = [(m, url) for m, url, _ in wire if "above.bin" in url]
     assert len(exact_reqs) == 1 and exact_reqs[0][0] == "PUT" and "uploadId" not in exact_reqs[0][1]
@@ -70,13 +89,12 @@ def test_multipart_only_above_the_threshold_and_bodies_hashed_once(store, make_e
     for _, url, h in wire:
         if ".bin" in url and "partNumber" in url or url.endswith("exact.bin"):
             # the signed SHA-256 checksum header protects the body; the signature does not hash it again
-            h = {k.lower(): v for k, v in h.items()}  # awscrt's signer sends lowercase names
             assert h.get("x-amz-content-sha256") == "UNSIGNED-PAYLOAD" and h.get("x-amz-checksum-sha256")
     for name, data in (("exact.bin", exact), ("above.bin", above)):
         assert store.client.get_object(Bucket=store.bucket, Key=f"{env.prefix}/{name}")["Body"].read() == data
 
 
-@pytest.mark.parametrize("store", ["moto", "moto_server", "moto_server+crt"], indirect=True)
+@pytest.mark.parametrize("store", ["moto", "moto_server", "moto_server+botocore"], indirect=True)
 @pytest.mark.parametrize("size", [10, 3 * 1024 * 1024])  # one exact read / chunked reads
 def test_restore_refuses_an_object_that_does_not_match_its_sha256(store, make_env, syncd, size):
     env = make_env(store)
@@ -93,7 +111,7 @@ def test_restore_refuses_an_object_that_does_not_match_its_sha256(store, make_en
     assert sorted(p.name for p in env.root.iterdir()) == ["good.bin"]  # no partial or temp file
 
 
-@pytest.mark.parametrize("store", ["moto_server", "moto_server+crt"], indirect=True)
+@pytest.mark.parametrize("store", ["moto_server", "moto_server+botocore"], indirect=True)
 def test_a_small_duplicate_is_a_server_side_copy(store, make_env, syncd, wire):
     """SPEC §4.8: content already remote is copied on the server, whatever its size."""
     env = make_env(store)
@@ -108,7 +126,7 @@ def test_a_small_duplicate_is_a_server_side_copy(store, make_env, syncd, wire):
     assert store.read(f"{env.prefix}/renamed.txt") == b"same bytes"
 
 
-@pytest.mark.parametrize("store", ["moto_server", "moto_server+crt"], indirect=True)
+@pytest.mark.parametrize("store", ["moto_server", "moto_server+botocore"], indirect=True)
 def test_a_failed_part_is_sent_again_alone_not_the_whole_file(store, make_env, syncd, wire, monkeypatch):
     """One lost part of a large file costs that part, not a new multipart upload of the file."""
     import botocore.endpoint

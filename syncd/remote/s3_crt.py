@@ -82,6 +82,36 @@ class NotForCrt(Exception):
     """The object is not one this path fetches (no syncd-sha256): botocore fetches it."""
 
 
+class QuietBody:
+    """A request body for awscrt that never raises into it: awscrt prints an exception its
+    stream raises (a traceback and "Treating Python exception as error" on stderr, the daemon's
+    log) before it fails the request. A read or rewind that fails (SizedBody: the file changed
+    while sent) ends the body early instead, which awscrt refuses at once as shorter than its
+    Content-Length (AWS_ERROR_S3_INCORRECT_CONTENT_LENGTH); `error` keeps what was raised."""
+
+    def __init__(self, body: Any) -> None:
+        self._body = body
+        self.error: Exception | None = None
+
+    def read(self, n: int = -1) -> bytes:
+        if self.error is not None:
+            return b""
+        try:
+            return bytes(self._body.read(n))
+        except Exception as e:  # noqa: BLE001 - kept for the caller, which raises it
+            self.error = e
+            return b""
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if self.error is not None:
+            return pos
+        try:
+            return int(self._body.seek(pos, whence))
+        except Exception as e:  # noqa: BLE001 - as in read
+            self.error = e
+            return pos
+
+
 class CrtTransfers:
     """One awscrt S3Client for one bucket. Thread-safe: each call waits for its own request."""
 
@@ -155,10 +185,15 @@ class CrtTransfers:
 
         headers = [("Host", self.host), ("Content-Length", str(size)), ("User-Agent", self._agent),
                    *_put_headers(extra)]
-        stream = BytesIO(body) if isinstance(body, bytes) else body
+        stream = BytesIO(body) if isinstance(body, bytes) else QuietBody(body)
         request = HttpRequest("PUT", self._path(key), HttpHeaders(headers), stream)
         got: dict[str, str] = {}
-        self._run("PutObject", "s3:PutObject", key, request, self._s3.S3RequestType.DEFAULT, got)
+        try:
+            self._run("PutObject", "s3:PutObject", key, request, self._s3.S3RequestType.DEFAULT, got)
+        except RemoteError:
+            if isinstance(stream, QuietBody) and stream.error is not None:
+                raise stream.error from None  # the body's own failure (a file changed while sent)
+            raise
         return got.get("etag", "").strip('"') or None
 
     # --- GET ----------------------------------------------------------------------------
