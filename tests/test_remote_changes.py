@@ -15,7 +15,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -220,7 +220,7 @@ def test_a_deletion_event_between_a_restores_record_and_its_rename_is_applied_on
     deletion event seen in between found a synced row and no file, did nothing, and the file
     appeared after it (shared-events:616559094: a file the app deleted on one host, back on the
     other). The path is busy until the file is there; the event waits for it."""
-    from syncd import changes, restore
+    from syncd import restore
 
     h = host
     root = h.cfg.watches[0].path
@@ -230,18 +230,7 @@ def test_a_deletion_event_between_a_restores_record_and_its_rename_is_applied_on
     h.receive()
     claimed = h.ledger.claim(("get",), now=time.time())
     assert [r["path"] for r in claimed] == ["new.txt"]
-    real_publish = restore.publish
-
-    def publish_after_the_deletion(tmp: Any, final: Any, *, overwrite: bool) -> None:
-        # the restore has recorded its result; host a's app deletes the file (mirror: the object
-        # goes) and its event reaches this host before the rename
-        h.engine.remote.delete(f"{h.key_base}/new.txt")
-        h.queue.notify(f"{h.key_base}/new.txt", None)
-        h.receive()
-        real_publish(tmp, final, overwrite=overwrite)
-
-    monkeypatch.setattr(restore, "publish", publish_after_the_deletion)
-    monkeypatch.setattr(changes, "EVENT_GRACE", 0.0)  # the local deletion is due at once
+    real_publish = _delete_on_host_a_before_the_rename(h, monkeypatch)
     h.engine.transfers.handle(claimed[0])
     monkeypatch.setattr(restore, "publish", real_publish)
     h.receive()  # the consumer's next turn: what waited for the path
@@ -260,7 +249,7 @@ def test_a_deletion_event_between_an_on_demand_restores_record_and_its_rename_is
     request keeps the path busy until the file is there; the event waits for it. Both for a file
     queued for restore (the request leases it ahead of the queue) and for one the ledger does not
     know yet (its row is made by the record)."""
-    from syncd import changes, restore
+    from syncd import restore
 
     h = host
     root = h.cfg.watches[0].path
@@ -271,21 +260,7 @@ def test_a_deletion_event_between_an_on_demand_restores_record_and_its_rename_is
         h.receive()
         assert h.ledger.get("uploads", "new.txt")["op"] == "get"
     files = FileServer(h.cfg, h.ledger, h.engine.remote, h.engine.stats, restoring=h.engine.transfers.restoring)
-    real_publish = restore.publish
-
-    def publish_after_the_deletion(tmp: Any, final: Any, *, overwrite: bool) -> None:
-        # the request has recorded its restore; host a's app deletes the file (mirror: the
-        # object goes) and its event reaches this host before the rename. The event's time
-        # (milliseconds) is after the record, as it is in the race
-        recorded = h.ledger.get("uploads", "new.txt")["updated_at"]
-        wait_for(lambda: int(time.time() * 1000) / 1000 > recorded, what="a millisecond after the record")
-        h.engine.remote.delete(f"{h.key_base}/new.txt")
-        h.queue.notify(f"{h.key_base}/new.txt", None)
-        h.receive()
-        real_publish(tmp, final, overwrite=overwrite)
-
-    monkeypatch.setattr(restore, "publish", publish_after_the_deletion)
-    monkeypatch.setattr(changes, "EVENT_GRACE", 0.0)  # the local deletion is due at once
+    real_publish = _delete_on_host_a_before_the_rename(h, monkeypatch, after_the_record=True)
     opened, source = files.open("/files/uploads/new.txt")
     opened.file.close()
     assert source == "remote"
@@ -295,3 +270,26 @@ def test_a_deletion_event_between_an_on_demand_restores_record_and_its_rename_is
     h.engine.drain(LOCAL_DELETE_OPS)
     assert not (root / "new.txt").exists()
     assert h.ledger.get("uploads", "new.txt")["state"] == "deleted"
+
+
+def _delete_on_host_a_before_the_rename(h: HostB, monkeypatch: pytest.MonkeyPatch, *,
+                                        after_the_record: bool = False) -> Callable[..., None]:
+    """Between a restore's record of new.txt and its rename, host a's app deletes the file
+    (mirror: the object goes) and its event reaches this host; `after_the_record`: the event's
+    time (milliseconds) is after the record, as it is in the race. Returns the real publish."""
+    from syncd import changes, restore
+
+    real_publish = restore.publish
+
+    def publish_after_the_deletion(tmp: Any, final: Any, *, overwrite: bool) -> None:
+        if after_the_record:
+            recorded = h.ledger.get("uploads", "new.txt")["updated_at"]
+            wait_for(lambda: int(time.time() * 1000) / 1000 > recorded, what="a millisecond after the record")
+        h.engine.remote.delete(f"{h.key_base}/new.txt")
+        h.queue.notify(f"{h.key_base}/new.txt", None)
+        h.receive()
+        real_publish(tmp, final, overwrite=overwrite)
+
+    monkeypatch.setattr(restore, "publish", publish_after_the_deletion)
+    monkeypatch.setattr(changes, "EVENT_GRACE", 0.0)  # the local deletion is due at once
+    return real_publish
