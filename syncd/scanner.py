@@ -289,8 +289,14 @@ class Scanner:
 
     def on_missing(self, row: Row) -> None:
         state, op = row["state"], row["op"]
-        if state == "deleted" or (state == "deleting" and op in ("tomb", "unlink")):
+        if state == "deleted" or (state == "deleting" and op == "tomb"):
             return
+        if state == "deleting" and op == "unlink" and (self.missing != "delete" or row.get("lease_until") is not None):
+            return  # a worker deletes it now (a remote deletion), or it was not seen going while running
+        # a local deletion from a remote deletion that waits (EVENT_GRACE, or paused by the guard)
+        # and that the app did itself: its own deletion, recorded as any other (SPEC §4.5). The
+        # object may be back by now (another host's listing uploads it again after a wipe): the
+        # waiting deletion is then cancelled, and the app's would be lost with it
         if state == "deleting" and op in ("delete", "trash"):
             self.stats.to_delete += 1  # queued before (a stopped daemon): the next drain sends it
             self._plan("delete", row["path"])

@@ -214,6 +214,51 @@ def test_paused_deletion_events_are_released_by_retry_deletes(host: HostB, syncd
 
 
 @pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+@pytest.mark.parametrize("learns", ["event", "listing"])
+def test_a_file_the_app_deletes_while_its_remote_deletion_is_paused_stays_deleted_when_the_object_comes_back(
+        host: HostB, learns: str) -> None:
+    """The bucket is wiped: the deletion events pause. The app here deletes one of the files, and
+    host a's empty listing uploads its copies again (the same versions). The watcher took the
+    app's deletion for the paused local deletion done by other hands and recorded nothing; the
+    object's return (its event, or a listing) then cancelled that deletion: a synced row with no
+    file, the object left on the other hosts, and the next start restored the file the app had
+    deleted (shared-events:1794345085). The app's deletion is recorded as any other and reaches
+    the remote (SPEC §4.5)."""
+    from watchdog.events import FileDeletedEvent
+
+    from syncd.watcher import Watcher
+
+    h = host
+    root = h.cfg.watches[0].path
+    files = {f"f{i:02d}.jpg": b"photo %d" % i for i in range(6)}
+    synced(h, files)
+    client = h.engine.remote.client
+    client.delete_objects(Bucket=h.cfg.remote.bucket, Delete={"Objects": [
+        {"Key": f"{h.key_base}/{rel}"} for rel in files]})
+    for rel in files:
+        h.queue.notify(f"{h.key_base}/{rel}", None)
+    h.receive()
+    assert "paused" in (h.engine.guard.health() or "")
+    for rel, data in files.items():  # host a's listing found the bucket empty: uploaded again
+        h.put(rel, data)
+    (root / "f00.jpg").unlink()  # the app, before those uploads' events come here
+    Watcher(h.cfg, h.ledger, request_rescan=lambda _r: None).apply([("uploads", FileDeletedEvent(str(root / "f00.jpg")))])
+    if learns == "event":
+        for rel, data in files.items():
+            h.queue.notify(f"{h.key_base}/{rel}", data)
+        h.receive()
+    else:
+        h.engine.listing(h.cfg.watches[0])
+    h.engine.drain(UPLOAD_OPS)
+    h.engine.drain(LOCAL_DELETE_OPS)
+    kept = {rel: data for rel, data in files.items() if rel != "f00.jpg"}
+    assert tree(root) == kept
+    assert h.ledger.get("uploads", "f00.jpg")["state"] == "deleted"
+    listed = client.list_objects_v2(Bucket=h.cfg.remote.bucket, Prefix=h.key_base + "/")
+    assert sorted(o["Key"] for o in listed.get("Contents", ())) == sorted(f"{h.key_base}/{rel}" for rel in kept)
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
 def test_a_deletion_event_between_a_restores_record_and_its_rename_is_applied_once_the_file_is_there(
         host: HostB, monkeypatch: pytest.MonkeyPatch) -> None:
     """The restore records the row synced just before the rename that makes the file appear: a
