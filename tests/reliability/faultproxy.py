@@ -9,9 +9,10 @@ It sits between syncd and an S3 server on 127.0.0.1 and, for a seeded fraction o
 - ``slowdown`` / ``internal``: answers ``503 SlowDown`` / ``500 InternalError`` itself, with a
   valid S3 XML error body, without reaching the server.
 
-Whether a request is faulted, and how, depends only on the seed, the request line and how many
-times that request line was seen before: the same seed gives the same faults whatever the
-order in which concurrent requests arrive. No request line is faulted more than
+Whether a request is faulted, and how, depends only on the seed, the request line (without the
+bucket's name, random per test) and how many times that request line was seen before: the same
+seed gives the same faults whatever the order in which concurrent requests arrive, and in the
+next run's bucket. No request line is faulted more than
 ``max_per_request`` times in a row, so a bounded number of client retries always gets through.
 
 Armed faults (`arm`): the next `count` requests whose line starts with a method and contains a
@@ -37,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import re
 import socket
 import struct
 import threading
@@ -192,7 +194,7 @@ class FaultProxy:
             armed = self._armed(line)
             n = self._seen[line]
             self._seen[line] += 1
-            digest = hashlib.sha256(b"%d\0%s\0%d" % (self.seed, line, n)).digest()
+            digest = hashlib.sha256(b"%d\0%s\0%d" % (self.seed, _unbucketed(line), n)).digest()
             rng = random.Random(int.from_bytes(digest[:8], "big"))
             if armed is not None:
                 return armed, rng
@@ -322,6 +324,12 @@ class FaultProxy:
             return data
         self.corrupted += 1
         return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+
+
+def _unbucketed(line: bytes) -> bytes:
+    """The request line without the bucket's name, the first segment of a path-style request
+    (the tests' buckets are named at random): what the faults of a seed are drawn from."""
+    return re.sub(rb"^(\S+ /)[^/?\s]+", rb"\1{bucket}", line)
 
 
 async def _read_head(r: asyncio.StreamReader) -> _Request | None:
