@@ -9,10 +9,15 @@ It sits between syncd and an S3 server on 127.0.0.1 and, for a seeded fraction o
 - ``slowdown`` / ``internal``: answers ``503 SlowDown`` / ``500 InternalError`` itself, with a
   valid S3 XML error body, without reaching the server.
 
-Whether a request is faulted, and how, depends only on the seed, the request line and how many
-times that request line was seen before: the same seed gives the same faults whatever the
-order in which concurrent requests arrive. No request line is faulted more than
-``max_per_request`` times in a row, so a bounded number of client retries always gets through.
+Whether a request is faulted, and how, depends only on the seed, the request line (without the
+bucket's name, random per test) and how many times that request line was seen before: the same
+seed gives the same faults whatever the order in which concurrent requests arrive, and in the
+next run's bucket. No request line is faulted more than ``max_per_request`` times in a row, so a
+bounded number of client retries of that request always gets through. That does not bound the
+tries of one file, whose try may send several request lines (after a lost answer syncd asks
+HEAD before it sends the PUT again, each line with its own streak): ``max_per_path`` caps the
+faults of all the requests on one path (one object: any method, any query) until `forgive`,
+so a client that retries a whole file N times loses at most that many of its tries to faults.
 
 Armed faults (`arm`): the next `count` requests whose line starts with a method and contains a
 needle get a chosen fault, whatever the rates say: the kinds above, and ``lost`` (the whole
@@ -37,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import re
 import socket
 import struct
 import threading
@@ -97,7 +103,8 @@ class FaultProxy:
     """``with FaultProxy(upstream_port, seed=..., rates=Rates(...)) as proxy: proxy.url``"""
 
     def __init__(self, upstream_port: int, *, seed: int, rates: Rates, stall_seconds: float = 2.0,
-                 stall_then: str = "reset", max_per_request: int = 3, upstream_host: str = "127.0.0.1",
+                 stall_then: str = "reset", max_per_request: int = 3, max_per_path: int | None = None,
+                 upstream_host: str = "127.0.0.1",
                  slow: bytes = b"", slow_rate: int = 0, corrupt: bytes = b"", record: bool = False) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.seed = seed
@@ -105,6 +112,7 @@ class FaultProxy:
         self.stall_seconds = stall_seconds
         self.stall_then = stall_then
         self.max_per_request = max_per_request
+        self.max_per_path = max_per_path
         self.log = FaultLog()
         self.enabled = True
         self.slow, self.slow_rate, self.corrupt = slow, slow_rate, corrupt
@@ -113,6 +121,7 @@ class FaultProxy:
         self.heads: list[bytes] | None = [] if record else None  # `record`: every request's line and headers
         self._seen: Counter = Counter()  # request line -> times seen
         self._streak: Counter = Counter()  # request line -> consecutive faults
+        self._path_faults: Counter = Counter()  # request path -> faults since `forgive`
         self.armed: list[Armed] = []
         self.fired: Counter = Counter()  # armed kind -> times it fired
         self.delay_seconds = 2.0
@@ -192,19 +201,27 @@ class FaultProxy:
             armed = self._armed(line)
             n = self._seen[line]
             self._seen[line] += 1
-            digest = hashlib.sha256(b"%d\0%s\0%d" % (self.seed, line, n)).digest()
+            digest = hashlib.sha256(b"%d\0%s\0%d" % (self.seed, _unbucketed(line), n)).digest()
             rng = random.Random(int.from_bytes(digest[:8], "big"))
             if armed is not None:
                 return armed, rng
             kind = self.rates.pick(rng.random()) if self.enabled else None
-            if kind is not None and self._streak[line] >= self.max_per_request:
+            path = _path(line)
+            if kind is not None and (self._streak[line] >= self.max_per_request or (
+                    self.max_per_path is not None and self._path_faults[path] >= self.max_per_path)):
                 kind = None
             if kind is None:
                 self._streak[line] = 0
             else:
                 self._streak[line] += 1
+                self._path_faults[path] += 1
                 self.log.injected[kind] += 1
             return kind, rng
+
+    def forgive(self) -> None:
+        """Every path gets its whole ``max_per_path`` again (a new run of the client)."""
+        with self.log.lock:
+            self._path_faults.clear()
 
     def counts(self) -> dict[str, int]:
         with self.log.lock:
@@ -322,6 +339,18 @@ class FaultProxy:
             return data
         self.corrupted += 1
         return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+
+
+def _path(line: bytes) -> bytes:
+    """The path of a request line, without its query: `PUT /b/k?x-id=PutObject HTTP/1.1` -> `/b/k`."""
+    parts = line.split(b" ")
+    return parts[1].split(b"?", 1)[0] if len(parts) > 1 else line
+
+
+def _unbucketed(line: bytes) -> bytes:
+    """The request line without the bucket's name, the first segment of a path-style request
+    (the tests' buckets are named at random): what the faults of a seed are drawn from."""
+    return re.sub(rb"^(\S+ /)[^/?\s]+", rb"\1{bucket}", line)
 
 
 async def _read_head(r: asyncio.StreamReader) -> _Request | None:
