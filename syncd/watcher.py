@@ -218,6 +218,7 @@ class Watcher:
         self.events_seen += len(batch)
         files: dict[str, dict[str, str]] = {}  # prefix -> ledger path -> file-system path
         closed: dict[str, set[str]] = {}  # prefix -> ledger paths closed after writing, or renamed in
+        written: dict[str, set[str]] = {}  # prefix -> ledger paths written to (after any close in this batch)
         new_dirs: dict[str, set[str]] = {}
         gone_dirs: dict[str, set[str]] = {}
         linked: dict[str, bool] = {}  # parent directory -> reached through a symlink (this batch)
@@ -250,6 +251,17 @@ class Watcher:
                     if w.upload_on_close and (isinstance(ev, FileClosedEvent) or
                                               (i == 1 and isinstance(ev, FileMovedEvent))):
                         closed.setdefault(prefix, set()).add(rel)
+                        written.get(prefix, set()).discard(rel)
+                    elif i == 0 and isinstance(ev, (FileCreatedEvent, FileModifiedEvent)):
+                        # written again after a close (a new writer, e.g. a rewrite right after a
+                        # rename into place): what the file is now is not what was closed, and a
+                        # close fact recorded from a stat taken after this write (an earlier
+                        # batch, read late) is not one either; its writer's close event comes
+                        closed.get(prefix, set()).discard(rel)
+                        written.setdefault(prefix, set()).add(rel)
+        for prefix, rels in written.items():
+            for rel in rels:
+                self.closes.forget(prefix, rel)
         queued = False
         for prefix in set(files) | set(new_dirs) | set(gone_dirs):
             queued |= self._apply_watch(self._watches[prefix], files.get(prefix, {}),
