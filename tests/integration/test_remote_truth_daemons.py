@@ -84,10 +84,15 @@ def test_running_daemon_restores_an_object_put_after_ready(tmp_path, moto_server
         wait_for(lambda: (h.root / "later/put-by-boto3.txt").exists(), timeout=30, what="restore while running")
         assert (h.root / "later/put-by-boto3.txt").read_bytes() == b"from elsewhere"
         wait_for(lambda: d.query("SELECT value FROM meta WHERE name='ready'") == [("1",)], timeout=5)
-        with urllib.request.urlopen(f"http://127.0.0.1:{h.port}/metrics", timeout=5) as r:
-            metrics = r.read().decode()
-        assert 'syncd_remote_changes_total{kind="restored"} 1.0' in metrics
-        assert "syncd_remote_listing_timestamp_seconds{watch=\"uploads\"}" in metrics
+
+        def metrics() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{h.port}/metrics", timeout=5) as r:
+                return r.read().decode()
+
+        # counted once the file is at its name and its row let go: a moment after it appears
+        wait_for(lambda: 'syncd_remote_changes_total{kind="restored"} 1.0' in metrics(), timeout=10,
+                 what="the restore counted")
+        assert "syncd_remote_listing_timestamp_seconds{watch=\"uploads\"}" in metrics()
     finally:
         assert d.stop() == 0, d.log()
 
