@@ -652,9 +652,12 @@ class Ledger:
             if fields.get("probe") == 1:
                 extra["probe"] = 1  # the remote may hold an upload whose answer was lost
             keep = "".join(f", {k}=?" for k in extra)
+            # only the worker's own lease ends: one taken since it expired (an on-demand restore
+            # of /files/ holding the path until its rename) stays with its holder
             w.execute(
-                f"UPDATE files SET lease_until=NULL, state=CASE WHEN state='uploading' THEN 'pending' "
-                f"ELSE state END{keep} WHERE id=?", [*extra.values(), row["id"]])
+                f"UPDATE files SET lease_until=CASE WHEN lease_until IS ? THEN NULL ELSE lease_until END, "
+                f"state=CASE WHEN state='uploading' THEN 'pending' ELSE state END{keep} WHERE id=?",
+                [row.get("lease_until"), *extra.values(), row["id"]])
             return False
 
         return self._grouped(apply)

@@ -181,6 +181,19 @@ def test_finish_does_not_overwrite_an_outside_change(tmp_path):
     led.close()
 
 
+def test_a_finish_after_its_lease_expired_leaves_the_lease_someone_took_since(tmp_path):
+    import time
+
+    led = Ledger(tmp_path / "l.db")
+    led.upsert_many([{"watch": "w", "path": "a", "state": "pending", "op": "get", "due_at": 0}])
+    row = led.claim(("get",), time.time(), lease=0.01)[0]
+    theirs = time.time() + 60  # /files/ took the expired lease and recorded its restore
+    led.update(row["id"], lease_until=theirs, state="synced", op=None)
+    assert led.finish(row, still_op="get", state="synced", op=None) is False
+    assert led.get("w", "a")["lease_until"] == theirs
+    led.close()
+
+
 def test_concurrent_finishes_share_commits_and_a_failing_one_undoes_only_itself(tmp_path, monkeypatch):
     import threading
     import time
