@@ -196,8 +196,6 @@ def window_rates(series: list[tuple[int, int, int]], window: float) -> dict[str,
 
 # --- the scenario -------------------------------------------------------------------------------
 def _run_one(bench: Bench, cls: str, size: int, limit: str) -> dict[str, Any]:
-    from bench.s3server import MotoServer
-
     s = bench.sizes
     rate = parse_limit(limit)
     files = max(1, math.ceil(rate * s.l_seconds / size))
@@ -205,7 +203,7 @@ def _run_one(bench: Bench, cls: str, size: int, limit: str) -> dict[str, Any]:
     src = data.make_tree(base / "data", files, size, seed=7)
     watch = base / "watch"
     shutil.copytree(src, watch)
-    srv = MotoServer(latency_ms=bench.latency_ms).start(bench.logs / "moto.log")
+    srv = bench.server()
     meter = Meter(srv.port).start()
     out: dict[str, Any] = {"files": files, "size": size, "limit": limit, "rate": rate}
     try:

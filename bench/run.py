@@ -7,9 +7,11 @@
     python bench/run.py --only s                                    # shared watches converging (s), opt-in
     python bench/run.py --only l                                    # the bandwidth limit (l), opt-in
     python bench/run.py --only k                                    # the loss window under load, kills (k), opt-in
+    python bench/run.py --only ag --server werkzeug|s3rver          # another S3 server (default waitress)
 
 Setup installs missing peers (awscli: pip into bench/.venv, else apt; rclone: apt) or skips them
-with a line saying so. Each scenario starts a fresh moto server on 127.0.0.1, generates seeded
+with a line saying so. Each scenario starts a fresh S3 server on 127.0.0.1 (`--server`: moto's S3
+app on waitress, the default; on werkzeug, as moto's own server mode; or s3rver), generates seeded
 data in a temp dir, and runs the tools alternately for N rounds (default 3; `--quick`: small
 sizes, 1 round). Prints medians, ratios (syncd / peer) and PASS/FAIL per target, and writes
 bench/results/latest.md (every sample: latest.json). `--publish` also copies the report to
@@ -36,6 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import first_byte, loss_window, report, tools  # noqa: E402
+from bench.s3server import DESCRIPTION, LATENCY_HOW, S3RVER_CREDENTIALS, SERVERS, install_s3rver  # noqa: E402
 from bench.scenarios import FULL, QUICK, Bench, Result  # noqa: E402
 from bench.wan import LATENCIES, WAN, run_wan  # noqa: E402
 from bench.wan import markdown as wan_markdown  # noqa: E402
@@ -46,6 +49,21 @@ RESULTS = ROOT / "bench" / "results"
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 ALL = "abcdefgh"
 FIRST_BYTE = "i"  # opt-in: first byte through /files/ during a lazy start (bench/first_byte.py)
+# what --server cannot run, and why (issue 24): (m) and (s) never use the bench server
+_NO_SERVER = {"m": "(m) reads a file:// remote, no server",
+              "s": "(s) needs SNS and SQS: it always runs on moto's all-services server (`ThreadedMotoServer`)"}
+_SIDE_DOOR = "seeds its objects straight into moto's backend (s3rver has no side door; seeding over HTTP " \
+             "is not adapted to it)"
+_MOTO_CLOCK = "reads when each object was stored from a hook in moto's backend (not checked against s3rver's " \
+              "file times)"
+NOT_ON = {
+    "waitress": {},
+    "werkzeug": dict(_NO_SERVER),
+    "s3rver": {**_NO_SERVER, "d": f"(d)/(f) {_SIDE_DOOR}", "f": f"(d)/(f) {_SIDE_DOOR}", "i": f"(i) {_SIDE_DOOR}",
+               "e": f"(e) HEAD-polls with moto's test credentials and {_MOTO_CLOCK}",
+               "h": f"(h) {_MOTO_CLOCK}", "k": f"(k) {_MOTO_CLOCK}",
+               "l": "(l) is measured on moto's servers only"},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"run the WAN scenarios ({WAN}: upload, restore, no-op at 50 and 200 ms); "
                         "with --only, they are added to its letters")
     p.add_argument("--wan-rounds", type=int, help="rounds of the WAN scenarios (default 2 at <= 50 ms, else 1)")
+    p.add_argument("--server", choices=SERVERS, default="waitress",
+                   help="the S3 server: moto's S3 app on waitress (default, connections kept alive), on werkzeug "
+                        "(as moto's own server mode: every request its own connection) or s3rver (npm)")
     p.add_argument("--transfers", choices=("botocore", "crt", "auto"),
                    help="[remote] transfers of every syncd run (default: syncd's, auto)")
     p.add_argument("--scale-files", default="100000,1000000",
@@ -76,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from bench.ratelimit import RATE
     from bench.scale import SCALE
 
+    explicit = args.only != ALL
     if args.wan:
         args.only = WAN if args.only == ALL else args.only + WAN
     bad = set(args.only) - set(ALL + FIRST_BYTE + WAN + SCALE + CONVERGE + RATE + LOAD)
@@ -85,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"(bandwidth limit) or {LOAD} (the loss window under load)")
     if args.transfers == "crt" and RATE in args.only:
         p.error(f"--transfers crt: ({RATE}) sets bwlimit, which syncd refuses with crt (use auto)")
+    why = NOT_ON[args.server]
+    refused = list(dict.fromkeys(why[c] for c in args.only if c in why))
+    if refused and explicit:
+        p.error(f"--server {args.server}: " + "; ".join(refused) + ". Run them with --server waitress")
+    args.skipped = refused  # the default set: the others run, the report says what was left out
+    args.only = "".join(c for c in args.only if c not in why)
     tools.TRANSFERS = args.transfers or ""
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
@@ -104,6 +132,17 @@ def machine() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    saved = dict(tools.CREDENTIALS)
+    if args.server == "s3rver":  # the only key s3rver takes; every tool's environment gets it (tools.bench_env)
+        tools.CREDENTIALS.update(S3RVER_CREDENTIALS)
+    try:
+        return _run(args)
+    finally:
+        tools.CREDENTIALS.clear()
+        tools.CREDENTIALS.update(saved)
+
+
+def _run(args: argparse.Namespace) -> int:
     from bench.converge import CONVERGE, scenario_s
     from bench.converge import markdown as converge_markdown
     from bench.converge import verdicts as converge_verdicts
@@ -118,13 +157,21 @@ def run(args: argparse.Namespace) -> int:
     from bench.scale import verdicts as scale_verdicts
 
     say = print
+    if args.server == "s3rver":
+        try:
+            say(f"setup: s3rver: {install_s3rver()}")
+        except RuntimeError as e:
+            say(f"setup: --server s3rver: {e}")
+            return 2
+    for x in args.skipped:
+        say(f"--server {args.server}: skipped: {x}")
     found = tools.setup(install=not args.no_install, say=say)
     wanted = {p.strip() for p in args.peers.split(",") if p.strip()}
     found = {k: v for k, v in found.items() if k == "syncd" or k in wanted}
     sizes = QUICK if args.quick else FULL
     work = args.workdir or Path(tempfile.mkdtemp(prefix="syncd-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    bench = Bench(found, work, sizes, args.rounds, say=say, latency_ms=args.latency_ms)
+    bench = Bench(found, work, sizes, args.rounds, say=say, latency_ms=args.latency_ms, server_kind=args.server)
     wan_results: dict[str, Result] = {}
     scale_results: dict[str, Result] = {}
     converge_results: dict[str, Result] = {}
@@ -164,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         if set(args.only) & set(WAN):
             wan_results, wan_failed = run_wan(
                 found, work, sizes, args.only, [args.latency_ms] if args.latency_ms else list(LATENCIES),
-                args.wan_rounds, say=say)
+                args.wan_rounds, say=say, server_kind=args.server)
             failed += wan_failed
         if SCALE in args.only:
             say("(m) a large tracked tree: start-to-READY and RSS (file:// remote)")
@@ -208,25 +255,28 @@ def run(args: argparse.Namespace) -> int:
         f"- command: `{cmd.strip()}` ({'QUICK: small sizes, indicative only' if args.quick else 'full sizes'}, "
         f"{args.rounds} round(s), medians), {elapsed / 60:.1f} min, "
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {machine()}; client and moto server share the cores; load average "
+        f"- machine: {machine()}; client and server share the cores; load average "
         f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above 1-2, other work competed)",
         "- tools: " + "; ".join(t.version if t.version.startswith(t.name.split()[0]) else f"{t.name} {t.version}"
                                 for t in found.values()),
         f"- peers skipped: {', '.join(sorted({'aws', 'rclone'} - set(found))) or 'none'}",
+        f"- server (`--server {args.server}`): {DESCRIPTION[args.server]}",
         "- syncd config: defaults (workers 8, checksum sha256"
         f"{', transfers ' + args.transfers if args.transfers else ''}) with settle_seconds "
         f"{sizes.e_settle}; rclone `--checksum --fast-list --transfers {tools.RCLONE_TRANSFERS}`; "
         "aws s3 sync defaults",
     ]
     if args.latency_ms:
-        header.append(f"- every request of the bench server delayed by {args.latency_ms:g} ms")
+        header.append(f"- every request of the bench server delayed by {args.latency_ms:g} ms "
+                      f"({LATENCY_HOW[args.server]})")
     if wan_results:
         header.append(f"- WAN scenarios: rounds {args.wan_rounds or 'per latency: 2 at 50 ms, 1 at 200 ms'}; "
                       "tools at their defaults, rclone also tuned (the table says which)")
+    header += [f"- not run on {args.server}: {x}" for x in args.skipped]
     header += [f"- FAILED {x}" for x in failed]
     md = report.markdown(results, verdicts, header)
     wan_verdicts = wan_verdicts_of(wan_results)
-    md += wan_markdown(wan_results, wan_verdicts)
+    md += wan_markdown(wan_results, wan_verdicts, args.server)
     big_verdicts = scale_verdicts({**results, **scale_results})
     md += scale_markdown(scale_results, big_verdicts)
     shared_verdicts = converge_verdicts(converge_results.get("s"))
@@ -260,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
         if results:  # a WAN-only run leaves the loopback figures as they are
             publish(md, report.summary_table(results, verdicts), header)
         if wan_results:
-            wan_publish(wan_markdown(wan_results, wan_verdicts), header)
+            wan_publish(wan_markdown(wan_results, wan_verdicts, args.server), header)
     return 1 if failed else 0
 
 

@@ -109,9 +109,10 @@ class Result:
 
 class Bench:
     def __init__(self, tools: dict[str, Tool], work: Path, sizes: Sizes, rounds: int, say=print,
-                 latency_ms: float = 0.0) -> None:
+                 latency_ms: float = 0.0, server_kind: str = "waitress") -> None:
         self.tools = tools
         self.latency_ms = latency_ms  # every request of the bench server delayed by this (run.py --latency-ms)
+        self.server_kind = server_kind  # which S3 server (run.py --server; bench/s3server.py SERVERS)
         self.work = work
         self.sizes = sizes
         self.rounds = rounds
@@ -122,7 +123,7 @@ class Bench:
 
     # --- plumbing -----------------------------------------------------------------------------
     def server(self) -> MotoServer:
-        return MotoServer(latency_ms=self.latency_ms).start(self.logs / "moto.log")
+        return MotoServer(latency_ms=self.latency_ms, kind=self.server_kind).start(self.logs / "moto.log")
 
     def order(self, r: int) -> list[str]:
         """Alternate: each round starts with the next tool."""

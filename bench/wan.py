@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench import data
 from bench.report import Verdict
-from bench.s3server import MotoServer
+from bench.s3server import LATENCY_HOW, MotoServer
 from bench.scenarios import KEY_PREFIX, Bench, Result
 from bench.tools import Sample, Tool, measure, rclone_env
 
@@ -55,18 +55,18 @@ class WanBench(Bench):
     """The scenarios of bench.scenarios on a server `latency_ms` away, plus rclone at its defaults."""
 
     def __init__(self, tools: dict[str, Tool], work: Path, sizes, rounds: int, latency_ms: float,
-                 say=print) -> None:
+                 say=print, server_kind: str = "waitress") -> None:
         wan_tools = dict(tools)
         if "rclone" in tools:  # defaults first, tuned after: the table reads in that order
             wan_tools = {k: v for k, v in tools.items() if k != "rclone"}
             wan_tools[RCLONE_DEFAULTS] = tools["rclone"]
             wan_tools["rclone"] = tools["rclone"]
-        super().__init__(wan_tools, work, sizes, rounds, say=say)
+        super().__init__(wan_tools, work, sizes, rounds, say=say, server_kind=server_kind)
         self.latency_ms = latency_ms
         self.tag = f"{latency_ms:g}ms"
 
     def server(self) -> MotoServer:
-        return MotoServer(latency_ms=self.latency_ms).start(self.logs / f"moto-{self.tag}.log")
+        return MotoServer(latency_ms=self.latency_ms, kind=self.server_kind).start(self.logs / f"moto-{self.tag}.log")
 
     def push(self, name: str, srv: MotoServer, bucket: str, src: Path, run_dir: Path, log: Path,
              fresh: bool = False) -> Sample:
@@ -94,7 +94,7 @@ class WanBench(Bench):
                    unit="files", work=s.a_files)
         src = self.a_data()
         # unmeasured, on loopback: the first upload after the dataset was written pays for page reclaim
-        warm = MotoServer().start(self.logs / "moto-warmup.log")
+        warm = MotoServer(kind=self.server_kind).start(self.logs / "moto-warmup.log")
         try:
             warm.bucket("warmup")
             self.push("syncd", warm, "warmup", src, self.work / "wan-warmup", self.logs / "wan-warmup.log",
@@ -166,12 +166,12 @@ class WanBench(Bench):
 
 
 def run_wan(tools: dict[str, Tool], work: Path, sizes, only: str, latencies: list[float],
-            rounds: int | None, say=print) -> tuple[dict[str, Result], list[str]]:
+            rounds: int | None, say=print, server_kind: str = "waitress") -> tuple[dict[str, Result], list[str]]:
     """Every WAN scenario in `only` at every latency; returns the results and the failures."""
     results: dict[str, Result] = {}
     failed: list[str] = []
     for ms in latencies:
-        bench = WanBench(tools, work, sizes, rounds_for(ms, rounds), ms, say=say)
+        bench = WanBench(tools, work, sizes, rounds_for(ms, rounds), ms, say=say, server_kind=server_kind)
         if (work / "a-data").exists():  # made by (a) in this run: the same seeded files
             bench._a_data = work / "a-data"
         if "w" in only or "y" in only:
@@ -233,15 +233,18 @@ def table(results: dict[str, Result]) -> list[str]:
     return out
 
 
-def markdown(results: dict[str, Result], verdicts_: list[Verdict]) -> str:
+def markdown(results: dict[str, Result], verdicts_: list[Verdict], server_kind: str = "waitress") -> str:
     if not results:
         return ""
     out = ["", "## WAN: every request delayed (issue 16)", "",
            "| target | result | figures |", "|---|---|---|"]
     out += [f"| {v.text} | **{v.status}** | {v.detail} |" for v in verdicts_]
     out += ["", *table(results), "",
-            "- the delay sleeps in the server's request thread (no CPU); the server keeps connections "
-            "alive, as S3 does (every tool pools them), so a request costs no TCP handshake",
+            f"- {LATENCY_HOW[server_kind]}; "
+            + ("the server closes every connection (`Connection: close`), so every request costs a TCP handshake "
+               "(on loopback, not delayed)" if server_kind == "werkzeug" else
+               "the server keeps connections alive, as S3 does (every tool pools them), so a request costs no "
+               "TCP handshake"),
             "- rclone 1.60 sends a HEAD beside each uploaded file's PUT; at its defaults it also reads each "
             "object's modtime (a HEAD) to compare in the no-op"]
     return "\n".join(out) + "\n"

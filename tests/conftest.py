@@ -61,39 +61,18 @@ def moto_server() -> Iterator[str]:
     server.stop()
 
 
-S3RVER_VERSION = "3.7.1"
-S3RVER_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER"}
+S3RVER_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER"}  # the only key it takes
 
 
 def _install_s3rver() -> Path:
-    """s3rver from the npm registry into a cache directory (once); skip when that cannot work."""
-    import fcntl
-    import shutil
+    """s3rver from the npm registry into a cache directory (once); skip when that cannot work.
+    The installer is bench's (the benchmark's `--server s3rver` uses the same copy)."""
+    from bench.s3server import install_s3rver
 
-    base = Path(os.environ.get("SYNCD_S3RVER_DIR") or Path.home() / ".cache" / "syncd-tests" / "s3rver")
-    script = base / "node_modules" / "s3rver" / "bin" / "s3rver.js"
-    pkg = base / "node_modules" / "s3rver" / "package.json"
-    if not (shutil.which("node") and shutil.which("npm")):
-        pytest.skip("s3rver (the second S3 server) needs node and npm, which are not installed")
-    base.mkdir(parents=True, exist_ok=True)
-    with open(base.parent / "s3rver.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the suite's two processes (-n 2) would both install it
-        _npm_install(base, pkg, script)
-    return script
-
-
-def _npm_install(base: Path, pkg: Path, script: Path) -> None:
-    import json
-    import subprocess
-
-    if not pkg.exists() or json.loads(pkg.read_text()).get("version") != S3RVER_VERSION:
-        try:
-            r = subprocess.run(["npm", "install", "--prefix", str(base), f"s3rver@{S3RVER_VERSION}", "--no-audit",
-                                "--no-fund", "--loglevel=error"], capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.SubprocessError) as e:
-            pytest.skip(f"npm install s3rver@{S3RVER_VERSION} failed: {e}")
-        if r.returncode != 0 or not script.exists():
-            pytest.skip(f"npm install s3rver@{S3RVER_VERSION} failed: {(r.stderr or r.stdout).strip()[-300:]}")
+    try:
+        return install_s3rver()
+    except RuntimeError as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")
