@@ -287,6 +287,15 @@ def install_s3rver() -> Path:
     return script
 
 
+def _die_with_parent() -> None:
+    """In node's child before exec: SIGTERM when the wrapper dies, even by SIGKILL (no orphan
+    server holding a port and a data dir)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _start_node(script: Path, data: Path) -> tuple[subprocess.Popen, int]:
     """s3rver on a free port: the process and its port. `--openssl-legacy-provider`: without it,
     listings over 1000 keys fail (PITFALLS §8)."""
@@ -294,7 +303,8 @@ def _start_node(script: Path, data: Path) -> tuple[subprocess.Popen, int]:
     import threading
 
     proc = subprocess.Popen(["node", "--openssl-legacy-provider", str(script), "-d", str(data), "-a", "127.0.0.1",
-                             "-p", "0", "-s"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+                             "-p", "0", "-s"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=_die_with_parent)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
     line, deadline = "", time.monotonic() + 30

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench import report, tools
 from bench.run import parse_args
 from bench.scenarios import Bench, Result, Sizes
@@ -154,3 +156,63 @@ def test_the_rate_meter_reports_the_lowest_and_highest_window() -> None:
     assert r["windows"] == 11 and r["bytes"] == 4000
     assert (r["min"], r["max"]) == (1000, 3000)
     assert r["body"] == 4000 / (20 * TICK) and r["all"] == 3000 / (20 * TICK)
+
+
+def test_server_option_refuses_what_a_server_cannot_run() -> None:
+    a = parse_args(["--quick"])
+    assert a.server == "waitress" and a.skipped == []
+    a = parse_args(["--server", "s3rver"])  # the default set: the rest runs, the report says what did not
+    assert a.only == "abcg" and any(x.startswith("(d)/(f) seeds") for x in a.skipped)
+    with pytest.raises(SystemExit):  # asked for by name: refused
+        parse_args(["--server", "s3rver", "--only", "ad"])
+    assert parse_args(["--server", "werkzeug", "--wan"]).only == "wxy"
+    assert parse_args(["--server", "s3rver", "--only", "ag", "--latency-ms", "50"]).only == "ag"
+
+
+def test_the_werkzeug_server_closes_each_connection_and_answers_the_commands(tmp_path: Path) -> None:
+    import http.client
+
+    from bench.s3server import MotoServer
+    from bench.scenarios import FAKE_AUTH
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_bytes(b"hello")
+    with MotoServer(kind="werkzeug") as srv:
+        srv.bucket("bkt")
+        assert srv.seed("bkt", "p", tmp_path / "d") == 1
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        conn.request("PUT", "/bkt/p/x", body=b"abc", headers=FAKE_AUTH)
+        resp = conn.getresponse()
+        resp.read()
+        # moto's own server mode: every request its own connection
+        assert resp.status == 200 and resp.getheader("Connection") == "close"
+        assert srv.count("bkt", "p/") == 2 and list(srv.stored("bkt")) == ["p/x"]
+
+
+def test_the_delay_proxy_passes_every_byte_both_ways_in_order() -> None:
+    """s3rver's --latency-ms: a delay line in a TCP proxy; what goes in comes out, whole and in order."""
+    import socket
+    import threading
+
+    from bench.s3server import delay_proxy
+
+    upstream = socket.create_server(("127.0.0.1", 0))
+
+    def echo() -> None:
+        conn, _ = upstream.accept()
+        with conn:
+            while chunk := conn.recv(1 << 16):
+                conn.sendall(chunk)
+
+    threading.Thread(target=echo, daemon=True).start()
+    port = delay_proxy(upstream.getsockname()[1], 5)
+    payload = bytes(range(256)) * 4096  # 1 MiB, many chunks through the delay line
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+        threading.Thread(target=c.sendall, args=(payload,), daemon=True).start()
+        got = bytearray()
+        while len(got) < len(payload):
+            chunk = c.recv(1 << 16)
+            assert chunk, "the proxy closed early"
+            got += chunk
+    assert bytes(got) == payload
+    upstream.close()
