@@ -14,7 +14,10 @@ by another tool, a wrong bucket. Whatever queues deletions asks here:
   later, so that a burst is judged whole before any file goes. They pause when the watch's
   local deletions from events not done yet would remove most of its files (at least
   `MASS_FLOOR` of them, and more than it keeps), when more than `max_deletes` deletions were
-  queued within `DELETE_WINDOW`, or when some of the watch's event deletions are paused already.
+  queued within `DELETE_WINDOW`, or when some of the watch's event deletions are paused already
+  (those of files synced here since that pause began excepted: they were not among the files
+  the burst would have removed, so they are judged among themselves; paused with the burst, an
+  empty listing would upload them again, and another host's app deletion would be undone).
   Paused, they are rows (op `unlink`, `due_at` = `PAUSED`, the reason in `last_error`), durable
   before the event's message is deleted. The next listing of the watch judges them again
   (`reconcile.cancel_held`): one that found other objects but not theirs confirms them (they
@@ -49,6 +52,7 @@ EVENT_GRACE = 10.0
 MASS_FLOOR = 3
 HELD = 1e18  # due_at of a local deletion a listing holds until it ends (never due by itself)
 PAUSED = 2e18  # due_at of a local deletion from an event, paused until a listing or `retry --deletes`
+PAUSED_AT = "events_paused_at:"  # meta: when a watch's event deletions were paused (+ the watch)
 HAD_TTL = 5.0  # seconds a watch's file count is reused within a burst of events (counting is O(files))
 
 
@@ -130,20 +134,34 @@ class DeleteGuard:
         paused, pending = db.execute(
             "SELECT coalesce(sum(due_at>=?), 0), coalesce(sum(due_at<?), 0) FROM files "
             "WHERE watch=? AND state='deleting' AND op='unlink'", [PAUSED, HELD, watch]).fetchone()
+        since = float("inf")  # what was synced here before the pause: the files a burst threatens
         if paused:
             got = db.execute("SELECT last_error FROM files WHERE watch=? AND state='deleting' AND op='unlink' "
                              "AND due_at>=? LIMIT 1", [watch, PAUSED]).fetchone()
             why = got[0] or "paused"
+            mark = db.execute("SELECT value FROM meta WHERE name=?", [PAUSED_AT + watch]).fetchone()
+            since = float(mark[0]) if mark else since
+            # files synced here since the pause began were not among those the burst would have
+            # removed: their deletions (another host's app) are judged among themselves, not
+            # paused with the burst, which an empty listing would undo (uploaded again)
+            later, kept = db.execute(
+                "SELECT coalesce(sum(state='deleting'), 0), coalesce(sum(state='synced'), 0) FROM files "
+                "WHERE watch=? AND synced_at>? AND ((state='deleting' AND op='unlink' AND due_at<?) "
+                "OR state='synced')", [watch, since, HELD]).fetchone()
+            if later and event_rule(later, later + kept, recent_deletions(db), self.max_deletes) is not None:
+                since = float("inf")
         else:
             rule = event_rule(pending, self._files_had(db, watch, pending), recent_deletions(db), self.max_deletes)
             if rule is None:
                 return None
             why = f"{rule}; waiting for a listing to confirm them, or `syncd retry --deletes`"
             log.error("pausing local deletions in %s: %s", watch, why)
-        db.execute("UPDATE files SET due_at=?, queued_at=NULL, last_error=?, gen=gen+1 WHERE watch=? "
-                   "AND state='deleting' AND op='unlink' AND lease_until IS NULL AND due_at<?",
-                   [PAUSED, why, watch, HELD])
-        return why
+            db.execute("INSERT INTO meta(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
+                       "value=excluded.value", [PAUSED_AT + watch, repr(time.time())])
+        cur = db.execute("UPDATE files SET due_at=?, queued_at=NULL, last_error=?, gen=gen+1 WHERE watch=? "
+                         "AND state='deleting' AND op='unlink' AND lease_until IS NULL AND due_at<? "
+                         "AND coalesce(synced_at, 0)<=?", [PAUSED, why, watch, HELD, since])
+        return why if cur.rowcount else None
 
     def _files_had(self, db: sqlite_utils.Database, watch: str, pending: int) -> int:
         """The watch's files before the pending deletions (synced + pending), counted again at

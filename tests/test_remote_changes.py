@@ -214,6 +214,46 @@ def test_paused_deletion_events_are_released_by_retry_deletes(host: HostB, syncd
 
 
 @pytest.mark.parametrize("store", ["moto_server"], indirect=True)
+def test_a_file_made_after_a_wipe_paused_the_watch_follows_its_deletion_and_an_empty_listing_does_not_bring_it_back(
+        host: HostB, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bucket is wiped: the deletion events pause the watch. Host a then writes new.jpg (it
+    comes here) and its app deletes it. That deletion paused with the wipe's, and the next
+    listing, empty, uploaded every paused file again: new.jpg came back on every host
+    (shared-events:915625956, 1029556479). A file synced here after the pause began is not among
+    those the burst threatened: its deletion is applied (SPEC §4.12: a deleted file stays deleted)."""
+    from syncd import changes
+
+    monkeypatch.setattr(changes, "EVENT_GRACE", 0.0)  # the local deletion is due at once
+    h = host
+    root = h.cfg.watches[0].path
+    files = {f"f{i:02d}.jpg": b"photo %d" % i for i in range(6)}
+    synced(h, files)
+    client = h.engine.remote.client
+    client.delete_objects(Bucket=h.cfg.remote.bucket, Delete={"Objects": [
+        {"Key": f"{h.key_base}/{rel}"} for rel in files]})
+    for rel in files:
+        h.queue.notify(f"{h.key_base}/{rel}", None)
+    h.receive()
+    assert "paused" in (h.engine.guard.health() or "")
+    h.put("new.jpg", b"made after the wipe")
+    h.queue.notify(f"{h.key_base}/new.jpg", b"made after the wipe")
+    h.receive()
+    h.engine.drain(("get",))
+    assert (root / "new.jpg").read_bytes() == b"made after the wipe"
+    h.engine.remote.delete(f"{h.key_base}/new.jpg")  # host a's app deletes it
+    h.queue.notify(f"{h.key_base}/new.jpg", None)
+    h.receive()
+    h.engine.drain(LOCAL_DELETE_OPS)
+    assert tree(root) == files  # the wipe's deletions still wait; new.jpg's went ahead
+    h.engine.listing(h.cfg.watches[0])  # empty: the wiped files are uploaded again, not new.jpg
+    h.engine.drain(LOCAL_DELETE_OPS)
+    h.engine.drain(UPLOAD_OPS)
+    assert tree(root) == files
+    listed = client.list_objects_v2(Bucket=h.cfg.remote.bucket, Prefix=h.key_base + "/")
+    assert sorted(o["Key"] for o in listed.get("Contents", ())) == sorted(f"{h.key_base}/{rel}" for rel in files)
+
+
+@pytest.mark.parametrize("store", ["moto_server"], indirect=True)
 @pytest.mark.parametrize("learns", ["event", "listing"])
 def test_a_file_the_app_deletes_while_its_remote_deletion_is_paused_stays_deleted_when_the_object_comes_back(
         host: HostB, learns: str) -> None:
