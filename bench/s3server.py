@@ -296,15 +296,18 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _start_node(script: Path, data: Path) -> tuple[subprocess.Popen, int]:
-    """s3rver on a free port: the process and its port. `--openssl-legacy-provider`: without it,
-    listings over 1000 keys fail (PITFALLS §8)."""
+def start_s3rver(script: Path, data: Path, *, buckets: tuple[str, ...] = (),
+                 stderr: Any = None) -> tuple[subprocess.Popen, int]:
+    """s3rver on a free port (with `buckets` made): the process and its port; RuntimeError when
+    it does not start. `--openssl-legacy-provider`: without it, listings over 1000 keys fail
+    (PITFALLS §8). The tests' s3rver starts here too."""
     import queue
     import threading
 
+    made = [arg for b in buckets for arg in ("--configure-bucket", b)]
     proc = subprocess.Popen(["node", "--openssl-legacy-provider", str(script), "-d", str(data), "-a", "127.0.0.1",
-                             "-p", "0", "-s"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
-                            preexec_fn=_die_with_parent)
+                             "-p", "0", "-s", *made], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True, preexec_fn=_die_with_parent)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
     line, deadline = "", time.monotonic() + 30
@@ -407,7 +410,7 @@ def _serve_s3rver(latency_ms: float = 0.0) -> None:
     node: subprocess.Popen | None = None
     try:
         try:
-            node, node_port = _start_node(install_s3rver(), data)
+            node, node_port = start_s3rver(install_s3rver(), data)
             port = delay_proxy(node_port, latency_ms) if latency_ms > 0 else node_port
         except RuntimeError as e:
             print(f"ERROR {e}", flush=True)

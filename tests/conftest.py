@@ -83,27 +83,16 @@ def s3rver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     run only (see `store`). `--openssl-legacy-provider`: without it, listings over 1000 keys
     fail (PITFALLS §8).
     """
-    import queue
-    import subprocess
+    from bench.s3server import start_s3rver
 
     script = _install_s3rver()
     data = tmp_path_factory.mktemp("s3rver")
     log = open(data.parent / "s3rver-server.txt", "w")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(["node", "--openssl-legacy-provider", str(script), "-d", str(data), "-a", "127.0.0.1",
-                             "-p", "0", "-s", "--configure-bucket", "syncd-s3rver"],
-                            stdout=subprocess.PIPE, stderr=log, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
-    line, deadline = "", time.monotonic() + 30
-    while "listening on" not in line and time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            break
-    if "listening on" not in line:
-        proc.kill()
-        pytest.skip(f"s3rver did not start: {line.strip() or 'no output'}")
-    yield "http://" + line.rsplit(" ", 1)[1].strip()
+    try:
+        proc, port = start_s3rver(script, data, buckets=("syncd-s3rver",), stderr=log)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
     log.close()

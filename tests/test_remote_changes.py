@@ -125,6 +125,20 @@ def synced(h: HostB, files: dict[str, bytes]) -> None:
         dict.fromkeys(files, "synced")
 
 
+def wiped(h: HostB, files: dict[str, bytes]) -> Any:
+    """`files` synced here, then the bucket emptied by another tool and its deletion events
+    received: the watch's local deletions paused. Returns the S3 client."""
+    synced(h, files)
+    client = h.engine.remote.client
+    client.delete_objects(Bucket=h.cfg.remote.bucket, Delete={"Objects": [
+        {"Key": f"{h.key_base}/{rel}"} for rel in files]})
+    for rel in files:
+        h.queue.notify(f"{h.key_base}/{rel}", None)
+    h.receive()
+    assert "paused" in (h.engine.guard.health() or "")
+    return client
+
+
 @pytest.mark.parametrize("store", ["moto_server", "moto_server+botocore"], indirect=True)
 def test_an_event_that_meets_its_path_being_restored_is_applied_once_the_restore_ends(host: HostB) -> None:
     h = host
@@ -227,14 +241,7 @@ def test_a_file_made_after_a_wipe_paused_the_watch_follows_its_deletion_and_an_e
     h = host
     root = h.cfg.watches[0].path
     files = {f"f{i:02d}.jpg": b"photo %d" % i for i in range(6)}
-    synced(h, files)
-    client = h.engine.remote.client
-    client.delete_objects(Bucket=h.cfg.remote.bucket, Delete={"Objects": [
-        {"Key": f"{h.key_base}/{rel}"} for rel in files]})
-    for rel in files:
-        h.queue.notify(f"{h.key_base}/{rel}", None)
-    h.receive()
-    assert "paused" in (h.engine.guard.health() or "")
+    client = wiped(h, files)
     h.put("new.jpg", b"made after the wipe")
     h.queue.notify(f"{h.key_base}/new.jpg", b"made after the wipe")
     h.receive()
@@ -271,14 +278,7 @@ def test_a_file_the_app_deletes_while_its_remote_deletion_is_paused_stays_delete
     h = host
     root = h.cfg.watches[0].path
     files = {f"f{i:02d}.jpg": b"photo %d" % i for i in range(6)}
-    synced(h, files)
-    client = h.engine.remote.client
-    client.delete_objects(Bucket=h.cfg.remote.bucket, Delete={"Objects": [
-        {"Key": f"{h.key_base}/{rel}"} for rel in files]})
-    for rel in files:
-        h.queue.notify(f"{h.key_base}/{rel}", None)
-    h.receive()
-    assert "paused" in (h.engine.guard.health() or "")
+    client = wiped(h, files)
     for rel, data in files.items():  # host a's listing found the bucket empty: uploaded again
         h.put(rel, data)
     (root / "f00.jpg").unlink()  # the app, before those uploads' events come here
