@@ -135,6 +135,7 @@ class DeleteGuard:
             "SELECT coalesce(sum(due_at>=?), 0), coalesce(sum(due_at<?), 0) FROM files "
             "WHERE watch=? AND state='deleting' AND op='unlink'", [PAUSED, HELD, watch]).fetchone()
         since = float("inf")  # what was synced here before the pause: the files a burst threatens
+        rule = None
         if paused:
             got = db.execute("SELECT last_error FROM files WHERE watch=? AND state='deleting' AND op='unlink' "
                              "AND due_at>=? LIMIT 1", [watch, PAUSED]).fetchone()
@@ -143,17 +144,20 @@ class DeleteGuard:
             since = float(mark[0]) if mark else since
             # files synced here since the pause began were not among those the burst would have
             # removed: their deletions (another host's app) are judged among themselves, not
-            # paused with the burst, which an empty listing would undo (uploaded again)
+            # paused with the burst, which an empty listing would undo (uploaded again). A burst
+            # among them (another wipe) pauses them too, and a pause begins again from now
             later, kept = db.execute(
                 "SELECT coalesce(sum(state='deleting'), 0), coalesce(sum(state='synced'), 0) FROM files "
                 "WHERE watch=? AND synced_at>? AND ((state='deleting' AND op='unlink' AND due_at<?) "
                 "OR state='synced')", [watch, since, HELD]).fetchone()
-            if later and event_rule(later, later + kept, recent_deletions(db), self.max_deletes) is not None:
-                since = float("inf")
+            if later:
+                rule = event_rule(later, later + kept, recent_deletions(db), self.max_deletes)
         else:
             rule = event_rule(pending, self._files_had(db, watch, pending), recent_deletions(db), self.max_deletes)
             if rule is None:
                 return None
+        if rule is not None:
+            since = float("inf")
             why = f"{rule}; waiting for a listing to confirm them, or `syncd retry --deletes`"
             log.error("pausing local deletions in %s: %s", watch, why)
             db.execute("INSERT INTO meta(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
