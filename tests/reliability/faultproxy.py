@@ -105,8 +105,12 @@ class FaultProxy:
     def __init__(self, upstream_port: int, *, seed: int, rates: Rates, stall_seconds: float = 2.0,
                  stall_then: str = "reset", max_per_request: int = 3, max_per_path: int | None = None,
                  upstream_host: str = "127.0.0.1",
-                 slow: bytes = b"", slow_rate: int = 0, corrupt: bytes = b"", record: bool = False) -> None:
+                 slow: bytes = b"", slow_rate: int = 0, corrupt: bytes = b"", record: bool = False,
+                 cut_bodies: bool = True) -> None:
+        """`cut_bodies=False`: a `reset` never cuts a request's body, only the answer (for a
+        server that, unlike S3, stores an aborted PUT's body: PITFALLS §8)."""
         self.upstream = (upstream_host, upstream_port)
+        self.cut_bodies = cut_bodies
         self.seed = seed
         self.rates = rates
         self.stall_seconds = stall_seconds
@@ -275,7 +279,7 @@ class FaultProxy:
                 # the server gets it all and acts; its answer is dropped whole, or cut short
                 state["reset_after"] = 0 if kind == "lost" else rng.randrange(1, 600)
             elif kind == "reset":
-                if req.length and rng.random() < 0.5:  # cut the upload mid-body
+                if req.length and rng.random() < 0.5 and self.cut_bodies:  # cut the upload mid-body
                     limit = rng.randrange(1, len(req.head) + req.length)
                 else:  # cut the answer after a few bytes
                     state["reset_after"] = rng.randrange(0, 4096)

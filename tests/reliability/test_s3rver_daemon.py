@@ -78,7 +78,11 @@ def test_daemon_on_s3rver_through_faults(tmp_path, s3rver, seed, figures):
     s = seed("s3rver_faults")
     rng = random.Random(s)
     rates = Rates(reset=0.06, stall=0.03, slowdown=0.06, internal=0.05)
-    with FaultProxy(port_of(s3rver), seed=s, rates=rates, stall_seconds=1.5) as proxy:
+    # resets cut answers, not upload bodies: s3rver stores an aborted PUT's body (PITFALLS §8),
+    # and an abort it finishes after the retry's PUT left the short body over the retry's whole
+    # one, with the retry's checksum and metadata (seed 426841222 under load: a corrupt object
+    # S3 cannot produce, whose PUTs are atomic). Cut bodies are tested on moto
+    with FaultProxy(port_of(s3rver), seed=s, rates=rates, stall_seconds=1.5, cut_bodies=False) as proxy:
         rig = s3rver_rig(tmp_path, s3rver, endpoint=proxy.url)
         expected = {f"f/{i:03d}.bin": rng.randbytes(rng.randrange(1, 100_000)) for i in range(40)}
         d = rig.daemon()
