@@ -9,6 +9,8 @@ seeds until the budget is spent (README "The fault explorer").
 - `SYNCD_EXPLORE_REPORT=FILE`: where the figures of the new seeds' run are written (JSON).
 - `SYNCD_EXPLORE_KEEP_GOING=1`: a long run goes on after a failing seed (no shrinking) and fails
   at the end with every failure.
+- `SYNCD_EXPLORE_LOG_LEVEL=debug`: the hosts log every decision (their logs stay under the
+  test's temp dir, `run/hostN/daemonM.log`).
 """
 
 from __future__ import annotations
