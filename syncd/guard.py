@@ -160,8 +160,9 @@ class DeleteGuard:
             since = float("inf")
             why = f"{rule}; waiting for a listing to confirm them, or `syncd retry --deletes`"
             log.error("pausing local deletions in %s: %s", watch, why)
-            db.execute("INSERT INTO meta(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
-                       "value=excluded.value", [PAUSED_AT + watch, repr(time.time())])
+            from syncd.ledger import put_meta  # here: the ledger imports this module
+
+            put_meta(db, PAUSED_AT + watch, repr(time.time()))
         cur = db.execute("UPDATE files SET due_at=?, queued_at=NULL, last_error=?, gen=gen+1 WHERE watch=? "
                          "AND state='deleting' AND op='unlink' AND lease_until IS NULL AND due_at<? "
                          "AND coalesce(synced_at, 0)<=?", [PAUSED, why, watch, HELD, since])
@@ -195,12 +196,13 @@ class DeleteGuard:
 def release(ledger: Ledger) -> tuple[str | None, int]:
     """`syncd retry --deletes`: lift the max_deletes pause and release the paused local deletions
     from events (due now). Returns (the pause's reason, local deletions released)."""
+    from syncd.ledger import put_meta
+
     was = ledger.get_meta("deletes_paused")
     now = time.time()
     with ledger.write() as w:
         # queued_at = released_at: what was released is not counted against the cap again
-        w.execute("INSERT INTO meta(name, value) VALUES ('deletes_released_at', ?) "
-                  "ON CONFLICT(name) DO UPDATE SET value=excluded.value", [str(now)])
+        put_meta(w, "deletes_released_at", str(now))
         w.execute("DELETE FROM meta WHERE name='deletes_paused'")
         n = w.execute("UPDATE files SET due_at=?, queued_at=?, last_error=NULL, gen=gen+1 WHERE state='deleting' "
                       "AND op='unlink' AND due_at>=?", [now, now, PAUSED]).rowcount

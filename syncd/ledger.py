@@ -194,6 +194,12 @@ class _Work:
         return self.value
 
 
+
+def put_meta(w: Any, name: str, value: str) -> None:
+    """Set meta `name` on `w`, a connection already writing (a transaction under way)."""
+    w.execute("INSERT INTO meta(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+              [name, value])
+
 class Ledger:
     """Thread-safe handle on the ledger file: each thread reads through its own connection;
     every write goes through one writer connection."""
@@ -432,8 +438,7 @@ class Ledger:
             if value is None:
                 w.execute("DELETE FROM meta WHERE name=?", [name])
             else:
-                w.execute("INSERT INTO meta(name, value) VALUES (?, ?) "
-                          "ON CONFLICT(name) DO UPDATE SET value=excluded.value", [name, value])
+                put_meta(w, name, value)
 
     def describe_remote(self, identity: str, key_bases: dict[str, str]) -> tuple[str, int] | None:
         """Make the rows describe the remote `identity` (meta `remote`); `key_bases`: watch prefix ->
