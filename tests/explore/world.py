@@ -187,14 +187,13 @@ class World:
         syncd was down (§4.5). Its copy may come back everywhere."""
         if self.p.mode != "shared" or not self.wiped:
             return
-        recent = [p for p, pm in self.model.items() if pm.expect is None and pm.deleted_on not in (-1, h.i)
-                  and time.monotonic() - pm.deleted_at < EVENT_GRACE + 10]
+        recent = [p for p, pm in self.model.items()
+                  if pm.expect is None and pm.deleted_on not in (-1, h.i) and self.recently_deleted(pm)]
         if not recent:
             return
         tree = live_tree(h.root)
         for path in recent:
-            if path in tree and not self.ledger_rows(
-                    h, f"SELECT 1 FROM files WHERE path={path!r} AND state='deleting' AND op='unlink'"):
+            if path in tree and not self.unlink_queued(h, path):
                 self.model[path].also.add(tree[path])
 
     def close(self) -> None:
@@ -354,11 +353,20 @@ class World:
         EVENT_GRACE) or the deletion is recent enough for its event to be on the way."""
         if self.p.mode != "shared" or pm.deleted_on < 0 or not pm.wiped_held:
             return False
-        if time.monotonic() - pm.deleted_at < EVENT_GRACE + 10:
+        if self.recently_deleted(pm):
             return True
-        return any(d is not None and self.ledger_rows(
-            self.hosts[i], f"SELECT 1 FROM files WHERE path={path!r} AND state='deleting' AND op='unlink'")
-            for i, d in pm.wiped_held.items() if i != pm.deleted_on)
+        return any(d is not None and self.unlink_queued(self.hosts[i], path)
+                   for i, d in pm.wiped_held.items() if i != pm.deleted_on)
+
+    @staticmethod
+    def recently_deleted(pm: PathModel) -> bool:
+        """Deleted by the app recently enough for its event to be on its way to the other hosts."""
+        return time.monotonic() - pm.deleted_at < EVENT_GRACE + 10
+
+    def unlink_queued(self, h: Host, path: str) -> bool:
+        """The host's ledger has the local deletion of `path` queued (its event came)."""
+        return bool(self.ledger_rows(h, f"SELECT 1 FROM files WHERE path={path!r} AND state='deleting' "
+                                        "AND op='unlink'"))
 
     def lose_host(self, h: Host) -> None:
         """The host's disk and ledger are lost (a container replaced): kill, wipe, start."""
