@@ -232,26 +232,25 @@ def _serve(latency_ms: float = 0.0, kind: str = "waitress") -> None:
         return n
 
     print(f"PORT {port}", flush=True)
+    _answer({"bucket": lambda c: bool(backend.create_bucket(c["name"], "us-east-1")),
+             "seed": lambda c: seed(c["bucket"], c["prefix"], c["root"]),
+             "count": lambda c: sum(1 for k in backend.get_bucket(c["bucket"]).keys if k.startswith(c["prefix"])),
+             "stored": lambda c: stored.get(c["bucket"], {})})
+    close()
+
+
+
+def _answer(ops: dict[str, Any]) -> None:
+    """The child's side of the protocol: one JSON command per stdin line, one JSON answer each
+    (`{"result": ...}`, or `{"error": ...}` for the parent to raise), whatever the server."""
     for line in sys.stdin:
         cmd = json.loads(line)
         try:
-            if cmd["op"] == "bucket":
-                backend.create_bucket(cmd["name"], "us-east-1")
-                result: Any = True
-            elif cmd["op"] == "seed":
-                result = seed(cmd["bucket"], cmd["prefix"], cmd["root"])
-            elif cmd["op"] == "count":
-                bucket = backend.get_bucket(cmd["bucket"])
-                result = sum(1 for k in bucket.keys if k.startswith(cmd["prefix"]))
-            elif cmd["op"] == "stored":
-                result = stored.get(cmd["bucket"], {})
-            else:
+            if cmd["op"] not in ops:
                 raise ValueError(f"unknown op {cmd['op']!r}")
-            print(json.dumps({"result": result}), flush=True)
+            print(json.dumps({"result": ops[cmd["op"]](cmd)}), flush=True)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
             print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
-    close()
-
 
 
 # --- s3rver -------------------------------------------------------------------------------------
@@ -460,23 +459,10 @@ def _serve_s3rver(latency_ms: float = 0.0) -> None:
             return out
 
         print(f"PORT {port} PID {node.pid}", flush=True)
-        for line in sys.stdin:
-            cmd = json.loads(line)
-            try:
-                if cmd["op"] == "bucket":
-                    client.create_bucket(Bucket=cmd["name"])
-                    result: Any = True
-                elif cmd["op"] == "seed":
-                    result = seed(cmd["bucket"], cmd["prefix"], cmd["root"])
-                elif cmd["op"] == "count":
-                    result = count(cmd["bucket"], cmd["prefix"])
-                elif cmd["op"] == "stored":
-                    result = stored(cmd["bucket"])
-                else:
-                    raise ValueError(f"unknown op {cmd['op']!r}")
-                print(json.dumps({"result": result}), flush=True)
-            except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
-                print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        _answer({"bucket": lambda c: bool(client.create_bucket(Bucket=c["name"])),
+                 "seed": lambda c: seed(c["bucket"], c["prefix"], c["root"]),
+                 "count": lambda c: count(c["bucket"], c["prefix"]),
+                 "stored": lambda c: stored(c["bucket"])})
     finally:
         if node is not None:
             node.terminate()
