@@ -168,13 +168,7 @@ def test_an_event_that_meets_its_path_being_restored_is_applied_once_the_restore
 def test_deletion_events_that_would_empty_a_watch_pause_and_an_empty_listing_uploads_again(host: HostB) -> None:
     h = host
     files = {f"d{i % 3}/f{i:02d}.jpg": b"photo %d" % i for i in range(12)}
-    synced(h, files)
-    client = h.engine.remote.client  # the bucket is emptied by another tool (aws s3 rm --recursive)
-    client.delete_objects(Bucket=h.cfg.remote.bucket, Delete={"Objects": [
-        {"Key": f"{h.key_base}/{rel}"} for rel in files]})
-    for rel in files:
-        h.queue.notify(f"{h.key_base}/{rel}", None)
-    h.receive()
+    client = wiped(h, files)  # the bucket is emptied by another tool (aws s3 rm --recursive)
     assert h.queue.deleted == h.queue.sent
     # however long the workers wait, no local deletion is due: they are paused
     h.engine.drain(LOCAL_DELETE_OPS)
